@@ -1,0 +1,185 @@
+#pragma once
+// Per-sample coefficients of the forward process and of the DDPM and DDIM reverse steps, shared by the
+// CPU and CUDA kernels. Everything is derived from the cumulative product table ᾱ (alphas_cumprod) as
+// diffusers' schedulers derive it, with α_t = ᾱ_t / ᾱ_prev and β_t = 1 − α_t.
+//
+// Both reverse steps reduce to one element-wise formula. Every prediction type makes x̂0 and ε̂ linear
+// in (x_t, m), m the model output:
+//   epsilon:       x̂0 = (x_t − √(1−ᾱ_t)·m) / √ᾱ_t           ε̂ = m
+//   sample:        x̂0 = m                                    ε̂ = (x_t − √ᾱ_t·m) / √(1−ᾱ_t)
+//   v_prediction:  x̂0 = √ᾱ_t·x_t − √(1−ᾱ_t)·m                ε̂ = √(1−ᾱ_t)·x_t + √ᾱ_t·m
+// (Salimans & Ho 2022 for v), so one reverse step is
+//   x_prev = c0·clip(ax·x_t + am·m) + bx·x_t + bm·m + s·z
+// with clip(y) = min(max(y, −r), r) (r = +∞ when clipping is off) and z ~ N(0, I).
+// DDPM puts the posterior mean's x_t weight into bx; DDIM puts its direction term √(1−ᾱ_prev−σ²)·ε̂
+// into bx and bm. ε̂ is taken from the unclipped x̂0, as diffusers does (use_clipped_model_output=False).
+#include <cmath>
+#include "macros.h"
+
+namespace diffusion_ext {
+
+enum class PredictionType : int { kEpsilon = 0, kSample = 1, kVPrediction = 2 };
+enum class VarianceType : int { kFixedSmall = 0, kFixedLarge = 1 };
+
+template <typename acc_t>
+struct StepCoef {
+  acc_t ax, am;  // x̂0 = ax·x_t + am·m
+  acc_t c0;      // weight of clip(x̂0)
+  acc_t bx, bm;  // weights of x_t and m outside the clip
+  acc_t s;       // noise scale; 0 means no noise is read or made
+};
+
+// x_t = √ᾱ_t·x0 + √(1−ᾱ_t)·ε  (Ho et al. 2020, eq. 4).
+template <typename acc_t>
+struct QSampleCoef {
+  acc_t a, s;
+};
+
+template <typename acc_t>
+DX_HOST_DEVICE QSampleCoef<acc_t> q_sample_coef(acc_t alpha_bar) {
+  return QSampleCoef<acc_t>{std::sqrt(alpha_bar), std::sqrt(acc_t(1) - alpha_bar)};
+}
+
+template <typename acc_t>
+DX_HOST_DEVICE void x0_eps_weights(PredictionType p, acc_t alpha_bar, acc_t* ax, acc_t* am, acc_t* ex,
+                                   acc_t* em) {
+  const acc_t sa = std::sqrt(alpha_bar), sb = std::sqrt(acc_t(1) - alpha_bar);
+  switch (p) {
+    case PredictionType::kEpsilon:
+      *ax = acc_t(1) / sa; *am = -sb / sa; *ex = acc_t(0); *em = acc_t(1);
+      break;
+    case PredictionType::kSample:
+      *ax = acc_t(0); *am = acc_t(1); *ex = acc_t(1) / sb; *em = -sa / sb;
+      break;
+    default:  // kVPrediction
+      *ax = sa; *am = -sb; *ex = sb; *em = sa;
+      break;
+  }
+}
+
+// DDPM (Ho et al. 2020, Alg. 2; eqs. 6-7 for the posterior q(x_{t-1} | x_t, x0)):
+//   μ = √ᾱ_prev·β_t/(1−ᾱ_t)·x̂0 + √α_t·(1−ᾱ_prev)/(1−ᾱ_t)·x_t
+//   σ² = (1−ᾱ_prev)/(1−ᾱ_t)·β_t clamped at 1e-20 (fixed_small) or β_t (fixed_large); no noise at t = 0.
+template <typename acc_t>
+DX_HOST_DEVICE StepCoef<acc_t> ddpm_coef(acc_t alpha_bar, acc_t alpha_bar_prev, bool add_noise,
+                                         VarianceType v, PredictionType p) {
+  StepCoef<acc_t> c;
+  acc_t ex, em;
+  x0_eps_weights(p, alpha_bar, &c.ax, &c.am, &ex, &em);
+  const acc_t beta_prod = acc_t(1) - alpha_bar;
+  const acc_t beta_prod_prev = acc_t(1) - alpha_bar_prev;
+  const acc_t alpha_t = alpha_bar / alpha_bar_prev;
+  const acc_t beta_t = acc_t(1) - alpha_t;
+  c.c0 = std::sqrt(alpha_bar_prev) * beta_t / beta_prod;
+  c.bx = std::sqrt(alpha_t) * beta_prod_prev / beta_prod;
+  c.bm = acc_t(0);
+  acc_t var = v == VarianceType::kFixedSmall ? beta_prod_prev / beta_prod * beta_t : beta_t;
+  if (v == VarianceType::kFixedSmall && var < acc_t(1e-20)) var = acc_t(1e-20);
+  c.s = add_noise ? std::sqrt(var) : acc_t(0);
+  return c;
+}
+
+// DDIM (Song et al. 2021, eq. 12, with σ_t(η) from eq. 16):
+//   x_prev = √ᾱ_prev·x̂0 + √(1−ᾱ_prev−σ²)·ε̂ + σ·z,  σ = η·√((1−ᾱ_prev)/(1−ᾱ_t)·(1−ᾱ_t/ᾱ_prev)).
+// 1−ᾱ_prev−σ² is clamped at 0: it is ≥ 0 for η ≤ 1 and would make a NaN for larger η.
+template <typename acc_t>
+DX_HOST_DEVICE StepCoef<acc_t> ddim_coef(acc_t alpha_bar, acc_t alpha_bar_prev, acc_t eta,
+                                         PredictionType p) {
+  StepCoef<acc_t> c;
+  acc_t ex, em;
+  x0_eps_weights(p, alpha_bar, &c.ax, &c.am, &ex, &em);
+  const acc_t var = (acc_t(1) - alpha_bar_prev) / (acc_t(1) - alpha_bar) * (acc_t(1) - alpha_bar / alpha_bar_prev);
+  const acc_t sigma = eta * std::sqrt(var > acc_t(0) ? var : acc_t(0));
+  acc_t dir2 = acc_t(1) - alpha_bar_prev - sigma * sigma;
+  const acc_t dir = std::sqrt(dir2 > acc_t(0) ? dir2 : acc_t(0));
+  c.c0 = std::sqrt(alpha_bar_prev);
+  c.bx = dir * ex;
+  c.bm = dir * em;
+  c.s = sigma;
+  return c;
+}
+
+// Classifier-free guidance (Ho & Salimans 2022): m = m_uncond + w·(m_cond − m_uncond).
+template <typename acc_t>
+DX_HOST_DEVICE acc_t guide(acc_t cond, acc_t uncond, acc_t w) {
+  return uncond + w * (cond - uncond);
+}
+
+// clip that propagates NaN, like torch.clamp.
+template <typename acc_t>
+DX_HOST_DEVICE acc_t clip_symmetric(acc_t y, acc_t r) {
+  return y < -r ? -r : (y > r ? r : y);
+}
+
+template <typename acc_t>
+DX_HOST_DEVICE acc_t reverse_step(const StepCoef<acc_t>& c, acc_t x, acc_t m, acc_t clip_range, acc_t z) {
+  const acc_t x0 = clip_symmetric(c.ax * x + c.am * m, clip_range);
+  return c.c0 * x0 + c.bx * x + c.bm * m + c.s * z;
+}
+
+}  // namespace diffusion_ext
+
+namespace diffusion_ext {
+
+// Per-sample coefficient functors: given a sample index, read its timestep(s) and ᾱ and return the
+// StepCoef of that sample. Host and device both call them. An out-of-range timestep (the CPU wrapper
+// rejects those before launching; a device cannot raise) gives NaN coefficients and never reads outside
+// the table.
+template <typename acc_t>
+DX_HOST_DEVICE acc_t alpha_bar_at(const acc_t* table, int64_t num_timesteps, int64_t t, bool* ok) {
+  if (t < 0 || t >= num_timesteps) {
+    *ok = false;
+    return acc_t(NAN);
+  }
+  return table[t];
+}
+
+template <typename acc_t>
+struct QSampleCoefFn {
+  const int64_t* t;
+  const acc_t* table;
+  int64_t num_timesteps;
+  DX_HOST_DEVICE QSampleCoef<acc_t> operator()(int64_t b) const {
+    bool ok = true;
+    return q_sample_coef(alpha_bar_at(table, num_timesteps, t[b], &ok));
+  }
+};
+
+template <typename acc_t>
+struct DdpmCoefFn {
+  const int64_t* t;
+  const acc_t* table;
+  int64_t num_timesteps;
+  VarianceType variance;
+  PredictionType prediction;
+  DX_HOST_DEVICE StepCoef<acc_t> operator()(int64_t b) const {
+    bool ok = true;
+    const int64_t tb = t[b];
+    const acc_t ab = alpha_bar_at(table, num_timesteps, tb, &ok);
+    const acc_t ab_prev = tb > 0 ? alpha_bar_at(table, num_timesteps, tb - 1, &ok) : acc_t(1);
+    return ddpm_coef(ab, ab_prev, tb > 0, variance, prediction);
+  }
+};
+
+template <typename acc_t>
+struct DdimCoefFn {
+  const int64_t* t;
+  const int64_t* t_prev;
+  const acc_t* table;
+  int64_t num_timesteps;
+  acc_t eta;
+  PredictionType prediction;
+  DX_HOST_DEVICE StepCoef<acc_t> operator()(int64_t b) const {
+    bool ok = true;
+    const int64_t tb = t[b], pb = t_prev[b];
+    const acc_t ab = alpha_bar_at(table, num_timesteps, tb, &ok);
+    // t_prev = -1 is the end of the chain: ᾱ_prev = 1 (diffusers' set_alpha_to_one).
+    const acc_t ab_prev = pb == -1 ? acc_t(1) : alpha_bar_at(table, num_timesteps, pb, &ok);
+    if (pb >= tb) ok = false;
+    StepCoef<acc_t> c = ddim_coef(ab, ab_prev, eta, prediction);
+    if (!ok) c.c0 = acc_t(NAN);
+    return c;
+  }
+};
+
+}  // namespace diffusion_ext

@@ -1,0 +1,92 @@
+// ddpm_step and ddim_step on the CPU. Both are one element-wise formula with per-sample coefficients
+// (common/schedule_math.h): x_prev = c0·clip(ax·x + am·m) + bx·x + bm·m + s·z, where m is the model
+// output, combined with the unconditional output first when guidance is on (all in one pass).
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <torch/library.h>
+
+#include "../ops.h"
+#include "../schedule_args.h"
+#include "flat_batch_loop.h"
+#include "normal_fill.h"
+
+namespace diffusion_ext {
+namespace {
+
+template <typename scalar_t, typename CoefFn>
+void reverse_step_kernel(const ReverseStepArgs& a, const CoefFn& coef) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const scalar_t* x = a.x.const_data_ptr<scalar_t>();
+  const scalar_t* m = a.model_output.const_data_ptr<scalar_t>();
+  const scalar_t* mu = a.guided ? a.model_output_uncond.const_data_ptr<scalar_t>() : nullptr;
+  const scalar_t* noise = a.noise.defined() ? a.noise.const_data_ptr<scalar_t>() : nullptr;
+  scalar_t* out = a.out.mutable_data_ptr<scalar_t>();
+  const acc_t w = static_cast<acc_t>(a.guidance_scale);
+  const acc_t r = static_cast<acc_t>(a.clip_range);
+  for_each_sample_tile(a.shape.numel, a.shape.per_sample, [&](int64_t b, int64_t begin, int64_t end) {
+    const StepCoef<acc_t> c = coef(b);
+    const int64_t n = end - begin;
+    acc_t z[kCpuTile];
+    if (c.s == acc_t(0)) {
+      std::fill(z, z + n, acc_t(0));  // no noise at this step: none read, none made
+    } else if (a.make_noise) {
+      fill_normals<acc_t>(a.seed, a.offset, begin, n, z);
+    } else {
+      for (int64_t k = 0; k < n; ++k) z[k] = static_cast<acc_t>(noise[begin + k]);
+    }
+    for (int64_t k = 0; k < n; ++k) {
+      const int64_t i = begin + k;
+      acc_t mi = static_cast<acc_t>(m[i]);
+      if (mu != nullptr) mi = guide(mi, static_cast<acc_t>(mu[i]), w);
+      out[i] = static_cast<scalar_t>(reverse_step(c, static_cast<acc_t>(x[i]), mi, r, z[k]));
+    }
+  });
+}
+
+void launch(const ReverseStepArgs& a) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.x.scalar_type(), "reverse_step_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const int64_t* t = a.t.const_data_ptr<int64_t>();
+    const acc_t* table = a.table.const_data_ptr<acc_t>();
+    if (a.is_ddim) {
+      const DdimCoefFn<acc_t> coef{t, a.t_prev.const_data_ptr<int64_t>(), table, a.num_timesteps,
+                                   static_cast<acc_t>(a.eta), a.prediction};
+      reverse_step_kernel<scalar_t>(a, coef);
+    } else {
+      const DdpmCoefFn<acc_t> coef{t, table, a.num_timesteps, a.variance, a.prediction};
+      reverse_step_kernel<scalar_t>(a, coef);
+    }
+  });
+}
+
+}  // namespace
+
+at::Tensor ddpm_step_cpu(const at::Tensor& model_output, const at::Tensor& t, const at::Tensor& x_t,
+                         const at::Tensor& alphas_cumprod, const std::optional<at::Tensor>& noise, int64_t seed,
+                         int64_t offset, bool clip_sample, double clip_range, std::string_view variance,
+                         std::string_view prediction_type, std::optional<double> guidance_scale,
+                         const std::optional<at::Tensor>& model_output_uncond) {
+  auto a = prepare_ddpm_step(model_output, t, x_t, alphas_cumprod, noise, seed, offset, clip_sample, clip_range,
+                             variance, prediction_type, guidance_scale, model_output_uncond);
+  launch(a);
+  return a.out;
+}
+
+at::Tensor ddim_step_cpu(const at::Tensor& model_output, const at::Tensor& t, const at::Tensor& t_prev,
+                         const at::Tensor& x_t, const at::Tensor& alphas_cumprod, double eta,
+                         const std::optional<at::Tensor>& noise, int64_t seed, int64_t offset, bool clip_sample,
+                         double clip_range, std::string_view prediction_type,
+                         std::optional<double> guidance_scale,
+                         const std::optional<at::Tensor>& model_output_uncond) {
+  auto a = prepare_ddim_step(model_output, t, t_prev, x_t, alphas_cumprod, eta, noise, seed, offset, clip_sample,
+                             clip_range, prediction_type, guidance_scale, model_output_uncond);
+  launch(a);
+  return a.out;
+}
+
+TORCH_LIBRARY_IMPL(diffusion_ext, CPU, m) {
+  m.impl("ddpm_step", &ddpm_step_cpu);
+  m.impl("ddim_step", &ddim_step_cpu);
+}
+
+}  // namespace diffusion_ext

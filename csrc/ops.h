@@ -1,0 +1,35 @@
+#pragma once
+// Entry points of every kernel, one per (op, device). Schemas live in torch_bindings.cpp; each
+// implementation file registers its own functions with TORCH_LIBRARY_IMPL.
+#include <ATen/ATen.h>
+#include <optional>
+#include <string_view>
+#include <tuple>
+
+namespace diffusion_ext {
+
+#define DX_SCHEDULE_OP_DECLS(dev)                                                                         \
+  at::Tensor q_sample_##dev(const at::Tensor& x0, const at::Tensor& t, const at::Tensor& noise,              \
+                            const at::Tensor& alphas_cumprod);                                              \
+  std::tuple<at::Tensor, at::Tensor> q_sample_with_noise_##dev(                                             \
+      const at::Tensor& x0, const at::Tensor& t, const at::Tensor& alphas_cumprod, int64_t seed,           \
+      int64_t offset);                                                                                      \
+  at::Tensor ddpm_step_##dev(const at::Tensor& model_output, const at::Tensor& t, const at::Tensor& x_t,   \
+                             const at::Tensor& alphas_cumprod, const std::optional<at::Tensor>& noise,     \
+                             int64_t seed, int64_t offset, bool clip_sample, double clip_range,            \
+                             std::string_view variance, std::string_view prediction_type,                  \
+                             std::optional<double> guidance_scale,                                          \
+                             const std::optional<at::Tensor>& model_output_uncond);                         \
+  at::Tensor ddim_step_##dev(const at::Tensor& model_output, const at::Tensor& t, const at::Tensor& t_prev, \
+                             const at::Tensor& x_t, const at::Tensor& alphas_cumprod, double eta,           \
+                             const std::optional<at::Tensor>& noise, int64_t seed, int64_t offset,         \
+                             bool clip_sample, double clip_range, std::string_view prediction_type,        \
+                             std::optional<double> guidance_scale,                                          \
+                             const std::optional<at::Tensor>& model_output_uncond);
+
+DX_SCHEDULE_OP_DECLS(cpu)
+DX_SCHEDULE_OP_DECLS(cuda)
+
+#undef DX_SCHEDULE_OP_DECLS
+
+}  // namespace diffusion_ext

@@ -1,0 +1,198 @@
+#include "schedule_args.h"
+
+#include <cmath>
+#include <vector>
+
+#include "checks.h"
+
+namespace diffusion_ext {
+namespace {
+
+constexpr const char* kDdpm = "diffusion_ext.ddpm_step";
+constexpr const char* kDdim = "diffusion_ext.ddim_step";
+
+PredictionType parse_prediction(const char* op, std::string_view s) {
+  if (s == "epsilon") return PredictionType::kEpsilon;
+  if (s == "sample") return PredictionType::kSample;
+  if (s == "v_prediction") return PredictionType::kVPrediction;
+  TORCH_CHECK_VALUE(false, op, ": prediction_type '", std::string(s),
+                    "' is unknown; expected 'epsilon', 'sample' or 'v_prediction'");
+}
+
+VarianceType parse_variance(const char* op, std::string_view s) {
+  if (s == "fixed_small") return VarianceType::kFixedSmall;
+  if (s == "fixed_large") return VarianceType::kFixedLarge;
+  TORCH_CHECK_VALUE(false, op, ": variance '", std::string(s),
+                    "' is unknown; expected 'fixed_small' or 'fixed_large'");
+}
+
+FlatBatch flat_batch(const at::Tensor& x) {
+  FlatBatch f;
+  f.numel = x.numel();
+  f.batch = x.size(0);
+  f.per_sample = f.batch > 0 ? f.numel / f.batch : 0;
+  return f;
+}
+
+// The table in the accumulation dtype of x: fp64 for fp64 input, fp32 otherwise. NoiseSchedule keeps
+// both so that this is no copy on the hot path.
+at::Tensor table_for(const at::Tensor& table, const at::Tensor& x) {
+  const auto acc = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  return table.to(acc).contiguous();
+}
+
+// Brings every defined tensor into one flat batch-outermost layout: their own when they already share
+// one (the hot path: no copy), else contiguous copies (non-contiguous views still give correct results).
+void unify_layout(std::vector<at::Tensor*> tensors) {
+  std::vector<at::Tensor> defined;
+  for (auto* t : tensors) {
+    if (t->defined()) defined.push_back(*t);
+  }
+  if (share_flat_batch_layout(defined)) return;
+  for (auto* t : tensors) {
+    if (t->defined()) *t = t->contiguous();
+  }
+}
+
+void check_seed(const char* op, int64_t offset) {
+  TORCH_CHECK_VALUE(offset >= 0, op, ": offset = ", offset, " is negative; expected offset >= 0");
+}
+
+void prepare_guidance(const char* op, ReverseStepArgs& a, std::optional<double> guidance_scale,
+                      const std::optional<at::Tensor>& uncond) {
+  if (guidance_scale.has_value()) {
+    TORCH_CHECK_VALUE(uncond.has_value() && uncond->defined(), op,
+                      ": guidance_scale was given without model_output_uncond; classifier-free guidance "
+                      "needs the unconditional model output too");
+    TORCH_CHECK_VALUE(std::isfinite(*guidance_scale), op, ": guidance_scale = ", *guidance_scale,
+                      "; expected a finite number");
+    check_like(op, "model_output_uncond", *uncond, "x_t", a.x);
+    a.guided = true;
+    a.guidance_scale = *guidance_scale;
+    a.model_output_uncond = *uncond;
+  } else {
+    TORCH_CHECK_VALUE(!(uncond.has_value() && uncond->defined()), op,
+                      ": model_output_uncond was given without guidance_scale; pass both or neither");
+  }
+}
+
+void prepare_noise(const char* op, ReverseStepArgs& a, const std::optional<at::Tensor>& noise, int64_t seed,
+                   int64_t offset) {
+  if (noise.has_value() && noise->defined()) {
+    check_like(op, "noise", *noise, "x_t", a.x);
+    a.noise = *noise;
+  } else {
+    check_seed(op, offset);
+    a.make_noise = true;
+    a.seed = static_cast<uint64_t>(seed);
+    a.offset = static_cast<uint64_t>(offset);
+  }
+}
+
+void prepare_clip(const char* op, ReverseStepArgs& a, bool clip_sample, double clip_range) {
+  TORCH_CHECK_VALUE(clip_range > 0, op, ": clip_range = ", clip_range, "; expected a positive number");
+  a.clip_range = clip_sample ? clip_range : INFINITY;
+}
+
+void finish_step(ReverseStepArgs& a) {
+  unify_layout({&a.x, &a.model_output, &a.model_output_uncond, &a.noise});
+  a.out = at::empty_like(a.x);
+  a.shape = flat_batch(a.x);
+}
+
+}  // namespace
+
+QSampleArgs prepare_q_sample(const char* op, const at::Tensor& x0, const at::Tensor& t,
+                             const std::optional<at::Tensor>& noise, const at::Tensor& alphas_cumprod,
+                             int64_t seed, int64_t offset) {
+  check_float_input(op, "x0", x0);
+  check_alpha_table(op, alphas_cumprod, x0);
+  QSampleArgs a;
+  a.num_timesteps = alphas_cumprod.size(0);
+  check_timesteps(op, "t", t, x0.size(0), x0, a.num_timesteps, 0);
+  a.x0 = x0;
+  a.t = t.contiguous();
+  a.table = table_for(alphas_cumprod, x0);
+  if (noise.has_value()) {
+    check_like(op, "noise", *noise, "x0", x0);
+    a.noise = *noise;
+    unify_layout({&a.x0, &a.noise});
+  } else {
+    check_seed(op, offset);
+    unify_layout({&a.x0});
+    a.make_noise = true;
+    a.seed = static_cast<uint64_t>(seed);
+    a.offset = static_cast<uint64_t>(offset);
+    a.noise = at::empty_like(a.x0);
+  }
+  a.out = at::empty_like(a.x0);
+  a.shape = flat_batch(a.x0);
+  return a;
+}
+
+ReverseStepArgs prepare_ddpm_step(const at::Tensor& model_output, const at::Tensor& t, const at::Tensor& x_t,
+                                  const at::Tensor& alphas_cumprod, const std::optional<at::Tensor>& noise,
+                                  int64_t seed, int64_t offset, bool clip_sample, double clip_range,
+                                  std::string_view variance, std::string_view prediction_type,
+                                  std::optional<double> guidance_scale,
+                                  const std::optional<at::Tensor>& model_output_uncond) {
+  const char* op = kDdpm;
+  check_float_input(op, "x_t", x_t);
+  check_like(op, "model_output", model_output, "x_t", x_t);
+  check_alpha_table(op, alphas_cumprod, x_t);
+  ReverseStepArgs a;
+  a.prediction = parse_prediction(op, prediction_type);
+  a.variance = parse_variance(op, variance);
+  a.num_timesteps = alphas_cumprod.size(0);
+  check_timesteps(op, "t", t, x_t.size(0), x_t, a.num_timesteps, 0);
+  a.x = x_t;
+  a.model_output = model_output;
+  a.t = t.contiguous();
+  a.table = table_for(alphas_cumprod, x_t);
+  prepare_guidance(op, a, guidance_scale, model_output_uncond);
+  prepare_noise(op, a, noise, seed, offset);
+  prepare_clip(op, a, clip_sample, clip_range);
+  finish_step(a);
+  return a;
+}
+
+ReverseStepArgs prepare_ddim_step(const at::Tensor& model_output, const at::Tensor& t, const at::Tensor& t_prev,
+                                  const at::Tensor& x_t, const at::Tensor& alphas_cumprod, double eta,
+                                  const std::optional<at::Tensor>& noise, int64_t seed, int64_t offset,
+                                  bool clip_sample, double clip_range, std::string_view prediction_type,
+                                  std::optional<double> guidance_scale,
+                                  const std::optional<at::Tensor>& model_output_uncond) {
+  const char* op = kDdim;
+  check_float_input(op, "x_t", x_t);
+  check_like(op, "model_output", model_output, "x_t", x_t);
+  check_alpha_table(op, alphas_cumprod, x_t);
+  TORCH_CHECK_VALUE(std::isfinite(eta) && eta >= 0, op, ": eta = ", eta, "; expected a finite eta >= 0");
+  ReverseStepArgs a;
+  a.is_ddim = true;
+  a.eta = eta;
+  a.prediction = parse_prediction(op, prediction_type);
+  a.num_timesteps = alphas_cumprod.size(0);
+  check_timesteps(op, "t", t, x_t.size(0), x_t, a.num_timesteps, 0);
+  check_timesteps(op, "t_prev", t_prev, x_t.size(0), x_t, a.num_timesteps, -1);
+  if (t.device().is_cpu()) {
+    const auto bad = (t_prev >= t).nonzero();
+    TORCH_CHECK_VALUE(bad.numel() == 0, op, ": t_prev must be smaller than t for every sample, but at sample ",
+                      bad.numel() ? bad[0].item<int64_t>() : 0, " t_prev >= t");
+  }
+  a.x = x_t;
+  a.model_output = model_output;
+  a.t = t.contiguous();
+  a.t_prev = t_prev.contiguous();
+  a.table = table_for(alphas_cumprod, x_t);
+  prepare_guidance(op, a, guidance_scale, model_output_uncond);
+  if (eta > 0) {
+    prepare_noise(op, a, noise, seed, offset);
+  } else if (noise.has_value() && noise->defined()) {
+    check_like(op, "noise", *noise, "x_t", x_t);  // checked, never read: η = 0 is deterministic
+  }
+  prepare_clip(op, a, clip_sample, clip_range);
+  finish_step(a);
+  return a;
+}
+
+}  // namespace diffusion_ext
