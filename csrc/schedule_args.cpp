@@ -94,7 +94,8 @@ void prepare_clip(const char* op, ReverseStepArgs& a, bool clip_sample, double c
   a.clip_range = clip_sample ? clip_range : INFINITY;
 }
 
-void finish_step(ReverseStepArgs& a) {
+void finish_step(ReverseStepArgs& a, bool allocate) {
+  if (!allocate) return;
   unify_layout({&a.x, &a.model_output, &a.model_output_uncond, &a.noise});
   a.out = at::empty_like(a.x);
   a.shape = flat_batch(a.x);
@@ -104,21 +105,25 @@ void finish_step(ReverseStepArgs& a) {
 
 QSampleArgs prepare_q_sample(const char* op, const at::Tensor& x0, const at::Tensor& t,
                              const std::optional<at::Tensor>& noise, const at::Tensor& alphas_cumprod,
-                             int64_t seed, int64_t offset) {
+                             int64_t seed, int64_t offset, bool allocate) {
   check_float_input(op, "x0", x0);
   check_alpha_table(op, alphas_cumprod, x0);
   QSampleArgs a;
   a.num_timesteps = alphas_cumprod.size(0);
   check_timesteps(op, "t", t, x0.size(0), x0, a.num_timesteps, 0);
+  if (noise.has_value()) {
+    check_like(op, "noise", *noise, "x0", x0);
+  } else {
+    check_seed(op, offset);
+  }
+  if (!allocate) return a;
   a.x0 = x0;
   a.t = t.contiguous();
   a.table = table_for(alphas_cumprod, x0);
   if (noise.has_value()) {
-    check_like(op, "noise", *noise, "x0", x0);
     a.noise = *noise;
     unify_layout({&a.x0, &a.noise});
   } else {
-    check_seed(op, offset);
     unify_layout({&a.x0});
     a.make_noise = true;
     a.seed = static_cast<uint64_t>(seed);
@@ -135,7 +140,7 @@ ReverseStepArgs prepare_ddpm_step(const at::Tensor& model_output, const at::Tens
                                   int64_t seed, int64_t offset, bool clip_sample, double clip_range,
                                   std::string_view variance, std::string_view prediction_type,
                                   std::optional<double> guidance_scale,
-                                  const std::optional<at::Tensor>& model_output_uncond) {
+                                  const std::optional<at::Tensor>& model_output_uncond, bool allocate) {
   const char* op = kDdpm;
   check_float_input(op, "x_t", x_t);
   check_like(op, "model_output", model_output, "x_t", x_t);
@@ -152,7 +157,7 @@ ReverseStepArgs prepare_ddpm_step(const at::Tensor& model_output, const at::Tens
   prepare_guidance(op, a, guidance_scale, model_output_uncond);
   prepare_noise(op, a, noise, seed, offset);
   prepare_clip(op, a, clip_sample, clip_range);
-  finish_step(a);
+  finish_step(a, allocate);
   return a;
 }
 
@@ -161,7 +166,7 @@ ReverseStepArgs prepare_ddim_step(const at::Tensor& model_output, const at::Tens
                                   const std::optional<at::Tensor>& noise, int64_t seed, int64_t offset,
                                   bool clip_sample, double clip_range, std::string_view prediction_type,
                                   std::optional<double> guidance_scale,
-                                  const std::optional<at::Tensor>& model_output_uncond) {
+                                  const std::optional<at::Tensor>& model_output_uncond, bool allocate) {
   const char* op = kDdim;
   check_float_input(op, "x_t", x_t);
   check_like(op, "model_output", model_output, "x_t", x_t);
@@ -191,7 +196,7 @@ ReverseStepArgs prepare_ddim_step(const at::Tensor& model_output, const at::Tens
     check_like(op, "noise", *noise, "x_t", x_t);  // checked, never read: η = 0 is deterministic
   }
   prepare_clip(op, a, clip_sample, clip_range);
-  finish_step(a);
+  finish_step(a, allocate);
   return a;
 }
 

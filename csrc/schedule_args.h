@@ -2,6 +2,8 @@
 // Validation and normalisation of the schedule ops' arguments, shared by the CPU and CUDA entry points:
 // after prepare_*, every tensor the kernel reads or writes shares one flat, batch-outermost layout
 // (see share_flat_batch_layout), the ᾱ table is in the accumulation dtype, and the outputs exist.
+// With allocate = false they only validate: the Triton launchers call them that way (through _C) so that
+// every backend rejects the same inputs with the same messages.
 #include <ATen/ATen.h>
 #include <optional>
 #include <string_view>
@@ -43,20 +45,20 @@ struct ReverseStepArgs {
 
 QSampleArgs prepare_q_sample(const char* op, const at::Tensor& x0, const at::Tensor& t,
                              const std::optional<at::Tensor>& noise, const at::Tensor& alphas_cumprod,
-                             int64_t seed, int64_t offset);
+                             int64_t seed, int64_t offset, bool allocate = true);
 
 ReverseStepArgs prepare_ddpm_step(const at::Tensor& model_output, const at::Tensor& t, const at::Tensor& x_t,
                                   const at::Tensor& alphas_cumprod, const std::optional<at::Tensor>& noise,
                                   int64_t seed, int64_t offset, bool clip_sample, double clip_range,
                                   std::string_view variance, std::string_view prediction_type,
                                   std::optional<double> guidance_scale,
-                                  const std::optional<at::Tensor>& model_output_uncond);
+                                  const std::optional<at::Tensor>& model_output_uncond, bool allocate = true);
 
 ReverseStepArgs prepare_ddim_step(const at::Tensor& model_output, const at::Tensor& t, const at::Tensor& t_prev,
                                   const at::Tensor& x_t, const at::Tensor& alphas_cumprod, double eta,
                                   const std::optional<at::Tensor>& noise, int64_t seed, int64_t offset,
                                   bool clip_sample, double clip_range, std::string_view prediction_type,
                                   std::optional<double> guidance_scale,
-                                  const std::optional<at::Tensor>& model_output_uncond);
+                                  const std::optional<at::Tensor>& model_output_uncond, bool allocate = true);
 
 }  // namespace diffusion_ext

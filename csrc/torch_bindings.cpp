@@ -14,6 +14,8 @@
 #endif
 #include <string>
 
+#include "schedule_args.h"
+
 TORCH_LIBRARY(diffusion_ext, m) {
   m.def("q_sample(Tensor x0, Tensor t, Tensor noise, Tensor alphas_cumprod) -> Tensor");
   m.def(
@@ -65,6 +67,30 @@ static py::dict build_info() {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "diffusion_ext kernels; the ops are registered as torch.ops.diffusion_ext.*";
   m.def("build_info", &build_info, "backends, CUDA version and archs, OpenMP and the torch version of this build");
+  // The argument checks of the C++ ops, without a launch: the Triton backend validates through these so
+  // that every backend rejects the same inputs with the same messages.
+  m.def("check_q_sample", [](const char* op, const at::Tensor& x0, const at::Tensor& t,
+                             const std::optional<at::Tensor>& noise, const at::Tensor& table, int64_t seed,
+                             int64_t offset) {
+    diffusion_ext::prepare_q_sample(op, x0, t, noise, table, seed, offset, /*allocate=*/false);
+  });
+  m.def("check_ddpm_step", [](const at::Tensor& model_output, const at::Tensor& t, const at::Tensor& x_t,
+                              const at::Tensor& table, const std::optional<at::Tensor>& noise, int64_t seed,
+                              int64_t offset, bool clip_sample, double clip_range, std::string variance,
+                              std::string prediction_type, std::optional<double> guidance_scale,
+                              const std::optional<at::Tensor>& model_output_uncond) {
+    diffusion_ext::prepare_ddpm_step(model_output, t, x_t, table, noise, seed, offset, clip_sample, clip_range,
+                                     variance, prediction_type, guidance_scale, model_output_uncond, false);
+  });
+  m.def("check_ddim_step", [](const at::Tensor& model_output, const at::Tensor& t, const at::Tensor& t_prev,
+                              const at::Tensor& x_t, const at::Tensor& table, double eta,
+                              const std::optional<at::Tensor>& noise, int64_t seed, int64_t offset,
+                              bool clip_sample, double clip_range, std::string prediction_type,
+                              std::optional<double> guidance_scale,
+                              const std::optional<at::Tensor>& model_output_uncond) {
+    diffusion_ext::prepare_ddim_step(model_output, t, t_prev, x_t, table, eta, noise, seed, offset, clip_sample,
+                                     clip_range, prediction_type, guidance_scale, model_output_uncond, false);
+  });
 }
 
 #endif  // DIFFUSION_EXT_NO_PYTHON

@@ -1,0 +1,119 @@
+// q_sample on CUDA: x_t = √ᾱ_t·x0 + √(1−ᾱ_t)·ε (Ho et al. 2020, eq. 4), with ε given or made here.
+// The twin of cpu/q_sample.cpp: same coefficients (QSampleCoefFn), same noise stream, one read of each
+// input and one write of each output per element.
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/macros/Macros.h>
+#include <torch/library.h>
+
+#include "../common/philox.h"
+#include "../ops.h"
+#include "../schedule_args.h"
+#include "launch_utils.cuh"
+
+namespace diffusion_ext {
+namespace {
+
+// QSampleCoefFn plus the range check the host could not do without a sync (the functor alone would
+// give NaN coefficients and read nothing outside the table).
+template <typename acc_t>
+__device__ __forceinline__ QSampleCoef<acc_t> coef_of_sample(const QSampleCoefFn<acc_t>& f, int64_t b) {
+  CUDA_KERNEL_ASSERT(f.t[b] >= 0 && f.t[b] < f.num_timesteps);
+  return f(b);
+}
+
+template <typename scalar_t, typename index_t>
+__global__ void q_sample_kernel(
+    scalar_t* __restrict__ out,             // [numel] x_t, flat in the layout shared by every tensor here
+    scalar_t* __restrict__ noise_out,       // [numel] the noise made here, or nullptr when it is given
+    const scalar_t* __restrict__ x0,        // [numel] clean samples
+    const scalar_t* __restrict__ noise_in,  // [numel] the given noise, or nullptr when it is made here
+    const QSampleCoefFn<at::opmath_type<scalar_t>> coef,  // sample b -> (√ᾱ, √(1−ᾱ)) at t[b]
+    const index_t numel,                    // batch · per_sample
+    const index_t per_sample,               // elements of one sample: element i is in sample i / per_sample
+    const bool vec,                         // all pointers Vec4-aligned: whole groups move as one vector
+    const uint64_t seed,                    // Philox key
+    const uint64_t offset) {                // Philox counter words 2-3: one stream per offset
+  using acc_t = at::opmath_type<scalar_t>;
+  const index_t groups = num_groups(numel);
+  const index_t stride = static_cast<index_t>(gridDim.x) * blockDim.x;
+  for (index_t g = static_cast<index_t>(blockIdx.x) * blockDim.x + threadIdx.x; g < groups; g += stride) {
+    const index_t e = g * 4;  // first element of the group
+    const int n = numel - e < 4 ? static_cast<int>(numel - e) : 4;
+    const bool v = vec && n == 4;
+    acc_t x[4], z[4], y[4] = {acc_t(0), acc_t(0), acc_t(0), acc_t(0)};
+    load4(x0, e, n, v, x);
+    if (noise_in != nullptr) {
+      load4(noise_in, e, n, v, z);
+    } else {
+      normal4<acc_t>(static_cast<uint64_t>(g), offset, seed, z);  // lane j is element 4g + j
+    }
+    // The group lies in one sample unless per_sample % 4 != 0; then move to the next sample at its
+    // first element (per_sample >= 1, so one step per element suffices; sample_end <= numel).
+    index_t b = e / per_sample, sample_end = (b + 1) * per_sample;
+    QSampleCoef<acc_t> c = coef_of_sample(coef, b);
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      if (j >= n) break;
+      if (e + j == sample_end) {
+        ++b;
+        sample_end += per_sample;
+        c = coef_of_sample(coef, b);
+      }
+      y[j] = c.a * x[j] + c.s * z[j];  // eq. 4
+    }
+    store4(out, e, n, v, y);
+    if (noise_out != nullptr) store4(noise_out, e, n, v, z);
+  }
+}
+
+void launch(const QSampleArgs& a) {
+  if (a.shape.numel == 0) return;  // nothing to do: prepare_q_sample made the empty outputs
+  const c10::cuda::CUDAGuard guard(a.x0.device());
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.x0.scalar_type(), "q_sample_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const QSampleCoefFn<acc_t> coef{a.t.const_data_ptr<int64_t>(), a.table.const_data_ptr<acc_t>(),
+                                    a.num_timesteps};
+    scalar_t* out = a.out.mutable_data_ptr<scalar_t>();
+    scalar_t* noise_out = a.make_noise ? a.noise.mutable_data_ptr<scalar_t>() : nullptr;
+    const scalar_t* noise_in = a.make_noise ? nullptr : a.noise.const_data_ptr<scalar_t>();
+    const scalar_t* x0 = a.x0.const_data_ptr<scalar_t>();
+    const bool vec = can_vectorize<scalar_t>({out, noise_out, x0, noise_in});
+    dispatch_index_type(a.shape.numel, [&](auto index) {
+      using index_t = decltype(index);
+      q_sample_kernel<scalar_t, index_t><<<grid_for(a.shape.numel), kGroupThreads, 0, stream>>>(
+          out, noise_out, x0, noise_in, coef, static_cast<index_t>(a.shape.numel),
+          static_cast<index_t>(a.shape.per_sample), vec, a.seed, a.offset);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  });
+}
+
+}  // namespace
+
+at::Tensor q_sample_cuda(const at::Tensor& x0, const at::Tensor& t, const at::Tensor& noise,
+                         const at::Tensor& alphas_cumprod) {
+  auto a = prepare_q_sample("diffusion_ext.q_sample", x0, t, noise, alphas_cumprod, 0, 0);
+  launch(a);
+  return a.out;
+}
+
+std::tuple<at::Tensor, at::Tensor> q_sample_with_noise_cuda(const at::Tensor& x0, const at::Tensor& t,
+                                                            const at::Tensor& alphas_cumprod, int64_t seed,
+                                                            int64_t offset) {
+  auto a = prepare_q_sample("diffusion_ext.q_sample_with_noise", x0, t, std::nullopt, alphas_cumprod, seed,
+                            offset);
+  launch(a);
+  return {a.out, a.noise};
+}
+
+TORCH_LIBRARY_IMPL(diffusion_ext, CUDA, m) {
+  m.impl("q_sample", &q_sample_cuda);
+  m.impl("q_sample_with_noise", &q_sample_with_noise_cuda);
+}
+
+}  // namespace diffusion_ext

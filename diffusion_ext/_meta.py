@@ -1,0 +1,37 @@
+"""Output metadata of the ops, shared by their fake (meta) implementations of every backend.
+
+The kernels walk all tensors of one call as one flat array when they share a dense, batch-outermost
+layout (contiguous or channels_last alike) and then write outputs in that layout; otherwise they work on
+contiguous copies. `flat_batch_empty_like` states that rule once, as csrc/checks.cpp
+share_flat_batch_layout does for C++.
+"""
+from __future__ import annotations
+
+import torch
+
+
+def _dense_non_overlapping(x: torch.Tensor) -> bool:
+    # Sizes sorted by stride must tile memory exactly (size-1 dims may have any stride).
+    dims = sorted((d for d in range(x.dim()) if x.size(d) != 1), key=lambda d: x.stride(d))
+    expected = 1
+    for d in dims:
+        if x.stride(d) != expected:
+            return False
+        expected *= x.size(d)
+    return True
+
+
+def share_flat_batch_layout(*tensors: torch.Tensor | None) -> bool:
+    ts = [t for t in tensors if t is not None]
+    first = ts[0]
+    if not _dense_non_overlapping(first):
+        return False
+    if first.numel() > 0 and first.size(0) > 1 and first.stride(0) != first.numel() // first.size(0):
+        return False
+    return all(t.stride() == first.stride() for t in ts)
+
+
+def flat_batch_empty_like(x: torch.Tensor, *others: torch.Tensor | None) -> torch.Tensor:
+    if share_flat_batch_layout(x, *others):
+        return torch.empty_like(x)
+    return torch.empty(x.shape, dtype=x.dtype, device=x.device)

@@ -1,0 +1,124 @@
+"""Which kernel runs an op: the one place where backends are named, checked and chosen.
+
+Backends: "cpu" (the C++ kernels), "cuda" (the CUDA kernels), "triton" (the Triton kernels; on CPU
+tensors only under TRITON_INTERPRET=1, which is how CI tests them), "torch" (the eager reference of
+diffusion_ext.reference), and "auto": for a CUDA tensor the faster of "cuda" and "triton" for that op
+(AUTO_CUDA below, measured on the GPU and committed with benchmarks/results/), for a CPU tensor "cpu".
+
+Override with the environment variable DIFFUSION_EXT_BACKEND or, for a block of code,
+`with diffusion_ext.use_backend("triton"): ...`. A backend that is not built or not installed raises
+BackendUnavailable saying how to get it; importing diffusion_ext never fails for that reason.
+"""
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import functools
+import os
+
+import torch
+
+BACKENDS = ("auto", "cpu", "cuda", "triton", "torch")
+
+# "auto" on a CUDA tensor: the faster backend per op, from benchmarks/results/ (see README). Ops not
+# listed use the CUDA kernel when it is built, else Triton.
+AUTO_CUDA: dict[str, str] = {}
+
+_override: contextvars.ContextVar[str | None] = contextvars.ContextVar("diffusion_ext_backend", default=None)
+
+
+class BackendUnavailable(RuntimeError):
+    """The requested backend is not built or installed, or cannot run on the tensor's device."""
+
+
+def _check_name(name: str) -> str:
+    if name not in BACKENDS:
+        raise ValueError(f"diffusion_ext: backend {name!r} is unknown; expected one of {', '.join(BACKENDS)}")
+    return name
+
+
+@contextlib.contextmanager
+def use_backend(name: str):
+    """Run the ops inside the block with the given backend ("auto", "cpu", "cuda", "triton", "torch")."""
+    token = _override.set(_check_name(name))
+    try:
+        yield
+    finally:
+        _override.reset(token)
+
+
+def requested() -> str:
+    name = _override.get()
+    if name is None:
+        name = os.environ.get("DIFFUSION_EXT_BACKEND", "auto") or "auto"
+    return _check_name(name)
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_built() -> bool:
+    from ._loader import _C
+
+    return "cuda" in _C.build_info()["backends"]
+
+
+@functools.lru_cache(maxsize=None)
+def _triton_error() -> str | None:
+    try:
+        import triton  # noqa: F401
+    except ImportError as e:
+        return f"Triton is not installed ({e}); install it with: pip install triton"
+    return None
+
+
+def triton_interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def available_backends(device: torch.device | str = "cpu") -> list[str]:
+    """The concrete backends that can run an op on tensors of this device."""
+    device = torch.device(device)
+    out = ["torch"]
+    if device.type == "cpu":
+        out.append("cpu")
+        if _triton_error() is None and triton_interpreted():
+            out.append("triton")
+    elif device.type == "cuda":
+        if _cuda_built():
+            out.append("cuda")
+        if _triton_error() is None:
+            out.append("triton")
+    return out
+
+
+def resolve(op: str, device: torch.device) -> str:
+    """The concrete backend ("cpu", "cuda", "triton" or "torch") that runs `op` on `device`."""
+    name = requested()
+    if name == "auto":
+        if device.type == "cuda":
+            name = AUTO_CUDA.get(op, "cuda" if _cuda_built() else "triton")
+        elif device.type == "cpu":
+            return "cpu"
+        else:
+            return "torch"
+    if name == "torch":
+        return name
+    if name == "cpu" and device.type != "cpu":
+        raise BackendUnavailable(f"diffusion_ext.{op}: backend 'cpu' runs CPU tensors only, got a {device} tensor")
+    if name == "cuda":
+        if device.type != "cuda":
+            raise BackendUnavailable(f"diffusion_ext.{op}: backend 'cuda' runs CUDA tensors only, got a {device} tensor")
+        if not _cuda_built():
+            raise BackendUnavailable(
+                f"diffusion_ext.{op}: this build has no CUDA kernels; install a CUDA build of torch and nvcc, "
+                "then rebuild with: FORCE_CUDA=1 pip install --no-build-isolation ."
+            )
+    if name == "triton":
+        err = _triton_error()
+        if err is not None:
+            raise BackendUnavailable(f"diffusion_ext.{op}: {err}")
+        if device.type == "cpu" and not triton_interpreted():
+            raise BackendUnavailable(
+                f"diffusion_ext.{op}: Triton runs CPU tensors only in its interpreter; set TRITON_INTERPRET=1 "
+                "before importing triton"
+            )
+    return name

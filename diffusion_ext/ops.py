@@ -1,0 +1,134 @@
+"""Typed wrappers over torch.ops.diffusion_ext.*: backend choice, fake implementations, autograd.
+
+These are the low-level ops: every per-sample value is a tensor (timesteps, the ᾱ table) and noise is
+either given or addressed by (seed, offset) of the counter-based generator (csrc/common/philox.h).
+diffusion_ext.NoiseSchedule is the friendlier API on top of them.
+"""
+from __future__ import annotations
+
+import torch
+
+from . import _loader  # noqa: F401  (registers the C++ ops)
+from . import reference
+from ._meta import flat_batch_empty_like
+from .backend import resolve
+
+_ops = torch.ops.diffusion_ext
+
+
+def _triton():
+    from . import triton as dx_triton
+
+    return dx_triton
+
+
+# ----------------------------------------------------------------------------------------------------
+# fake (meta) implementations: shapes, dtypes and layouts of the outputs, for torch.compile and opcheck
+# ----------------------------------------------------------------------------------------------------
+@torch.library.register_fake("diffusion_ext::q_sample")
+def _q_sample_fake(x0, t, noise, alphas_cumprod):
+    return flat_batch_empty_like(x0, noise)
+
+
+@torch.library.register_fake("diffusion_ext::q_sample_with_noise")
+def _q_sample_with_noise_fake(x0, t, alphas_cumprod, seed, offset):
+    return flat_batch_empty_like(x0), flat_batch_empty_like(x0)
+
+
+@torch.library.register_fake("diffusion_ext::ddpm_step")
+def _ddpm_step_fake(model_output, t, x_t, alphas_cumprod, noise, seed, offset, clip_sample, clip_range, variance,
+                    prediction_type, guidance_scale, model_output_uncond):
+    return flat_batch_empty_like(x_t, model_output, model_output_uncond, noise)
+
+
+@torch.library.register_fake("diffusion_ext::ddim_step")
+def _ddim_step_fake(model_output, t, t_prev, x_t, alphas_cumprod, eta, noise, seed, offset, clip_sample,
+                    clip_range, prediction_type, guidance_scale, model_output_uncond):
+    return flat_batch_empty_like(x_t, model_output, model_output_uncond, noise if eta > 0 else None)
+
+
+# ----------------------------------------------------------------------------------------------------
+# autograd: q_sample is linear in x0 and noise, so dL/dx0 = √ᾱ_t·g and dL/dε = √(1−ᾱ_t)·g.
+# (The reverse steps are sampling-only and have no backward.)
+# ----------------------------------------------------------------------------------------------------
+def _per_sample(table: torch.Tensor, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return table[t].to(like.dtype).view((-1,) + (1,) * (like.dim() - 1))
+
+
+def _q_sample_setup(ctx, inputs, output):
+    ctx.save_for_backward(inputs[1], inputs[-1] if len(inputs) == 4 else inputs[2])
+
+
+def _q_sample_backward(ctx, grad):
+    t, table = ctx.saved_tensors
+    g_x0 = grad * _per_sample(table, t, grad).sqrt() if ctx.needs_input_grad[0] else None
+    g_noise = None
+    if ctx.needs_input_grad[2]:
+        g_noise = grad * (1 - _per_sample(table, t, grad)).sqrt()
+    return g_x0, None, g_noise, None
+
+
+def _q_sample_with_noise_backward(ctx, grad, grad_noise_out):
+    t, table = ctx.saved_tensors
+    g_x0 = grad * _per_sample(table, t, grad).sqrt() if ctx.needs_input_grad[0] else None
+    return g_x0, None, None, None, None
+
+
+torch.library.register_autograd("diffusion_ext::q_sample", _q_sample_backward, setup_context=_q_sample_setup)
+torch.library.register_autograd("diffusion_ext::q_sample_with_noise", _q_sample_with_noise_backward,
+                                setup_context=_q_sample_setup)
+
+
+# ----------------------------------------------------------------------------------------------------
+# public wrappers
+# ----------------------------------------------------------------------------------------------------
+def q_sample(x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, alphas_cumprod: torch.Tensor) -> torch.Tensor:
+    """x_t = √ᾱ_t·x0 + √(1−ᾱ_t)·noise with t a LongTensor [B] (Ho et al. 2020, eq. 4)."""
+    backend = resolve("q_sample", x0.device)
+    if backend == "torch":
+        return reference.q_sample(x0, t, noise, alphas_cumprod)
+    if backend == "triton":
+        return _triton().q_sample(x0, t, noise, alphas_cumprod)
+    return _ops.q_sample(x0, t, noise, alphas_cumprod)
+
+
+def q_sample_with_noise(x0: torch.Tensor, t: torch.Tensor, alphas_cumprod: torch.Tensor, seed: int,
+                        offset: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """q_sample with ε ~ N(0, I) made inside the kernel from (seed, offset); returns (x_t, ε)."""
+    backend = resolve("q_sample_with_noise", x0.device)
+    if backend == "torch":
+        return reference.q_sample_with_noise(x0, t, alphas_cumprod, seed, offset)
+    if backend == "triton":
+        return _triton().q_sample_with_noise(x0, t, alphas_cumprod, seed, offset)
+    return _ops.q_sample_with_noise(x0, t, alphas_cumprod, seed, offset)
+
+
+def ddpm_step(model_output: torch.Tensor, t: torch.Tensor, x_t: torch.Tensor, alphas_cumprod: torch.Tensor,
+              noise: torch.Tensor | None = None, seed: int = 0, offset: int = 0, clip_sample: bool = True,
+              clip_range: float = 1.0, variance: str = "fixed_small", prediction_type: str = "epsilon",
+              guidance_scale: float | None = None, model_output_uncond: torch.Tensor | None = None) -> torch.Tensor:
+    """One DDPM reverse step x_t -> x_{t-1} (Ho et al. 2020, Alg. 2), noise given or made from (seed, offset)."""
+    args = (model_output, t, x_t, alphas_cumprod, noise, seed, offset, clip_sample, float(clip_range), variance,
+            prediction_type, None if guidance_scale is None else float(guidance_scale), model_output_uncond)
+    backend = resolve("ddpm_step", x_t.device)
+    if backend == "torch":
+        return reference.ddpm_step(*args)
+    if backend == "triton":
+        return _triton().ddpm_step(*args)
+    return _ops.ddpm_step(*args)
+
+
+def ddim_step(model_output: torch.Tensor, t: torch.Tensor, t_prev: torch.Tensor, x_t: torch.Tensor,
+              alphas_cumprod: torch.Tensor, eta: float = 0.0, noise: torch.Tensor | None = None, seed: int = 0,
+              offset: int = 0, clip_sample: bool = False, clip_range: float = 1.0, prediction_type: str = "epsilon",
+              guidance_scale: float | None = None, model_output_uncond: torch.Tensor | None = None) -> torch.Tensor:
+    """One DDIM step x_t -> x_{t_prev} (Song et al. 2021, eq. 12); t_prev = -1 means ᾱ_prev = 1."""
+    args = (model_output, t, t_prev, x_t, alphas_cumprod, float(eta), noise, seed, offset, clip_sample,
+            float(clip_range), prediction_type, None if guidance_scale is None else float(guidance_scale),
+            model_output_uncond)
+    backend = resolve("ddim_step", x_t.device)
+    if backend == "torch":
+        return reference.ddim_step(*args)
+    if backend == "triton":
+        return _triton().ddim_step(*args)
+    return _ops.ddim_step(*args)

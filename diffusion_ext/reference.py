@@ -1,0 +1,142 @@
+"""Eager PyTorch for every op: the parity oracle of the tests and the baseline of the benchmarks.
+
+Written the way diffusers writes its schedulers (gather the per-sample coefficients, broadcast, separate
+element-wise ops in the input's dtype), with no fusion. Tests run it in float64 as the exact answer.
+philox_normal is the counter-based noise of csrc/common/philox.h in plain int64 tensor arithmetic, so the
+noise made inside the kernels can be checked here too.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ._meta import share_flat_batch_layout
+
+_M0, _M1 = 0xD2511F53, 0xCD9E8D57
+_W0, _W1 = 0x9E3779B9, 0xBB67AE85
+_MASK32 = 0xFFFFFFFF
+
+
+def _mulhilo(a: int, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    p = b * a  # < 2^64: int64 wraps, but the low 64 bits are right, and we mask both halves
+    return (p >> 32) & _MASK32, p & _MASK32
+
+
+def philox4x32_10(group: torch.Tensor, offset: int, seed: int) -> list[torch.Tensor]:
+    """Philox4x32-10 (Salmon et al. 2011) of the counters (group, offset) under key seed; int64 lanes."""
+    c0, c1 = group & _MASK32, (group >> 32) & _MASK32
+    c2 = torch.full_like(group, offset & _MASK32)
+    c3 = torch.full_like(group, (offset >> 32) & _MASK32)
+    k0, k1 = seed & _MASK32, (seed >> 32) & _MASK32
+    for _ in range(10):
+        hi0, lo0 = _mulhilo(_M0, c0)
+        hi1, lo1 = _mulhilo(_M1, c2)
+        c0, c1, c2, c3 = hi1 ^ c1 ^ k0, lo1, hi0 ^ c3 ^ k1, lo0
+        k0, k1 = (k0 + _W0) & _MASK32, (k1 + _W1) & _MASK32
+    return [c0, c1, c2, c3]
+
+
+def philox_normal(numel: int, seed: int, offset: int = 0, dtype: torch.dtype = torch.float32,
+                  device: torch.device | str = "cpu") -> torch.Tensor:
+    """The first `numel` normals of stream (seed, offset): element e is lane e % 4 of block e // 4."""
+    groups = torch.arange((numel + 3) // 4, dtype=torch.int64, device=device)
+    r = philox4x32_10(groups, offset, seed)
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    u = [((x >> 8).to(acc) + 0.5) * 2.0**-24 for x in r]
+    z = []
+    for a, b in ((u[0], u[1]), (u[2], u[3])):
+        radius = torch.sqrt(-2.0 * torch.log(a))
+        z += [radius * torch.cos(2 * math.pi * b), radius * torch.sin(2 * math.pi * b)]
+    return torch.stack(z, dim=1).reshape(-1)[:numel].to(dtype)
+
+
+def noise_like(x: torch.Tensor, seed: int, offset: int = 0, *others: torch.Tensor | None) -> torch.Tensor:
+    """The in-kernel noise for a tensor x: laid out in x's memory order when the kernels walk x flat."""
+    z = philox_normal(x.numel(), seed, offset, x.dtype, x.device)
+    if share_flat_batch_layout(x, *others):
+        return torch.as_strided(z, x.shape, x.stride()) if x.numel() else torch.empty_like(x)
+    return z.reshape(x.shape)
+
+
+def _coef(table: torch.Tensor, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    # diffusers: alphas_cumprod[timesteps], flattened, then unsqueezed to broadcast over the sample.
+    return table.to(device=x.device, dtype=x.dtype)[t].view((-1,) + (1,) * (x.dim() - 1))
+
+
+def q_sample(x0, t, noise, alphas_cumprod):
+    """x_t = √ᾱ_t·x0 + √(1−ᾱ_t)·ε (Ho et al. 2020, eq. 4), as diffusers' add_noise."""
+    a = _coef(alphas_cumprod, t, x0)
+    return a.sqrt() * x0 + (1 - a).sqrt() * noise
+
+
+def q_sample_with_noise(x0, t, alphas_cumprod, seed, offset=0):
+    noise = noise_like(x0, seed, offset)
+    return q_sample(x0, t, noise, alphas_cumprod), noise
+
+
+def _guided(model_output, guidance_scale, model_output_uncond):
+    if guidance_scale is None:
+        return model_output
+    return model_output_uncond + guidance_scale * (model_output - model_output_uncond)
+
+
+def _predict_x0_eps(model_output, x_t, a_t, prediction_type):
+    b_t = 1 - a_t
+    if prediction_type == "epsilon":
+        return (x_t - b_t.sqrt() * model_output) / a_t.sqrt(), model_output
+    if prediction_type == "sample":
+        return model_output, (x_t - a_t.sqrt() * model_output) / b_t.sqrt()
+    if prediction_type == "v_prediction":
+        return a_t.sqrt() * x_t - b_t.sqrt() * model_output, a_t.sqrt() * model_output + b_t.sqrt() * x_t
+    raise ValueError(f"reference: unknown prediction_type {prediction_type!r}")
+
+
+def ddpm_step(model_output, t, x_t, alphas_cumprod, noise=None, seed=0, offset=0, clip_sample=True, clip_range=1.0,
+              variance="fixed_small", prediction_type="epsilon", guidance_scale=None, model_output_uncond=None):
+    """diffusers DDPMScheduler.step with prev_t = t − 1 (Ho et al. 2020, Alg. 2; eqs. 6-7)."""
+    m = _guided(model_output, guidance_scale, model_output_uncond)
+    # 1. ᾱ_t, ᾱ_{t-1} (= 1 at t = 0), α_t, β_t
+    a_t = _coef(alphas_cumprod, t, x_t)
+    a_prev = torch.where(t > 0, alphas_cumprod.to(x_t.device)[(t - 1).clamp(min=0)], 1.0).to(x_t.dtype)
+    a_prev = a_prev.view_as(a_t)
+    alpha_t = a_t / a_prev
+    beta_t = 1 - alpha_t
+    # 2. x̂0 from the model output, clipped when asked
+    x0, _ = _predict_x0_eps(m, x_t, a_t, prediction_type)
+    if clip_sample:
+        x0 = x0.clamp(-clip_range, clip_range)
+    # 3. posterior mean μ̃(x_t, x̂0), eq. 7
+    mean = (a_prev.sqrt() * beta_t / (1 - a_t)) * x0 + (alpha_t.sqrt() * (1 - a_prev) / (1 - a_t)) * x_t
+    # 4. σ_t² and the noise, none at t = 0
+    if variance == "fixed_small":
+        var = ((1 - a_prev) / (1 - a_t) * beta_t).clamp(min=1e-20)
+    elif variance == "fixed_large":
+        var = beta_t
+    else:
+        raise ValueError(f"reference: unknown variance {variance!r}")
+    if noise is None:
+        noise = noise_like(x_t, seed, offset, model_output, model_output_uncond)
+    has_noise = (t > 0).to(x_t.dtype).view_as(a_t)
+    return mean + has_noise * var.sqrt() * noise
+
+
+def ddim_step(model_output, t, t_prev, x_t, alphas_cumprod, eta=0.0, noise=None, seed=0, offset=0, clip_sample=False,
+              clip_range=1.0, prediction_type="epsilon", guidance_scale=None, model_output_uncond=None):
+    """diffusers DDIMScheduler.step (Song et al. 2021, eq. 12; σ from eq. 16); t_prev = −1 means ᾱ_prev = 1."""
+    m = _guided(model_output, guidance_scale, model_output_uncond)
+    a_t = _coef(alphas_cumprod, t, x_t)
+    table = alphas_cumprod.to(x_t.device)
+    a_prev = torch.where(t_prev >= 0, table[t_prev.clamp(min=0)], 1.0).to(x_t.dtype).view_as(a_t)
+    x0, eps = _predict_x0_eps(m, x_t, a_t, prediction_type)
+    if clip_sample:
+        x0 = x0.clamp(-clip_range, clip_range)
+    var = (1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)
+    std = eta * var.clamp(min=0).sqrt()
+    direction = (1 - a_prev - std**2).clamp(min=0).sqrt() * eps
+    x_prev = a_prev.sqrt() * x0 + direction
+    if eta > 0:
+        if noise is None:
+            noise = noise_like(x_t, seed, offset, model_output, model_output_uncond)
+        x_prev = x_prev + std * noise
+    return x_prev

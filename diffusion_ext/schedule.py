@@ -1,0 +1,186 @@
+"""NoiseSchedule: the β/ᾱ tables of a diffusion process and its fused forward and reverse steps.
+
+Timesteps are 0-indexed, 0..T-1, as in diffusers. The tables are computed in float64; the kernels get ᾱ
+in their accumulation dtype (float64 for float64 tensors, float32 otherwise), kept per device so that no
+step converts or copies a table.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from . import ops
+
+BETA_SCHEDULES = ("linear", "scaled_linear", "cosine")
+SPACINGS = ("leading", "trailing", "linspace")
+
+
+def make_betas(num_timesteps: int, beta_schedule: str, beta_start: float, beta_end: float) -> torch.Tensor:
+    T = num_timesteps
+    if beta_schedule == "linear":  # Ho et al. 2020
+        return torch.linspace(beta_start, beta_end, T, dtype=torch.float64)
+    if beta_schedule == "scaled_linear":  # Stable Diffusion / latent diffusion
+        return torch.linspace(beta_start**0.5, beta_end**0.5, T, dtype=torch.float64) ** 2
+    if beta_schedule == "cosine":
+        # Nichol & Dhariwal 2021, eq. 17: ᾱ(t) = cos²((t/T + s)/(1 + s) · π/2), s = 0.008,
+        # β_t = 1 − ᾱ(t+1)/ᾱ(t) capped at 0.999 to avoid a singularity at t = T.
+        s = 0.008
+        f = lambda u: math.cos((u + s) / (1 + s) * math.pi / 2) ** 2  # noqa: E731
+        return torch.tensor([min(1 - f((i + 1) / T) / f(i / T), 0.999) for i in range(T)], dtype=torch.float64)
+    raise ValueError(f"NoiseSchedule: beta_schedule {beta_schedule!r} is unknown; expected one of {BETA_SCHEDULES}")
+
+
+def _as_int(name: str, v) -> int:
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise TypeError(f"NoiseSchedule: {name} must be an int, got {type(v).__name__}")
+    return v
+
+
+class NoiseSchedule:
+    """A discrete diffusion schedule with T steps and the fused ops that use it.
+
+    >>> sched = NoiseSchedule(1000, "linear", 1e-4, 0.02).to("cuda")
+    >>> x_t, eps = sched.q_sample_with_noise(x0, t, seed=step)
+    """
+
+    def __init__(self, num_timesteps: int = 1000, beta_schedule: str = "linear", beta_start: float = 1e-4,
+                 beta_end: float = 0.02):
+        num_timesteps = _as_int("num_timesteps", num_timesteps)
+        if num_timesteps < 1:
+            raise ValueError(f"NoiseSchedule: num_timesteps = {num_timesteps}; expected at least 1")
+        if beta_schedule != "cosine" and not (0 < beta_start <= beta_end < 1):
+            raise ValueError(
+                f"NoiseSchedule: beta_start = {beta_start}, beta_end = {beta_end}; expected 0 < beta_start <= beta_end < 1"
+            )
+        self.beta_schedule = beta_schedule
+        self._set_alphas_cumprod(torch.cumprod(1 - make_betas(num_timesteps, beta_schedule, beta_start, beta_end), 0))
+
+    @classmethod
+    def from_alphas_cumprod(cls, alphas_cumprod: torch.Tensor) -> "NoiseSchedule":
+        """A schedule from a given ᾱ table (1-D, finite, in (0, 1], strictly decreasing)."""
+        self = cls.__new__(cls)
+        self.beta_schedule = "custom"
+        self._set_alphas_cumprod(torch.as_tensor(alphas_cumprod).detach().to("cpu", torch.float64))
+        return self
+
+    def _set_alphas_cumprod(self, ac: torch.Tensor) -> None:
+        if ac.dim() != 1 or ac.numel() < 1:
+            raise ValueError(f"NoiseSchedule: alphas_cumprod must be a non-empty 1-D table, got shape {tuple(ac.shape)}")
+        if not torch.isfinite(ac).all():
+            raise ValueError("NoiseSchedule: alphas_cumprod holds non-finite values")
+        if not ((ac > 0) & (ac <= 1)).all():
+            raise ValueError("NoiseSchedule: alphas_cumprod must lie in (0, 1]")
+        if ac.numel() > 1 and not (ac[1:] < ac[:-1]).all():
+            i = int(torch.nonzero(ac[1:] >= ac[:-1])[0])
+            raise ValueError(
+                f"NoiseSchedule: alphas_cumprod must be strictly decreasing, but ᾱ[{i + 1}] = {ac[i + 1].item()} >= "
+                f"ᾱ[{i}] = {ac[i].item()}"
+            )
+        self.num_timesteps = ac.numel()
+        self.alphas_cumprod = ac
+        prev = torch.cat([ac.new_ones(1), ac[:-1]])
+        self.alphas_cumprod_prev = prev
+        self.alphas = ac / prev
+        self.betas = 1 - self.alphas
+        self.sqrt_alphas_cumprod = ac.sqrt()
+        self.sqrt_one_minus_alphas_cumprod = (1 - ac).sqrt()
+        # q(x_{t-1} | x_t, x0) of Ho et al. 2020, eqs. 6-7
+        self.posterior_variance = self.betas * (1 - prev) / (1 - ac)
+        self._tables: dict[torch.dtype, torch.Tensor] = {}
+
+    _DERIVED = ("alphas_cumprod", "alphas_cumprod_prev", "alphas", "betas", "sqrt_alphas_cumprod",
+                "sqrt_one_minus_alphas_cumprod", "posterior_variance")
+
+    @property
+    def device(self) -> torch.device:
+        return self.alphas_cumprod.device
+
+    def to(self, device) -> "NoiseSchedule":
+        """Moves the tables to `device` (like nn.Module.to: in place, returns self)."""
+        for name in self._DERIVED:
+            setattr(self, name, getattr(self, name).to(device))
+        self._tables = {}
+        return self
+
+    def __repr__(self) -> str:
+        return f"NoiseSchedule(num_timesteps={self.num_timesteps}, beta_schedule={self.beta_schedule!r}, device={self.device})"
+
+    # ------------------------------------------------------------------------------------------------
+    def _table(self, x: torch.Tensor) -> torch.Tensor:
+        if x.device != self.device:
+            raise ValueError(
+                f"NoiseSchedule: the schedule is on {self.device} but the tensor is on {x.device}; call sched.to(device)"
+            )
+        acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+        table = self._tables.get(acc)
+        if table is None:
+            table = self._tables[acc] = self.alphas_cumprod.to(acc)
+        return table
+
+    def _timesteps(self, op: str, name: str, t, x: torch.Tensor, lowest: int = 0) -> torch.Tensor:
+        if isinstance(t, torch.Tensor):
+            return t
+        t = _as_int(name, t)
+        if not lowest <= t < self.num_timesteps:
+            raise ValueError(f"diffusion_ext.{op}: {name} = {t} is outside [{lowest}, {self.num_timesteps - 1}]")
+        return torch.full((x.shape[0] if x.dim() else 0,), t, dtype=torch.long, device=x.device)
+
+    @staticmethod
+    def _draw_seed() -> int:
+        # From torch's default generator, so torch.manual_seed makes sampling reproducible.
+        return int(torch.randint(0, 2**62, (1,)).item())
+
+    # ------------------------------------------------------------------------------------------------
+    def q_sample(self, x0: torch.Tensor, t, noise: torch.Tensor) -> torch.Tensor:
+        """x_t = √ᾱ_t·x0 + √(1−ᾱ_t)·noise; t a LongTensor [B] or an int for the whole batch."""
+        return ops.q_sample(x0, self._timesteps("q_sample", "t", t, x0), noise, self._table(x0))
+
+    def q_sample_with_noise(self, x0: torch.Tensor, t, seed: int, offset: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """q_sample with the noise made in the kernel from (seed, offset); returns (x_t, noise)."""
+        t = self._timesteps("q_sample_with_noise", "t", t, x0)
+        return ops.q_sample_with_noise(x0, t, self._table(x0), _as_int("seed", seed), _as_int("offset", offset))
+
+    def ddpm_step(self, model_output: torch.Tensor, t, x_t: torch.Tensor, noise: torch.Tensor | None = None, *,
+                  seed: int | None = None, offset: int = 0, clip_sample: bool = True, clip_range: float = 1.0,
+                  variance: str = "fixed_small", prediction_type: str = "epsilon", guidance_scale: float | None = None,
+                  model_output_uncond: torch.Tensor | None = None) -> torch.Tensor:
+        """One DDPM reverse step x_t → x_{t−1}; noise given, or made in the kernel from seed (drawn from
+        torch's generator when neither is given)."""
+        t = self._timesteps("ddpm_step", "t", t, x_t)
+        if noise is None and seed is None:
+            seed = self._draw_seed()
+        return ops.ddpm_step(model_output, t, x_t, self._table(x_t), noise, 0 if seed is None else _as_int("seed", seed),
+                             _as_int("offset", offset), clip_sample, clip_range, variance, prediction_type,
+                             guidance_scale, model_output_uncond)
+
+    def ddim_step(self, model_output: torch.Tensor, t, t_prev, x_t: torch.Tensor, eta: float = 0.0,
+                  noise: torch.Tensor | None = None, *, seed: int | None = None, offset: int = 0,
+                  clip_sample: bool = False, clip_range: float = 1.0, prediction_type: str = "epsilon",
+                  guidance_scale: float | None = None, model_output_uncond: torch.Tensor | None = None) -> torch.Tensor:
+        """One DDIM step x_t → x_{t_prev} (t_prev = −1: the clean end, ᾱ_prev = 1)."""
+        t = self._timesteps("ddim_step", "t", t, x_t)
+        t_prev = self._timesteps("ddim_step", "t_prev", t_prev, x_t, lowest=-1)
+        if not isinstance(eta, (int, float)) or isinstance(eta, bool):
+            raise TypeError(f"diffusion_ext.ddim_step: eta must be a number, got {type(eta).__name__}")
+        if eta > 0 and noise is None and seed is None:
+            seed = self._draw_seed()
+        return ops.ddim_step(model_output, t, t_prev, x_t, self._table(x_t), eta, noise,
+                             0 if seed is None else _as_int("seed", seed), _as_int("offset", offset), clip_sample,
+                             clip_range, prediction_type, guidance_scale, model_output_uncond)
+
+    def timesteps(self, num_inference_steps: int, spacing: str = "leading") -> torch.Tensor:
+        """The descending sampling sequence of num_inference_steps timesteps (diffusers' spacings; see
+        Lin et al. 2024, "Common diffusion noise schedules and sample steps are flawed", table 2)."""
+        n, T = _as_int("num_inference_steps", num_inference_steps), self.num_timesteps
+        if not 1 <= n <= T:
+            raise ValueError(f"NoiseSchedule.timesteps: num_inference_steps = {n}; expected 1..{T}")
+        if spacing == "leading":
+            ts = torch.arange(n, dtype=torch.float64) * (T // n)
+        elif spacing == "trailing":
+            ts = torch.arange(T, 0, -T / n, dtype=torch.float64).round().flip(0) - 1
+        elif spacing == "linspace":
+            ts = torch.linspace(0, T - 1, n, dtype=torch.float64)
+        else:
+            raise ValueError(f"NoiseSchedule.timesteps: spacing {spacing!r} is unknown; expected one of {SPACINGS}")
+        return ts.round().long().flip(0)

@@ -1,0 +1,65 @@
+"""Counter-based normal noise in Triton: the same stream as csrc/common/philox.h (read its comment).
+
+Element e of a kernel's flat range is lane e % 4 of Philox4x32-10 block e // 4 under key (lo, hi of the
+seed) and counter (lo, hi of the block, lo, hi of the offset). `normals_for_block` makes the BLOCK
+normals of elements [start, start + BLOCK) with one Philox call per four elements.
+"""
+import triton
+import triton.language as tl
+
+PHILOX_M0: tl.constexpr = 0xD2511F53
+PHILOX_M1: tl.constexpr = 0xCD9E8D57
+PHILOX_W0: tl.constexpr = 0x9E3779B9
+PHILOX_W1: tl.constexpr = 0xBB67AE85
+
+
+@triton.jit
+def philox4x32_10(c0, c1, c2, c3, k0, k1):
+    # Salmon et al. 2011: ten rounds of two 32x32 -> 64-bit multiplies and a Weyl key schedule.
+    for _ in tl.static_range(10):
+        a0 = c0
+        a2 = c2
+        c0 = tl.umulhi(a2, PHILOX_M1) ^ c1 ^ k0
+        c2 = tl.umulhi(a0, PHILOX_M0) ^ c3 ^ k1
+        c1 = a2 * PHILOX_M1
+        c3 = a0 * PHILOX_M0
+        k0 = k0 + PHILOX_W0
+        k1 = k1 + PHILOX_W1
+    return c0, c1, c2, c3
+
+
+@triton.jit
+def _uniform(x, ACC: tl.constexpr):
+    # top 24 bits, + 1/2, times 2^-24: exact, strictly inside (0, 1)
+    return ((x >> 8).to(ACC) + 0.5) * 5.9604644775390625e-08
+
+
+@triton.jit
+def normals_for_block(start, seed_lo, seed_hi, off_lo, off_hi, BLOCK: tl.constexpr, ACC: tl.constexpr):
+    """Normals of elements start .. start + BLOCK - 1; start (int64) and BLOCK are multiples of 4."""
+    group = start // 4 + tl.arange(0, BLOCK // 4).to(tl.int64)
+    c0 = (group & 0xFFFFFFFF).to(tl.uint32)
+    c1 = (group >> 32).to(tl.uint32)
+    zero = tl.zeros([BLOCK // 4], dtype=tl.uint32)
+    k0 = zero + seed_lo.to(tl.uint32)
+    k1 = zero + seed_hi.to(tl.uint32)
+    r0, r1, r2, r3 = philox4x32_10(c0, c1, zero + off_lo.to(tl.uint32), zero + off_hi.to(tl.uint32), k0, k1)
+    two_pi = 6.283185307179586
+    rad_a = tl.sqrt(-2.0 * tl.log(_uniform(r0, ACC)))
+    th_a = two_pi * _uniform(r1, ACC)
+    rad_b = tl.sqrt(-2.0 * tl.log(_uniform(r2, ACC)))
+    th_b = two_pi * _uniform(r3, ACC)
+    z0 = rad_a * tl.cos(th_a)
+    z1 = rad_a * tl.sin(th_a)
+    z2 = rad_b * tl.cos(th_b)
+    z3 = rad_b * tl.sin(th_b)
+    # join(a, b) stacks on a new last axis, so this is [g, i, j] = lane 2i + j of group g; flattened
+    # row-major, element 4g + lane.
+    z = tl.join(tl.join(z0, z2), tl.join(z1, z3))
+    return tl.reshape(z, [BLOCK])
+
+
+def split64(v: int) -> tuple[int, int]:
+    """(lo, hi) 32-bit words of a 64-bit value, as the C++ kernels cast int64 seeds to uint64."""
+    v &= (1 << 64) - 1
+    return v & 0xFFFFFFFF, v >> 32

@@ -1,0 +1,93 @@
+"""q_sample in Triton: x_t = √ᾱ_t·x0 + √(1−ᾱ_t)·ε (Ho et al. 2020, eq. 4), ε given or made here."""
+import torch
+import triton
+import triton.language as tl
+
+from .._loader import _C
+from .._meta import flat_batch_empty_like, share_flat_batch_layout
+from .philox import normals_for_block, split64
+
+BLOCK = 1024
+
+
+@triton.jit
+def _q_sample_kernel(
+    x0_ptr,  # [numel] x0 in its flat batch-outermost layout (contiguous or channels_last memory order)
+    noise_ptr,  # [numel] same layout: read when MAKE_NOISE is false, written when it is true
+    out_ptr,  # [numel] same layout
+    t_ptr,  # [B] int64 timesteps
+    table_ptr,  # [T] ᾱ in the accumulation dtype ACC
+    numel,
+    per_sample,  # numel / B: element e belongs to sample e // per_sample
+    num_timesteps,
+    seed_lo, seed_hi, off_lo, off_hi,  # 32-bit words of the Philox key and offset
+    MAKE_NOISE: tl.constexpr,
+    ACC: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    start = tl.program_id(0).to(tl.int64) * BLOCK
+    e = start + tl.arange(0, BLOCK)
+    mask = e < numel
+    t = tl.load(t_ptr + e // per_sample, mask=mask, other=0)
+    valid = (t >= 0) & (t < num_timesteps)  # out of range: NaN, never a read outside the table
+    ab = tl.load(table_ptr + t, mask=mask & valid, other=float("nan")).to(ACC)
+    x0 = tl.load(x0_ptr + e, mask=mask, other=0).to(ACC)
+    if MAKE_NOISE:
+        z = normals_for_block(start, seed_lo, seed_hi, off_lo, off_hi, BLOCK, ACC)
+        tl.store(noise_ptr + e, z.to(noise_ptr.dtype.element_ty), mask=mask)
+    else:
+        z = tl.load(noise_ptr + e, mask=mask, other=0).to(ACC)
+    out = tl.sqrt(ab) * x0 + tl.sqrt(1.0 - ab) * z
+    tl.store(out_ptr + e, out.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def _acc(x: torch.Tensor):
+    return tl.float64 if x.dtype == torch.float64 else tl.float32
+
+
+def _flat(*tensors):
+    """The tensors in one flat batch-outermost layout: their own, or contiguous copies (the C++ rule)."""
+    if share_flat_batch_layout(*tensors):
+        return tensors
+    return tuple(None if t is None else t.contiguous() for t in tensors)
+
+
+def launch_q_sample(x0, t, noise, table, seed=0, offset=0, make_noise=False):
+    op = "diffusion_ext.q_sample_with_noise" if make_noise else "diffusion_ext.q_sample"
+    _C.check_q_sample(op, x0, t, noise, table, seed, offset)
+    table = table.to(torch.float64 if x0.dtype == torch.float64 else torch.float32).contiguous()
+    if make_noise:
+        (x0,) = _flat(x0)
+        noise = torch.empty_like(x0)
+    else:
+        x0, noise = _flat(x0, noise)
+    out = torch.empty_like(x0)
+    numel = x0.numel()
+    if numel:
+        s_lo, s_hi = split64(seed)
+        o_lo, o_hi = split64(offset)
+        _q_sample_kernel[(triton.cdiv(numel, BLOCK),)](
+            x0, noise, out, t.contiguous(), table, numel, numel // x0.shape[0], table.numel(),
+            s_lo, s_hi, o_lo, o_hi, MAKE_NOISE=make_noise, ACC=_acc(x0), BLOCK=BLOCK)
+    return out, noise
+
+
+@torch.library.custom_op("diffusion_ext_triton::q_sample", mutates_args=())
+def q_sample(x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, alphas_cumprod: torch.Tensor) -> torch.Tensor:
+    return launch_q_sample(x0, t, noise, alphas_cumprod)[0]
+
+
+@torch.library.custom_op("diffusion_ext_triton::q_sample_with_noise", mutates_args=())
+def q_sample_with_noise(x0: torch.Tensor, t: torch.Tensor, alphas_cumprod: torch.Tensor, seed: int,
+                        offset: int) -> tuple[torch.Tensor, torch.Tensor]:
+    return launch_q_sample(x0, t, None, alphas_cumprod, seed, offset, make_noise=True)
+
+
+@q_sample.register_fake
+def _(x0, t, noise, alphas_cumprod):
+    return flat_batch_empty_like(x0, noise)
+
+
+@q_sample_with_noise.register_fake
+def _(x0, t, alphas_cumprod, seed, offset):
+    return flat_batch_empty_like(x0), flat_batch_empty_like(x0)
