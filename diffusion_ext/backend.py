@@ -12,8 +12,7 @@ BackendUnavailable saying how to get it; importing diffusion_ext never fails for
 from __future__ import annotations
 
 import contextlib
-import contextvars
-import functools
+import importlib.util
 import os
 
 import torch
@@ -24,7 +23,9 @@ BACKENDS = ("auto", "cpu", "cuda", "triton", "torch")
 # listed use the CUDA kernel when it is built, else Triton.
 AUTO_CUDA: dict[str, str] = {}
 
-_override: contextvars.ContextVar[str | None] = contextvars.ContextVar("diffusion_ext_backend", default=None)
+# use_backend's stack. A plain list, not a ContextVar: torch.compile traces resolve() and guards on it,
+# and cannot trace a ContextVar.
+_override: list[str] = []
 
 
 class BackendUnavailable(RuntimeError):
@@ -40,34 +41,40 @@ def _check_name(name: str) -> str:
 @contextlib.contextmanager
 def use_backend(name: str):
     """Run the ops inside the block with the given backend ("auto", "cpu", "cuda", "triton", "torch")."""
-    token = _override.set(_check_name(name))
+    _override.append(_check_name(name))
     try:
         yield
     finally:
-        _override.reset(token)
+        _override.pop()
 
 
 def requested() -> str:
-    name = _override.get()
-    if name is None:
-        name = os.environ.get("DIFFUSION_EXT_BACKEND", "auto") or "auto"
+    if _override:
+        return _override[-1]
+    name = os.environ.get("DIFFUSION_EXT_BACKEND", "auto") or "auto"
     return _check_name(name)
 
 
-@functools.lru_cache(maxsize=None)
-def _cuda_built() -> bool:
+def _probe() -> tuple[bool, str | None]:
+    # Once, at import (plain values that torch.compile can read): is CUDA built, is Triton installed.
     from ._loader import _C
 
-    return "cuda" in _C.build_info()["backends"]
+    cuda = "cuda" in _C.build_info()["backends"]
+    triton_error = None
+    if importlib.util.find_spec("triton") is None:
+        triton_error = "Triton is not installed; install it with: pip install triton"
+    return cuda, triton_error
 
 
-@functools.lru_cache(maxsize=None)
+_CUDA_BUILT, _TRITON_ERROR = _probe()
+
+
+def _cuda_built() -> bool:
+    return _CUDA_BUILT
+
+
 def _triton_error() -> str | None:
-    try:
-        import triton  # noqa: F401
-    except ImportError as e:
-        return f"Triton is not installed ({e}); install it with: pip install triton"
-    return None
+    return _TRITON_ERROR
 
 
 def triton_interpreted() -> bool:

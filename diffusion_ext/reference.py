@@ -43,7 +43,7 @@ def philox_normal(numel: int, seed: int, offset: int = 0, dtype: torch.dtype = t
     groups = torch.arange((numel + 3) // 4, dtype=torch.int64, device=device)
     r = philox4x32_10(groups, offset, seed)
     acc = torch.float64 if dtype == torch.float64 else torch.float32
-    u = [((x >> 8).to(acc) + 0.5) * 2.0**-24 for x in r]
+    u = [((x >> 9).to(acc) + 0.5) * 2.0**-23 for x in r]
     z = []
     for a, b in ((u[0], u[1]), (u[2], u[3])):
         radius = torch.sqrt(-2.0 * torch.log(a))
@@ -59,15 +59,25 @@ def noise_like(x: torch.Tensor, seed: int, offset: int = 0, *others: torch.Tenso
     return z.reshape(x.shape)
 
 
+def _acc_dtype(x: torch.Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
 def _coef(table: torch.Tensor, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    # diffusers: alphas_cumprod[timesteps], flattened, then unsqueezed to broadcast over the sample.
-    return table.to(device=x.device, dtype=x.dtype)[t].view((-1,) + (1,) * (x.dim() - 1))
+    # diffusers: alphas_cumprod[timesteps], flattened, then unsqueezed to broadcast over the sample. The
+    # per-sample coefficients are computed in fp32 (fp64 for fp64 samples), as diffusers keeps its tables in
+    # fp32, and cast to the samples' dtype (_el) only where they meet the samples.
+    return table.to(device=x.device, dtype=_acc_dtype(x))[t].view((-1,) + (1,) * (x.dim() - 1))
+
+
+def _el(coef: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    return coef.to(x.dtype)
 
 
 def q_sample(x0, t, noise, alphas_cumprod):
     """x_t = √ᾱ_t·x0 + √(1−ᾱ_t)·ε (Ho et al. 2020, eq. 4), as diffusers' add_noise."""
     a = _coef(alphas_cumprod, t, x0)
-    return a.sqrt() * x0 + (1 - a).sqrt() * noise
+    return _el(a.sqrt(), x0) * x0 + _el((1 - a).sqrt(), x0) * noise
 
 
 def q_sample_with_noise(x0, t, alphas_cumprod, seed, offset=0):
@@ -81,15 +91,20 @@ def _guided(model_output, guidance_scale, model_output_uncond):
     return model_output_uncond + guidance_scale * (model_output - model_output_uncond)
 
 
-def _predict_x0_eps(model_output, x_t, a_t, prediction_type):
-    b_t = 1 - a_t
+def _predict_x0_eps(m, x_t, a_t, prediction_type):
+    sa, sb = _el(a_t.sqrt(), x_t), _el((1 - a_t).sqrt(), x_t)
     if prediction_type == "epsilon":
-        return (x_t - b_t.sqrt() * model_output) / a_t.sqrt(), model_output
+        return (x_t - sb * m) / sa, m
     if prediction_type == "sample":
-        return model_output, (x_t - a_t.sqrt() * model_output) / b_t.sqrt()
+        return m, (x_t - sa * m) / sb
     if prediction_type == "v_prediction":
-        return a_t.sqrt() * x_t - b_t.sqrt() * model_output, a_t.sqrt() * model_output + b_t.sqrt() * x_t
+        return sa * x_t - sb * m, sa * m + sb * x_t
     raise ValueError(f"reference: unknown prediction_type {prediction_type!r}")
+
+
+def _alpha_bar_prev(alphas_cumprod, t_prev, like):
+    table = alphas_cumprod.to(device=like.device, dtype=like.dtype)
+    return torch.where(t_prev >= 0, table[t_prev.clamp(min=0)], 1.0).view_as(like)
 
 
 def ddpm_step(model_output, t, x_t, alphas_cumprod, noise=None, seed=0, offset=0, clip_sample=True, clip_range=1.0,
@@ -98,8 +113,7 @@ def ddpm_step(model_output, t, x_t, alphas_cumprod, noise=None, seed=0, offset=0
     m = _guided(model_output, guidance_scale, model_output_uncond)
     # 1. ᾱ_t, ᾱ_{t-1} (= 1 at t = 0), α_t, β_t
     a_t = _coef(alphas_cumprod, t, x_t)
-    a_prev = torch.where(t > 0, alphas_cumprod.to(x_t.device)[(t - 1).clamp(min=0)], 1.0).to(x_t.dtype)
-    a_prev = a_prev.view_as(a_t)
+    a_prev = _alpha_bar_prev(alphas_cumprod, t - 1, a_t)
     alpha_t = a_t / a_prev
     beta_t = 1 - alpha_t
     # 2. x̂0 from the model output, clipped when asked
@@ -107,7 +121,9 @@ def ddpm_step(model_output, t, x_t, alphas_cumprod, noise=None, seed=0, offset=0
     if clip_sample:
         x0 = x0.clamp(-clip_range, clip_range)
     # 3. posterior mean μ̃(x_t, x̂0), eq. 7
-    mean = (a_prev.sqrt() * beta_t / (1 - a_t)) * x0 + (alpha_t.sqrt() * (1 - a_prev) / (1 - a_t)) * x_t
+    c_x0 = a_prev.sqrt() * beta_t / (1 - a_t)
+    c_xt = alpha_t.sqrt() * (1 - a_prev) / (1 - a_t)
+    mean = _el(c_x0, x_t) * x0 + _el(c_xt, x_t) * x_t
     # 4. σ_t² and the noise, none at t = 0
     if variance == "fixed_small":
         var = ((1 - a_prev) / (1 - a_t) * beta_t).clamp(min=1e-20)
@@ -117,8 +133,8 @@ def ddpm_step(model_output, t, x_t, alphas_cumprod, noise=None, seed=0, offset=0
         raise ValueError(f"reference: unknown variance {variance!r}")
     if noise is None:
         noise = noise_like(x_t, seed, offset, model_output, model_output_uncond)
-    has_noise = (t > 0).to(x_t.dtype).view_as(a_t)
-    return mean + has_noise * var.sqrt() * noise
+    std = torch.where(t.view_as(var) > 0, var.sqrt(), 0.0)
+    return mean + _el(std, x_t) * torch.where(std > 0, noise, 0.0)
 
 
 def ddim_step(model_output, t, t_prev, x_t, alphas_cumprod, eta=0.0, noise=None, seed=0, offset=0, clip_sample=False,
@@ -126,17 +142,16 @@ def ddim_step(model_output, t, t_prev, x_t, alphas_cumprod, eta=0.0, noise=None,
     """diffusers DDIMScheduler.step (Song et al. 2021, eq. 12; σ from eq. 16); t_prev = −1 means ᾱ_prev = 1."""
     m = _guided(model_output, guidance_scale, model_output_uncond)
     a_t = _coef(alphas_cumprod, t, x_t)
-    table = alphas_cumprod.to(x_t.device)
-    a_prev = torch.where(t_prev >= 0, table[t_prev.clamp(min=0)], 1.0).to(x_t.dtype).view_as(a_t)
+    a_prev = _alpha_bar_prev(alphas_cumprod, t_prev, a_t)
     x0, eps = _predict_x0_eps(m, x_t, a_t, prediction_type)
     if clip_sample:
         x0 = x0.clamp(-clip_range, clip_range)
     var = (1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)
     std = eta * var.clamp(min=0).sqrt()
-    direction = (1 - a_prev - std**2).clamp(min=0).sqrt() * eps
-    x_prev = a_prev.sqrt() * x0 + direction
+    direction = (1 - a_prev - std**2).clamp(min=0).sqrt()
+    x_prev = _el(a_prev.sqrt(), x_t) * x0 + _el(direction, x_t) * eps
     if eta > 0:
         if noise is None:
             noise = noise_like(x_t, seed, offset, model_output, model_output_uncond)
-        x_prev = x_prev + std * noise
+        x_prev = x_prev + _el(std, x_t) * noise
     return x_prev

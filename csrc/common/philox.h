@@ -9,8 +9,8 @@
 // so element e takes lane e % 4 of block g. The offset lives in its own counter words, which makes the
 // streams of offsets k and k+1 independent (they are not shifted copies of each other).
 //
-// Uniforms take the top 24 bits: u = (x >> 8) * 2^-24 + 2^-25, exact in fp32 and strictly inside (0, 1),
-// so log(u) is finite. Normals by Box-Muller: lanes (0,1) from (u0,u1), lanes (2,3) from (u2,u3):
+// Uniforms take the top 23 bits: u = ((x >> 9) + 1/2) * 2^-23, exact in fp32 (24 significant bits) and
+// so the same number in fp32 and fp64 on every backend, strictly inside (0, 1), so log(u) is finite. Normals by Box-Muller: lanes (0,1) from (u0,u1), lanes (2,3) from (u2,u3):
 //   z0 = r cos(2π u1), z1 = r sin(2π u1), r = sqrt(-2 ln u0).
 #include <cstdint>
 #include <cmath>
@@ -52,9 +52,9 @@ DX_HOST_DEVICE Philox4 philox4x32_10(uint64_t group, uint64_t offset, uint64_t s
   return Philox4{{c0, c1, c2, c3}};
 }
 
-// (x >> 8) + 0.5 scaled by 2^-24: exact in fp32, in [2^-25, 1 - 2^-25].
+// ((x >> 9) + 0.5) scaled by 2^-23: exact in fp32, in [2^-24, 1 - 2^-24].
 DX_HOST_DEVICE float uniform_open01(uint32_t x) {
-  return (static_cast<float>(x >> 8) + 0.5f) * 5.9604644775390625e-08f;
+  return (static_cast<float>(x >> 9) + 0.5f) * 1.1920928955078125e-07f;
 }
 
 // The four standard normals of one Philox block, computed in acc_t (float, or double for fp64 tensors).

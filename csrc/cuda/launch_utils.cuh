@@ -56,11 +56,14 @@ struct alignas(4 * sizeof(scalar_t)) Vec4 {
 // Not for double, whose Vec4 (32 bytes) is wider than one load on most GPUs.
 template <typename scalar_t>
 bool can_vectorize(std::initializer_list<const void*> ptrs) {
-  if (4 * sizeof(scalar_t) > 16) return false;
-  for (const void* p : ptrs) {
-    if (p != nullptr && reinterpret_cast<uintptr_t>(p) % (4 * sizeof(scalar_t)) != 0) return false;
+  if constexpr (4 * sizeof(scalar_t) > 16) {
+    return false;
+  } else {
+    for (const void* p : ptrs) {
+      if (p != nullptr && reinterpret_cast<uintptr_t>(p) % (4 * sizeof(scalar_t)) != 0) return false;
+    }
+    return true;
   }
-  return true;
 }
 
 // v[j] = p[e + j] for j < n (n <= 4), 0 beyond; one Vec4 load when vec (then n == 4 and p is aligned).

@@ -30,8 +30,8 @@ def philox4x32_10(c0, c1, c2, c3, k0, k1):
 
 @triton.jit
 def _uniform(x, ACC: tl.constexpr):
-    # top 24 bits, + 1/2, times 2^-24: exact, strictly inside (0, 1)
-    return ((x >> 8).to(ACC) + 0.5) * 5.9604644775390625e-08
+    # top 23 bits, + 1/2, times 2^-23: exact even in fp32, strictly inside (0, 1)
+    return ((x >> 9).to(ACC) + 0.5) * 1.1920928955078125e-07
 
 
 @triton.jit
@@ -44,7 +44,7 @@ def normals_for_block(start, seed_lo, seed_hi, off_lo, off_hi, BLOCK: tl.constex
     k0 = zero + seed_lo.to(tl.uint32)
     k1 = zero + seed_hi.to(tl.uint32)
     r0, r1, r2, r3 = philox4x32_10(c0, c1, zero + off_lo.to(tl.uint32), zero + off_hi.to(tl.uint32), k0, k1)
-    two_pi = 6.283185307179586
+    two_pi = tl.full([], 6.283185307179586, ACC)  # a bare float literal would be fp32, even for fp64 noise
     rad_a = tl.sqrt(-2.0 * tl.log(_uniform(r0, ACC)))
     th_a = two_pi * _uniform(r1, ACC)
     rad_b = tl.sqrt(-2.0 * tl.log(_uniform(r2, ACC)))

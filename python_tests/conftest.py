@@ -1,0 +1,41 @@
+"""Shared fixtures: which (backend, device) pairs exist here, and the per-dtype tolerances.
+
+Without a GPU, Triton kernels run on CPU tensors in Triton's interpreter: TRITON_INTERPRET must be set
+before triton is first imported, so it is set here, before anything imports diffusion_ext.
+"""
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import diffusion_ext  # noqa: E402
+from diffusion_ext.backend import available_backends  # noqa: E402
+
+# (backend, device); GPU pairs carry the gpu marker and skip cleanly without a GPU.
+BACKEND_DEVICES = [
+    pytest.param(("cpu", "cpu"), id="cpu"),
+    pytest.param(("triton", "cpu"), id="triton-interpret"),
+    pytest.param(("cuda", "cuda"), id="cuda", marks=pytest.mark.gpu),
+    pytest.param(("triton", "cuda"), id="triton-gpu", marks=pytest.mark.gpu),
+]
+
+
+def skip_unless_available(backend: str, device: str) -> None:
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    if backend not in available_backends(device):
+        pytest.skip(f"backend {backend!r} is not available for {device} tensors here")
+
+
+@pytest.fixture(params=BACKEND_DEVICES)
+def backend_device(request):
+    backend, device = request.param
+    skip_unless_available(backend, device)
+    with diffusion_ext.use_backend(backend):
+        yield backend, device
+
+
+DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
