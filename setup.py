@@ -36,14 +36,16 @@ def _extension():
     sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")) + glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
     opt = ["-O0", "-g"] if DEBUG else ["-O3"]
     define_macros = [("DIFFUSION_EXT_TORCH_VERSION", f'"{torch.__version__}"')]
-    cxx = opt + ["-std=c++17", "-fopenmp"] + _cpu_arch_flags()
+    cxx = opt + ["-std=c++20", "-fopenmp"] + _cpu_arch_flags()
     kwargs = dict(extra_link_args=["-fopenmp"])
     if with_cuda:
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
         archs = os.environ["TORCH_CUDA_ARCH_LIST"]
         sources += sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
         define_macros += [("DIFFUSION_EXT_WITH_CUDA", None), ("DIFFUSION_EXT_CUDA_ARCHS", f'"{archs}"')]
-        nvcc = opt + ["-std=c++17", "--use_fast_math", "-lineinfo", "--expt-relaxed-constexpr"]
+        # No --use_fast_math: its approximate log/sin/cos would make the in-kernel noise differ from the CPU
+        # and Triton streams by more than a few ulp (and __logf can turn -2·log(u) negative near u = 1).
+        nvcc = opt + ["-std=c++20", "-lineinfo", "--expt-relaxed-constexpr"]
         print(f"diffusion_ext: building CPU and CUDA kernels (archs {archs}, CUDA_HOME={CUDA_HOME})")
         return CUDAExtension("diffusion_ext._C", sources, define_macros=define_macros,
                              extra_compile_args={"cxx": cxx, "nvcc": nvcc}, **kwargs)

@@ -62,11 +62,11 @@ template <typename acc_t>
 DX_HOST_DEVICE void normal4(uint64_t group, uint64_t offset, uint64_t seed, acc_t out[4]) {
   const Philox4 r = philox4x32_10(group, offset, seed);
   constexpr acc_t kTwoPi = static_cast<acc_t>(6.283185307179586476925286766559);
-#pragma unroll
   for (int pair = 0; pair < 2; ++pair) {
     const acc_t u0 = static_cast<acc_t>(uniform_open01(r.x[2 * pair]));
     const acc_t u1 = static_cast<acc_t>(uniform_open01(r.x[2 * pair + 1]));
-    const acc_t radius = std::sqrt(static_cast<acc_t>(-2) * std::log(u0));
+    const acc_t r2 = static_cast<acc_t>(-2) * std::log(u0);  // > 0 for u0 < 1; guard an approximate log
+    const acc_t radius = std::sqrt(r2 > acc_t(0) ? r2 : acc_t(0));
     const acc_t theta = kTwoPi * u1;
     out[2 * pair] = radius * std::cos(theta);
     out[2 * pair + 1] = radius * std::sin(theta);
