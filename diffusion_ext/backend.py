@@ -12,7 +12,6 @@ BackendUnavailable saying how to get it; importing diffusion_ext never fails for
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import os
 
 import torch
@@ -55,18 +54,15 @@ def requested() -> str:
     return _check_name(name)
 
 
-def _probe() -> tuple[bool, str | None]:
-    # Once, at import (plain values that torch.compile can read): is CUDA built, is Triton installed.
+def _cuda_probe() -> bool:
     from ._loader import _C
 
-    cuda = "cuda" in _C.build_info()["backends"]
-    triton_error = None
-    if importlib.util.find_spec("triton") is None:
-        triton_error = "Triton is not installed; install it with: pip install triton"
-    return cuda, triton_error
+    return "cuda" in _C.build_info()["backends"]
 
 
-_CUDA_BUILT, _TRITON_ERROR = _probe()
+# Plain module values, so that torch.compile can read them while it traces resolve().
+_CUDA_BUILT = _cuda_probe()
+_TRITON_ERROR: str | None = "unchecked"
 
 
 def _cuda_built() -> bool:
@@ -74,6 +70,15 @@ def _cuda_built() -> bool:
 
 
 def _triton_error() -> str | None:
+    """None when Triton imports, else why not. Imported on first need, not with diffusion_ext."""
+    global _TRITON_ERROR
+    if _TRITON_ERROR == "unchecked":
+        try:
+            import triton  # noqa: F401
+
+            _TRITON_ERROR = None
+        except ImportError as e:
+            _TRITON_ERROR = f"Triton is not installed or does not import ({e}); install it with: pip install triton"
     return _TRITON_ERROR
 
 

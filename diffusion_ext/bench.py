@@ -1,0 +1,418 @@
+"""The measuring core of the schedule-op benchmarks, shared by `python -m diffusion_ext bench` and
+benchmarks/bench_schedule_ops.py.
+
+For each schedule op and each provider it builds a callable over pre-built inputs, times it, and reports
+the time, the effective bandwidth and the ratio to the eager baseline measured in the same run.
+
+Providers:
+- "eager": the baseline as diffusers writes it: gather ᾱ[t], broadcast with view(-1, 1, 1, 1), separate
+  element-wise ops (diffusion_ext.reference), and a separate torch.randn_like where the fused op makes its
+  noise inside the kernel (diffusers draws its noise with randn; it does not compute Philox in torch).
+- "compile": torch.compile of the eager callable (on CUDA when Triton is installed; on CPU only when
+  asked for, since inductor's CPU compile is slow on a small machine).
+- one provider per diffusion_ext backend that can run on the device ("cpu" on CPU; "cuda" and "triton"
+  on a GPU), calling the public wrappers of diffusion_ext.ops with that backend pinned.
+
+Effective bandwidth counts the bytes the fused op must move: every sample-sized tensor it reads or writes
+once (the [B] timesteps and the ᾱ table are left out). It is the same byte count for every provider, so
+GB/s compares providers on one footing; an eager chain moves several times more bytes than this.
+
+Timing: the median of repeated calls after warm-up. On CPU each call is timed with time.perf_counter.
+On a GPU each call is timed with CUDA events after a write of a buffer larger than L2 (as
+triton.testing.do_bench does), so the inputs come from device memory rather than a warm L2; the times
+are device times, and host launch overhead shows only where the host falls behind the device.
+"""
+from __future__ import annotations
+
+import math
+import os
+import platform
+import statistics
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Sequence
+
+import torch
+
+from . import ops, reference
+from .backend import _triton_error, available_backends, use_backend
+from .schedule import NoiseSchedule
+
+# ----------------------------------------------------------------------------------------------------
+# what is measured
+# ----------------------------------------------------------------------------------------------------
+# op name -> (description, number of sample-sized tensors the fused op reads + writes)
+OPS: dict[str, tuple[str, int]] = {
+    "q_sample": ("x_t = √ᾱ·x0 + √(1−ᾱ)·ε, ε given (reads x0, ε; writes x_t)", 3),
+    "q_sample_with_noise": ("q_sample with ε made in the kernel (reads x0; writes x_t, ε)", 3),
+    "ddpm_step": ("DDPM step, noise made in the kernel (reads ε_θ, x_t; writes x_{t-1})", 3),
+    "ddpm_step_cfg": ("DDPM step with classifier-free guidance, w = 7.5 (reads ε_cond, ε_uncond, x_t; writes x_{t-1})", 4),
+    "ddim_step": ("DDIM step, η = 0 (reads ε_θ, x_t; writes x_{t_prev})", 3),
+}
+
+CPU_SHAPES: tuple[tuple[int, ...], ...] = ((64, 3, 64, 64), (64, 4, 8, 8), (256, 3, 64, 64))
+GPU_SHAPES: tuple[tuple[int, ...], ...] = CPU_SHAPES + ((256, 4, 128, 128),)  # the last: 16.8M elements
+CPU_DTYPES: tuple[torch.dtype, ...] = (torch.float32,)
+GPU_DTYPES: tuple[torch.dtype, ...] = (torch.float32, torch.float16, torch.bfloat16)
+
+NUM_TIMESTEPS = 1000
+GUIDANCE_SCALE = 7.5
+DDIM_STRIDE = NUM_TIMESTEPS // 50  # t_prev = t − 20: a 50-step DDIM sampler
+SEED = 1234
+
+
+def default_shapes(device) -> tuple[tuple[int, ...], ...]:
+    return GPU_SHAPES if torch.device(device).type == "cuda" else CPU_SHAPES
+
+
+def default_dtypes(device) -> tuple[torch.dtype, ...]:
+    return GPU_DTYPES if torch.device(device).type == "cuda" else CPU_DTYPES
+
+
+def providers_for(device, compile_cpu: bool = False) -> list[str]:
+    """The providers that can run on `device`: eager, compile (see the module doc) and the backends."""
+    device = torch.device(device)
+    out = ["eager"]
+    if (device.type == "cuda" and _triton_error() is None) or (device.type == "cpu" and compile_cpu):
+        out.append("compile")
+    for b in available_backends(device):
+        if b == "torch" or (device.type == "cpu" and b == "triton"):  # the Triton interpreter is no benchmark
+            continue
+        out.append(b)
+    return out
+
+
+def bytes_moved(op: str, shape: Sequence[int], dtype: torch.dtype) -> int:
+    """Bytes the fused op must read and write: sample-sized tensors × elements × element size."""
+    return OPS[op][1] * math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def shape_name(shape: Sequence[int]) -> str:
+    return "x".join(str(s) for s in shape)
+
+
+# ----------------------------------------------------------------------------------------------------
+# inputs and callables
+# ----------------------------------------------------------------------------------------------------
+def make_inputs(op: str, shape: Sequence[int], dtype: torch.dtype, device, seed: int = SEED) -> dict:
+    """Random inputs of one case, on the device, shared by every provider of that case."""
+    if op not in OPS:
+        raise ValueError(f"diffusion_ext.bench: op {op!r} is unknown; expected one of {', '.join(OPS)}")
+    device = torch.device(device)
+    g = torch.Generator(device=device).manual_seed(seed)
+    shape = tuple(shape)
+
+    def randn():
+        return torch.randn(shape, generator=g, dtype=dtype, device=device)
+
+    # ᾱ in fp32 on the device, as NoiseSchedule hands it to the kernels and as diffusers keeps its tables
+    table = NoiseSchedule(NUM_TIMESTEPS, "linear").alphas_cumprod.to(device=device, dtype=torch.float32)
+    t = torch.randint(0, NUM_TIMESTEPS, (shape[0],), generator=g, device=device)
+    inp = {"table": table, "t": t}
+    if op == "q_sample":
+        inp.update(x0=randn(), noise=randn())
+    elif op == "q_sample_with_noise":
+        inp.update(x0=randn())
+    elif op == "ddpm_step":
+        inp.update(model_output=randn(), x_t=randn())
+    elif op == "ddpm_step_cfg":
+        inp.update(model_output=randn(), model_output_uncond=randn(), x_t=randn())
+    elif op == "ddim_step":
+        inp.update(model_output=randn(), x_t=randn(), t_prev=(t - DDIM_STRIDE).clamp(min=-1))
+    return inp
+
+
+def eager_fn(op: str, inp: dict) -> Callable[[], object]:
+    """The diffusers-style baseline of one op over `inp` (separate randn_like where the op makes noise)."""
+    table, t = inp["table"], inp["t"]
+    if op == "q_sample":
+        x0, noise = inp["x0"], inp["noise"]
+
+        def fn():
+            return reference.q_sample(x0, t, noise, table)
+    elif op == "q_sample_with_noise":
+        x0 = inp["x0"]
+
+        def fn():
+            noise = torch.randn_like(x0)
+            return reference.q_sample(x0, t, noise, table), noise
+    elif op == "ddpm_step":
+        m, x = inp["model_output"], inp["x_t"]
+
+        def fn():
+            return reference.ddpm_step(m, t, x, table, noise=torch.randn_like(x))
+    elif op == "ddpm_step_cfg":
+        m, mu, x = inp["model_output"], inp["model_output_uncond"], inp["x_t"]
+
+        def fn():
+            return reference.ddpm_step(m, t, x, table, noise=torch.randn_like(x), guidance_scale=GUIDANCE_SCALE,
+                                       model_output_uncond=mu)
+    elif op == "ddim_step":
+        m, x, t_prev = inp["model_output"], inp["x_t"], inp["t_prev"]
+
+        def fn():
+            return reference.ddim_step(m, t, t_prev, x, table, eta=0.0)
+    else:
+        raise ValueError(f"diffusion_ext.bench: op {op!r} is unknown; expected one of {', '.join(OPS)}")
+    return fn
+
+
+def fused_fn(op: str, backend: str, inp: dict) -> Callable[[], object]:
+    """The public diffusion_ext.ops wrapper of one op with `backend` pinned (noise made in the kernel)."""
+    table, t = inp["table"], inp["t"]
+    if op == "q_sample":
+        x0, noise = inp["x0"], inp["noise"]
+
+        def call():
+            return ops.q_sample(x0, t, noise, table)
+    elif op == "q_sample_with_noise":
+        x0 = inp["x0"]
+
+        def call():
+            return ops.q_sample_with_noise(x0, t, table, SEED, 0)
+    elif op == "ddpm_step":
+        m, x = inp["model_output"], inp["x_t"]
+
+        def call():
+            return ops.ddpm_step(m, t, x, table, None, SEED, 0)
+    elif op == "ddpm_step_cfg":
+        m, mu, x = inp["model_output"], inp["model_output_uncond"], inp["x_t"]
+
+        def call():
+            return ops.ddpm_step(m, t, x, table, None, SEED, 0, guidance_scale=GUIDANCE_SCALE, model_output_uncond=mu)
+    elif op == "ddim_step":
+        m, x, t_prev = inp["model_output"], inp["x_t"], inp["t_prev"]
+
+        def call():
+            return ops.ddim_step(m, t, t_prev, x, table, 0.0)
+    else:
+        raise ValueError(f"diffusion_ext.bench: op {op!r} is unknown; expected one of {', '.join(OPS)}")
+
+    def fn():
+        with use_backend(backend):
+            return call()
+
+    return fn
+
+
+def compiled_fn(op: str, inp: dict) -> Callable[[], object]:
+    """torch.compile of the eager callable. Dynamo's caches are reset first, so that each case compiles
+    afresh for its static shape and dtype instead of piling up recompilations on one code object."""
+    torch._dynamo.reset()
+    return torch.compile(eager_fn(op, inp), dynamic=False)
+
+
+def make_fn(op: str, provider: str, inp: dict) -> Callable[[], object]:
+    if provider == "eager":
+        return eager_fn(op, inp)
+    if provider == "compile":
+        return compiled_fn(op, inp)
+    return fused_fn(op, provider, inp)
+
+
+@dataclass
+class Case:
+    """One benchmark case: a callable over pre-built inputs and what it moves."""
+    op: str
+    provider: str
+    device: torch.device
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    fn: Callable[[], object]
+    bytes: int
+    inputs: dict = field(repr=False, default_factory=dict)
+
+
+def make_case(op: str, provider: str, shape: Sequence[int], dtype: torch.dtype, device, inputs: dict | None = None
+              ) -> Case:
+    """A case with its inputs built (or the given ones, to share inputs across providers)."""
+    device = torch.device(device)
+    inp = make_inputs(op, shape, dtype, device) if inputs is None else inputs
+    return Case(op, provider, device, tuple(shape), dtype, make_fn(op, provider, inp), bytes_moved(op, shape, dtype),
+                inp)
+
+
+# ----------------------------------------------------------------------------------------------------
+# timing
+# ----------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class TimingOptions:
+    warmup: int = 3            # calls after the first (which may compile), also used to size the run
+    min_reps: int = 10
+    max_reps: int = 2000
+    min_time_s: float = 0.4    # timed calls go on until at least this much time, within [min_reps, max_reps]
+    flush_l2: bool = True      # GPU: write a buffer larger than L2 before every timed call
+
+
+FULL = TimingOptions()
+QUICK = TimingOptions(warmup=1, min_reps=3, max_reps=50, min_time_s=0.02)
+
+_flush_buffers: dict[int, torch.Tensor] = {}
+
+
+def _l2_flush_buffer(device: torch.device) -> torch.Tensor:
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    buf = _flush_buffers.get(index)
+    if buf is None:
+        l2 = getattr(torch.cuda.get_device_properties(index), "L2_cache_size", 0) or 0
+        nbytes = max(256 << 20, 4 * l2)
+        buf = _flush_buffers[index] = torch.empty(nbytes // 4, dtype=torch.int32, device=torch.device("cuda", index))
+    return buf
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure(fn: Callable[[], object], device, options: TimingOptions = FULL) -> tuple[float, int]:
+    """(median seconds per call, number of timed calls) of fn on device."""
+    device = torch.device(device)
+    fn()  # the first call compiles, allocates, loads kernels: not timed, not used to size the run
+    _sync(device)
+    warmup = max(1, options.warmup)
+    start = time.perf_counter()
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    estimate = max((time.perf_counter() - start) / warmup, 1e-9)
+    reps = int(min(options.max_reps, max(options.min_reps, math.ceil(options.min_time_s / estimate))))
+
+    if device.type == "cuda":
+        flush = _l2_flush_buffer(device) if options.flush_l2 else None
+        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(reps)]
+        for begin, end in events:
+            if flush is not None:
+                flush.zero_()
+            begin.record()
+            fn()
+            end.record()
+        torch.cuda.synchronize(device)
+        times = [begin.elapsed_time(end) * 1e-3 for begin, end in events]
+    else:
+        times = []
+        clock = time.perf_counter
+        for _ in range(reps):
+            t0 = clock()
+            fn()
+            times.append(clock() - t0)
+    return statistics.median(times), reps
+
+
+# ----------------------------------------------------------------------------------------------------
+# the table
+# ----------------------------------------------------------------------------------------------------
+def run_table(device=None, dtypes: Iterable[torch.dtype] | None = None,
+              shapes: Iterable[Sequence[int]] | None = None, ops_: Iterable[str] | None = None,
+              providers: Iterable[str] | None = None, options: TimingOptions = FULL, compile_cpu: bool = False,
+              on_row: Callable[[dict], None] | None = None) -> list[dict]:
+    """Measures every op × shape × dtype × provider on `device` and returns one dict per row.
+
+    Row keys: op, provider, device, shape, dtype, numel, bytes, time_us, gbps, reps, and ratio =
+    eager time / provider time for the same op, shape and dtype in this run (> 1: faster than eager).
+    The eager baseline is always measured, since every ratio needs it.
+    """
+    device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("diffusion_ext.bench: --device cuda asked for, but torch sees no CUDA device")
+    dtypes = tuple(dtypes) if dtypes is not None else default_dtypes(device)
+    shapes = tuple(tuple(s) for s in shapes) if shapes is not None else default_shapes(device)
+    op_names = tuple(ops_) if ops_ is not None else tuple(OPS)
+    for op in op_names:
+        if op not in OPS:
+            raise ValueError(f"diffusion_ext.bench: op {op!r} is unknown; expected one of {', '.join(OPS)}")
+    possible = providers_for(device, compile_cpu=compile_cpu)
+    if providers is None:
+        chosen = possible
+    else:
+        wanted = set(providers) | {"eager"}
+        missing = wanted - set(possible)
+        if missing:
+            raise ValueError(f"diffusion_ext.bench: provider(s) {', '.join(sorted(missing))} cannot run on {device} "
+                             f"here; available: {', '.join(possible)}")
+        chosen = [p for p in possible if p in wanted]
+
+    rows: list[dict] = []
+    for op in op_names:
+        for dtype in dtypes:
+            for shape in shapes:
+                inputs = make_inputs(op, shape, dtype, device)
+                group = []
+                for provider in chosen:
+                    case = make_case(op, provider, shape, dtype, device, inputs)
+                    seconds, reps = measure(case.fn, device, options)
+                    group.append({
+                        "op": op, "provider": provider, "device": str(device), "shape": tuple(shape),
+                        "dtype": dtype_name(dtype), "numel": math.prod(shape), "bytes": case.bytes,
+                        "time_us": seconds * 1e6, "gbps": case.bytes / seconds / 1e9, "reps": reps,
+                    })
+                    del case
+                eager_us = next(r["time_us"] for r in group if r["provider"] == "eager")
+                for r in group:
+                    r["ratio"] = eager_us / r["time_us"]
+                    rows.append(r)
+                    if on_row is not None:
+                        on_row(r)
+                del inputs
+    if device.type == "cuda":
+        _flush_buffers.clear()
+    return rows
+
+
+def format_markdown(rows: Sequence[dict]) -> str:
+    """A Markdown table of the rows (columns padded, so it reads as plain text too)."""
+    header = ["op", "provider", "shape", "dtype", "time (µs)", "GB/s", "vs eager"]
+    body = [[r["op"], r["provider"], shape_name(r["shape"]), r["dtype"], f"{r['time_us']:.1f}", f"{r['gbps']:.1f}",
+             f"{r['ratio']:.2f}×"] for r in rows]
+    right = {4, 5, 6}
+    widths = [max(len(h), *(len(b[i]) for b in body)) if body else len(h) for i, h in enumerate(header)]
+
+    def line(cells):
+        return "| " + " | ".join(c.rjust(w) if i in right else c.ljust(w)
+                                 for i, (c, w) in enumerate(zip(cells, widths))) + " |"
+
+    rule = "|" + "|".join(("-" * (w + 1) + ":") if i in right else ("-" * (w + 2)) for i, w in enumerate(widths)) + "|"
+    return "\n".join([line(header), rule, *(line(b) for b in body)]) + "\n"
+
+
+def describe_device(device) -> str:
+    """The device in words: GPU name and memory, or the CPU model and the threads torch uses."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        p = torch.cuda.get_device_properties(device)
+        return f"{p.name}, {p.total_memory / 2**30:.0f} GiB, {p.multi_processor_count} SMs"
+    model = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for ln in f:
+                if ln.startswith("model name"):
+                    model = ln.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return f"{model}, {os.cpu_count()} logical CPUs, torch uses {torch.get_num_threads()} threads"
+
+
+def environment_markdown(device, options: TimingOptions) -> str:
+    """The lines that say where and how a table was measured."""
+    from ._loader import build_info
+
+    device = torch.device(device)
+    timing = ("CUDA events per call, L2 flushed before each" if device.type == "cuda" and options.flush_l2
+              else "CUDA events per call" if device.type == "cuda" else "time.perf_counter per call")
+    lines = [
+        f"- device: {describe_device(device)}",
+        f"- torch {torch.__version__} (CUDA {torch.version.cuda}), Python {platform.python_version()}",
+        f"- diffusion_ext build: {build_info()}",
+        f"- timing: median of {options.min_reps}..{options.max_reps} calls (at least {options.min_time_s} s) "
+        f"after {options.warmup} warm-up calls; {timing}",
+        "- GB/s: bytes the fused op must read and write (sample-sized tensors only) / median time; "
+        "'vs eager': eager time / provider time, same run (> 1 is faster than eager)",
+        "- eager = diffusion_ext.reference (diffusers-style) with torch.randn_like for the noise; "
+        "compile = torch.compile of it",
+    ]
+    return "\n".join(lines) + "\n"

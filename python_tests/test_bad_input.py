@@ -1,0 +1,156 @@
+"""Every rejected input: the error's type, and a message that names the op and the argument.
+
+Each case runs on every backend available here, so the Triton path (which validates through the same
+C++ checks) is held to the same messages.
+"""
+import pytest
+import torch
+
+import diffusion_ext as dx
+from diffusion_ext import BackendUnavailable, ops
+
+
+def _table(T=10):
+    return torch.linspace(0.99, 0.1, T)
+
+
+def _x(*shape):
+    return torch.randn(*shape) if shape else torch.randn(2, 3, 4)
+
+
+T2 = torch.tensor([1, 2])
+
+# (case id, callable, error type, words the message must hold)
+Q = "diffusion_ext.q_sample"
+QN = "diffusion_ext.q_sample_with_noise"
+P = "diffusion_ext.ddpm_step"
+D = "diffusion_ext.ddim_step"
+CASES = [
+    ("q_noise_shape", lambda: ops.q_sample(_x(), T2, _x(2, 3, 5), _table()), RuntimeError, [Q, "noise", "shape"]),
+    ("q_noise_dtype", lambda: ops.q_sample(_x(), T2, _x().double(), _table()), TypeError, [Q, "noise", "dtype"]),
+    ("q_int_x0", lambda: ops.q_sample(torch.ones(2, 3, dtype=torch.long), T2, torch.ones(2, 3, dtype=torch.long),
+                                      _table()), TypeError, [Q, "x0", "float32"]),
+    ("q_0dim", lambda: ops.q_sample(torch.tensor(1.0), T2, torch.tensor(1.0), _table()), RuntimeError, [Q, "x0"]),
+    ("q_t_length", lambda: ops.q_sample(_x(), torch.tensor([1, 2, 3]), _x(), _table()), RuntimeError,
+     [Q, "t", "[2]"]),
+    ("q_t_dtype", lambda: ops.q_sample(_x(), T2.int(), _x(), _table()), TypeError, [Q, "t", "int64"]),
+    ("q_t_float", lambda: ops.q_sample(_x(), T2.float(), _x(), _table()), TypeError, [Q, "t", "int64"]),
+    ("q_t_2d", lambda: ops.q_sample(_x(), T2.view(2, 1), _x(), _table()), RuntimeError, [Q, "t"]),
+    ("q_t_high", lambda: ops.q_sample(_x(), torch.tensor([1, 10]), _x(), _table()), ValueError,
+     [Q, "t[1] = 10", "[0, 9]"]),
+    ("q_t_negative", lambda: ops.q_sample(_x(), torch.tensor([-1, 0]), _x(), _table()), ValueError, [Q, "t[0]"]),
+    ("q_table_2d", lambda: ops.q_sample(_x(), T2, _x(), _table().view(2, 5)), RuntimeError, [Q, "alphas_cumprod"]),
+    ("q_table_int", lambda: ops.q_sample(_x(), T2, _x(), torch.ones(10, dtype=torch.long)), TypeError,
+     [Q, "alphas_cumprod"]),
+    ("qn_negative_offset", lambda: ops.q_sample_with_noise(_x(), T2, _table(), 1, -1), ValueError, [QN, "offset"]),
+    ("ddpm_m_shape", lambda: ops.ddpm_step(_x(2, 3), T2, _x(), _table(), _x()), RuntimeError,
+     [P, "model_output", "shape"]),
+    ("ddpm_noise_dtype", lambda: ops.ddpm_step(_x(), T2, _x(), _table(), _x().half()), TypeError, [P, "noise"]),
+    ("ddpm_variance", lambda: ops.ddpm_step(_x(), T2, _x(), _table(), variance="learned"), ValueError,
+     [P, "variance", "learned"]),
+    ("ddpm_prediction", lambda: ops.ddpm_step(_x(), T2, _x(), _table(), prediction_type="eps"), ValueError,
+     [P, "prediction_type", "eps"]),
+    ("ddpm_guidance_without_uncond", lambda: ops.ddpm_step(_x(), T2, _x(), _table(), guidance_scale=2.0), ValueError,
+     [P, "guidance_scale", "model_output_uncond"]),
+    ("ddpm_uncond_without_guidance", lambda: ops.ddpm_step(_x(), T2, _x(), _table(), model_output_uncond=_x()),
+     ValueError, [P, "model_output_uncond"]),
+    ("ddpm_uncond_shape", lambda: ops.ddpm_step(_x(), T2, _x(), _table(), guidance_scale=2.0,
+                                                model_output_uncond=_x(2, 3)), RuntimeError,
+     [P, "model_output_uncond"]),
+    ("ddpm_guidance_nan", lambda: ops.ddpm_step(_x(), T2, _x(), _table(), guidance_scale=float("nan"),
+                                                model_output_uncond=_x()), ValueError, [P, "guidance_scale"]),
+    ("ddpm_clip_range", lambda: ops.ddpm_step(_x(), T2, _x(), _table(), clip_range=0.0), ValueError,
+     [P, "clip_range"]),
+    ("ddpm_t_range", lambda: ops.ddpm_step(_x(), torch.tensor([0, 99]), _x(), _table()), ValueError, [P, "t[1]"]),
+    ("ddim_t_prev_not_before_t", lambda: ops.ddim_step(_x(), T2, torch.tensor([0, 2]), _x(), _table()), ValueError,
+     [D, "t_prev"]),
+    ("ddim_t_prev_below_minus_one", lambda: ops.ddim_step(_x(), T2, torch.tensor([-2, 0]), _x(), _table()),
+     ValueError, [D, "t_prev[0]"]),
+    ("ddim_eta_negative", lambda: ops.ddim_step(_x(), T2, T2 - 1, _x(), _table(), eta=-0.1), ValueError, [D, "eta"]),
+    ("ddim_eta_inf", lambda: ops.ddim_step(_x(), T2, T2 - 1, _x(), _table(), eta=float("inf")), ValueError,
+     [D, "eta"]),
+    ("ddim_prediction", lambda: ops.ddim_step(_x(), T2, T2 - 1, _x(), _table(), prediction_type="x0"), ValueError,
+     [D, "prediction_type"]),
+]
+
+
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
+@pytest.mark.parametrize("case,fn,error,words", CASES, ids=[c[0] for c in CASES])
+def test_rejected(backend, case, fn, error, words):
+    if backend not in dx.available_backends("cpu"):
+        pytest.skip(f"{backend} not available")
+    with dx.use_backend(backend):
+        with pytest.raises(error) as info:
+            fn()
+    for w in words:
+        assert w in str(info.value), f"{w!r} not in: {info.value}"
+
+
+@pytest.mark.gpu
+def test_device_mismatch_is_rejected():
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    with pytest.raises(RuntimeError, match="diffusion_ext.q_sample.*noise"):
+        ops.q_sample(_x().cuda(), T2.cuda(), _x(), _table().cuda())
+    with pytest.raises(RuntimeError, match="diffusion_ext.q_sample.*t"):
+        ops.q_sample(_x().cuda(), T2, _x().cuda(), _table().cuda())
+    with pytest.raises(RuntimeError, match="alphas_cumprod"):
+        ops.q_sample(_x().cuda(), T2.cuda(), _x().cuda(), _table())
+
+
+# ---------------------------------------------------------------------------------------------------
+# NoiseSchedule's own checks (Python side)
+# ---------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("kwargs,words", [
+    (dict(beta_schedule="quadratic"), ["beta_schedule", "quadratic"]),
+    (dict(num_timesteps=0), ["num_timesteps"]),
+    (dict(beta_start=0.0), ["beta_start"]),
+    (dict(beta_start=0.5, beta_end=0.1), ["beta_start"]),
+    (dict(beta_end=1.0), ["beta_end"]),
+])
+def test_schedule_rejects(kwargs, words):
+    with pytest.raises(ValueError) as info:
+        dx.NoiseSchedule(**kwargs)
+    for w in words:
+        assert w in str(info.value)
+
+
+@pytest.mark.parametrize("table,words", [
+    (torch.tensor([0.9, float("nan"), 0.5]), ["non-finite"]),
+    (torch.tensor([0.9, 0.95, 0.5]), ["strictly decreasing", "ᾱ[1]"]),
+    (torch.tensor([0.9, 0.0]), ["(0, 1]"]),
+    (torch.tensor([1.5, 0.5]), ["(0, 1]"]),
+    (torch.ones(2, 2), ["1-D"]),
+])
+def test_custom_table_rejects(table, words):
+    with pytest.raises(ValueError) as info:
+        dx.NoiseSchedule.from_alphas_cumprod(table)
+    for w in words:
+        assert w in str(info.value)
+
+
+def test_schedule_api_rejects():
+    s = dx.NoiseSchedule(10)
+    x = _x()
+    with pytest.raises(ValueError, match="q_sample: t = 10 is outside"):
+        s.q_sample(x, 10, x)
+    with pytest.raises(TypeError, match="t must be an int"):
+        s.q_sample(x, 1.5, x)
+    with pytest.raises(ValueError, match="t_prev = -2"):
+        s.ddim_step(x, 3, -2, x)
+    with pytest.raises(ValueError, match="spacing"):
+        s.timesteps(5, "uniform")
+    with pytest.raises(ValueError, match="num_inference_steps"):
+        s.timesteps(11)
+    with pytest.raises(ValueError, match="backend 'gpu' is unknown"):
+        with dx.use_backend("gpu"):
+            pass
+
+
+def test_missing_backend_says_how_to_get_it():
+    x = _x()
+    if torch.cuda.is_available():
+        pytest.skip("CUDA is here")
+    with dx.use_backend("cuda"):
+        with pytest.raises(BackendUnavailable, match="CUDA tensors only"):
+            ops.q_sample(x, T2, x, _table())

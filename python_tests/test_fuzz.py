@@ -1,0 +1,128 @@
+"""Hypothesis throws random shapes, strides, dtypes, devices and arguments at every op: each call must
+give the reference's answer or raise a clean Python exception. A crash (segfault, abort) fails the run."""
+import pytest
+import torch
+from hypothesis import HealthCheck, event, given, settings
+from hypothesis import strategies as st
+from tolerances import FLOOR
+
+import diffusion_ext as dx
+from diffusion_ext import ops, reference
+
+CLEAN_ERRORS = (RuntimeError, ValueError, TypeError, IndexError)
+FLOATS = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
+DTYPES = FLOATS * 3 + [torch.int64, torch.bool]
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@st.composite
+def tensors(draw, shape=None, dtype=None, device=None):
+    if shape is None:
+        shape = tuple(draw(st.lists(st.integers(0, 5), min_size=draw(st.sampled_from([0, 1, 1, 1])), max_size=5)))
+    dtype = dtype or draw(st.sampled_from(DTYPES))
+    device = device or draw(st.sampled_from(DEVICES))
+    layout = draw(st.sampled_from(["contiguous", "strided", "permuted", "channels_last"]))
+    base = torch.randn(shape, dtype=torch.float64).to(dtype) if dtype.is_floating_point else \
+        torch.randint(0, 3, shape).to(dtype)
+    if layout == "strided" and len(shape) >= 1:
+        big = torch.zeros(shape[:-1] + (shape[-1] * 2 + 1,), dtype=dtype)
+        big[..., ::2][..., : shape[-1]] = base
+        base = big[..., ::2][..., : shape[-1]]
+    elif layout == "permuted" and len(shape) >= 2:
+        perm = draw(st.permutations(range(len(shape))))
+        inv = [perm.index(i) for i in range(len(shape))]
+        base = base.permute(*perm).contiguous().permute(*inv)
+    elif layout == "channels_last" and len(shape) == 4:
+        base = base.contiguous(memory_format=torch.channels_last)
+    return base.to(device)
+
+
+@st.composite
+def timesteps(draw, batch, T, device):
+    kind = draw(st.sampled_from(["ok"] * 7 + ["range", "length", "dtype"]))
+    lo, hi = (-3, T + 3) if kind == "range" else (0, T - 1)
+    n = batch if kind != "length" else batch + draw(st.integers(1, 2))
+    t = torch.tensor(draw(st.lists(st.integers(lo, hi), min_size=n, max_size=n)), dtype=torch.long)
+    if kind == "dtype":
+        t = t.to(draw(st.sampled_from([torch.int32, torch.float32])))
+    return t.to(draw(st.sampled_from([device] * 5 + ["cpu"])))
+
+
+def one_in(draw, n):
+    """True with probability 1/n: each kind of bad argument is rare, so most calls reach the kernel."""
+    return draw(st.integers(1, n)) == 1
+
+
+def _close(out, ref):
+    if not (out.shape == ref.shape and out.dtype == ref.dtype):
+        return False
+    if out.numel() == 0:
+        return True
+    scale = max(1.0, ref.double().abs().max().item())
+    tol = 8 * FLOOR[out.dtype] * scale + (2e-2 * scale if out.dtype in (torch.float16, torch.bfloat16) else 0)
+    return bool(((out.double() - ref.double()).abs() <= tol).all() | (out.isnan() & ref.isnan()).all())
+
+
+def _backend_for(device, draw):
+    choices = [b for b in dx.available_backends(device) if b != "torch"]
+    return draw(st.sampled_from(choices))
+
+
+SETTINGS = settings(max_examples=250, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
+
+
+@SETTINGS
+@given(st.data())
+def test_fuzz_q_sample(data):
+    draw = data.draw
+    T = draw(st.integers(1, 20))
+    x0 = draw(tensors())
+    noise = draw(tensors()) if one_in(draw, 6) else draw(tensors(shape=x0.shape, dtype=x0.dtype,
+                                                                    device=x0.device.type))
+    t = draw(timesteps(x0.shape[0] if x0.dim() else 1, T, x0.device.type))
+    table = torch.linspace(0.999, 0.01, T, dtype=draw(st.sampled_from([torch.float32, torch.float64]))).to(x0.device)
+    with dx.use_backend(_backend_for(x0.device.type, draw)):
+        try:
+            out = ops.q_sample(x0, t, noise, table)
+        except CLEAN_ERRORS as e:
+            event(f"rejected: {type(e).__name__}")
+            return
+    event("computed")
+    assert _close(out, reference.q_sample(x0, t, noise, table))
+
+
+@SETTINGS
+@given(st.data())
+def test_fuzz_reverse_steps(data):
+    draw = data.draw
+    T = draw(st.integers(1, 20))
+    x = draw(tensors())
+    shaped = dict(shape=x.shape, dtype=x.dtype, device=x.device.type)
+    m = draw(tensors()) if one_in(draw, 6) else draw(tensors(**shaped))
+    noise = draw(st.one_of(st.none(), tensors(**shaped)))
+    guided = draw(st.booleans())
+    mu = draw(tensors(**shaped)) if guided else None
+    w = draw(st.sampled_from([0.0, 1.0, 7.5])) if guided != one_in(draw, 8) else None
+    batch = x.shape[0] if x.dim() else 1
+    t = draw(timesteps(batch, T, x.device.type))
+    table = torch.linspace(0.999, 0.01, T).to(x.device)
+    prediction = draw(st.sampled_from(["epsilon", "sample", "v_prediction"] * 3 + ["x0"]))
+    with dx.use_backend(_backend_for(x.device.type, draw)):
+        try:
+            if draw(st.booleans()):
+                args = (m, t, x, table, noise, draw(st.integers(-2**63, 2**63 - 1)), draw(st.integers(0, 2**40)),
+                        draw(st.booleans()), 1.0, draw(st.sampled_from(["fixed_small", "fixed_large"] * 4 + ["learned"])),
+                        prediction, w, mu)
+                out = ops.ddpm_step(*args)
+                ref = reference.ddpm_step(*args)
+            else:
+                t_prev = t - draw(st.integers(0, 3))
+                args = (m, t, t_prev, x, table, draw(st.sampled_from([0.0, 0.5, 1.0])), noise, 3, 0,
+                        draw(st.booleans()), 1.0, prediction, w, mu)
+                out = ops.ddim_step(*args)
+                ref = reference.ddim_step(*args)
+        except CLEAN_ERRORS as e:
+            event(f"rejected: {type(e).__name__}")
+            return
+    event("computed")
+    assert _close(out, ref)
