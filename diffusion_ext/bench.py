@@ -307,7 +307,7 @@ def measure(fn: Callable[[], object], device, options: TimingOptions = FULL) -> 
 # the table
 # ----------------------------------------------------------------------------------------------------
 def run_table(device=None, dtypes: Iterable[torch.dtype] | None = None,
-              shapes: Iterable[Sequence[int]] | None = None, ops_: Iterable[str] | None = None,
+              shapes: Iterable[Sequence[int]] | None = None, ops: Iterable[str] | None = None,
               providers: Iterable[str] | None = None, options: TimingOptions = FULL, compile_cpu: bool = False,
               on_row: Callable[[dict], None] | None = None) -> list[dict]:
     """Measures every op × shape × dtype × provider on `device` and returns one dict per row.
@@ -321,7 +321,7 @@ def run_table(device=None, dtypes: Iterable[torch.dtype] | None = None,
         raise RuntimeError("diffusion_ext.bench: --device cuda asked for, but torch sees no CUDA device")
     dtypes = tuple(dtypes) if dtypes is not None else default_dtypes(device)
     shapes = tuple(tuple(s) for s in shapes) if shapes is not None else default_shapes(device)
-    op_names = tuple(ops_) if ops_ is not None else tuple(OPS)
+    op_names = tuple(ops) if ops is not None else tuple(OPS)
     for op in op_names:
         if op not in OPS:
             raise ValueError(f"diffusion_ext.bench: op {op!r} is unknown; expected one of {', '.join(OPS)}")
@@ -397,8 +397,17 @@ def describe_device(device) -> str:
     return f"{model}, {os.cpu_count()} logical CPUs, torch uses {torch.get_num_threads()} threads"
 
 
-def environment_markdown(device, options: TimingOptions) -> str:
-    """The lines that say where and how a table was measured."""
+def load_average() -> float | None:
+    """The 1-minute load average (None where the platform has none): CPU timings taken while other work
+    runs, with torch's threads waiting for a busy core, are not to be trusted."""
+    try:
+        return os.getloadavg()[0]
+    except (AttributeError, OSError):
+        return None
+
+
+def environment_markdown(device, options: TimingOptions, load_before: float | None = None) -> str:
+    """The lines that say where and how a table was measured (load_before: load_average() before the run)."""
     from ._loader import build_info
 
     device = torch.device(device)
@@ -415,4 +424,8 @@ def environment_markdown(device, options: TimingOptions) -> str:
         "- eager = diffusion_ext.reference (diffusers-style) with torch.randn_like for the noise; "
         "compile = torch.compile of it",
     ]
+    if load_before is not None:
+        busy = load_before > 0.5 * (os.cpu_count() or 1)
+        lines.append(f"- 1-minute load average before the run: {load_before:.2f}"
+                     + (" (the machine was busy: CPU timings are unreliable)" if busy else ""))
     return "\n".join(lines) + "\n"

@@ -1,5 +1,8 @@
 // q_sample on the CPU: x_t = √ᾱ_t·x0 + √(1−ᾱ_t)·ε (Ho et al. 2020, eq. 4), with ε given or made here.
 // One read of each input and one write of each output per element.
+// vec_capability.h (through normal_fill.h) must precede every other ATen header.
+#include "normal_fill.h"
+
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <torch/library.h>
@@ -7,7 +10,6 @@
 #include "../ops.h"
 #include "../schedule_args.h"
 #include "flat_batch_loop.h"
-#include "normal_fill.h"
 
 namespace diffusion_ext {
 namespace {

@@ -1,6 +1,9 @@
 // ddpm_step and ddim_step on the CPU. Both are one element-wise formula with per-sample coefficients
 // (common/schedule_math.h): x_prev = c0·clip(ax·x + am·m) + bx·x + bm·m + s·z, where m is the model
 // output, combined with the unconditional output first when guidance is on (all in one pass).
+// vec_capability.h (through normal_fill.h) must precede every other ATen header.
+#include "normal_fill.h"
+
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <torch/library.h>
@@ -8,7 +11,6 @@
 #include "../ops.h"
 #include "../schedule_args.h"
 #include "flat_batch_loop.h"
-#include "normal_fill.h"
 
 namespace diffusion_ext {
 namespace {
