@@ -35,6 +35,8 @@ def _run(benchmark, op, provider, shape, dtype, device):
     if provider not in bench.providers_for(device, compile_cpu=compile_cpu):
         pytest.skip(f"provider {provider!r} is not available for {device.type} tensors here")
 
+    if device.type == "cpu":
+        benchmark.extra_info["malloc"] = bench.steady_cpu_allocator() or "not tuned"  # see diffusion_ext.bench
     case = bench.make_case(op, provider, shape, dtype, device)
     fn = case.fn
     if device.type == "cuda":

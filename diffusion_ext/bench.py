@@ -20,7 +20,10 @@ GB/s compares providers on one footing; an eager chain moves several times more 
 Timing: the median of repeated calls after warm-up. On CPU each call is timed with time.perf_counter.
 On a GPU each call is timed with CUDA events after a write of a buffer larger than L2 (as
 triton.testing.do_bench does), so the inputs come from device memory rather than a warm L2; the times
-are device times, and host launch overhead shows only where the host falls behind the device.
+are device times, and host launch overhead shows only where the host falls behind the device. On CPU,
+glibc's malloc thresholds are fixed first (steady_cpu_allocator) so that the eager baseline does not
+page-fault on every call in one run order and not in another. CPU timings on a busy machine are not to be
+trusted (torch's threads wait for a busy core): the environment lines record the load average.
 """
 from __future__ import annotations
 
@@ -35,7 +38,7 @@ from typing import Callable, Iterable, Sequence
 import torch
 
 from . import ops, reference
-from .backend import _triton_error, available_backends, use_backend
+from .backend import available_backends, use_backend
 from .schedule import NoiseSchedule
 
 # ----------------------------------------------------------------------------------------------------
@@ -46,7 +49,8 @@ OPS: dict[str, tuple[str, int]] = {
     "q_sample": ("x_t = √ᾱ·x0 + √(1−ᾱ)·ε, ε given (reads x0, ε; writes x_t)", 3),
     "q_sample_with_noise": ("q_sample with ε made in the kernel (reads x0; writes x_t, ε)", 3),
     "ddpm_step": ("DDPM step, noise made in the kernel (reads ε_θ, x_t; writes x_{t-1})", 3),
-    "ddpm_step_cfg": ("DDPM step with classifier-free guidance, w = 7.5 (reads ε_cond, ε_uncond, x_t; writes x_{t-1})", 4),
+    "ddpm_step_cfg": ("DDPM step with classifier-free guidance, w = 7.5, noise made in the kernel "
+                      "(reads ε_cond, ε_uncond, x_t; writes x_{t-1})", 4),
     "ddim_step": ("DDIM step, η = 0 (reads ε_θ, x_t; writes x_{t_prev})", 3),
 }
 
@@ -72,10 +76,12 @@ def default_dtypes(device) -> tuple[torch.dtype, ...]:
 def providers_for(device, compile_cpu: bool = False) -> list[str]:
     """The providers that can run on `device`: eager, compile (see the module doc) and the backends."""
     device = torch.device(device)
+    backends = available_backends(device)
     out = ["eager"]
-    if (device.type == "cuda" and _triton_error() is None) or (device.type == "cpu" and compile_cpu):
+    # inductor generates Triton code on a GPU: where Triton imports, "triton" is an available backend
+    if (device.type == "cuda" and "triton" in backends) or (device.type == "cpu" and compile_cpu):
         out.append("compile")
-    for b in available_backends(device):
+    for b in backends:
         if b == "torch" or (device.type == "cpu" and b == "triton"):  # the Triton interpreter is no benchmark
             continue
         out.append(b)
@@ -248,8 +254,45 @@ class TimingOptions:
     flush_l2: bool = True      # GPU: write a buffer larger than L2 before every timed call
 
 
-FULL = TimingOptions()
+FULL = TimingOptions()                                  # GPU: device times are steady
+FULL_CPU = TimingOptions(min_reps=20, min_time_s=1.0)   # CPU: noisier, and the whole run still takes < 1 min
 QUICK = TimingOptions(warmup=1, min_reps=3, max_reps=50, min_time_s=0.02)
+
+
+def default_options(device, quick: bool = False) -> TimingOptions:
+    if quick:
+        return QUICK
+    return FULL if torch.device(device).type == "cuda" else FULL_CPU
+
+
+# glibc's malloc serves a large block by mmap and returns freed memory at the top of the heap to the
+# system; its thresholds for both move with what the process freed before. Eager code allocates several
+# sample-sized temporaries per call, so, left alone, its time depends on the order in which cases ran
+# (page faults on every call in one order, none in another: eager q_sample took 4.2 ms in one run and
+# 0.17 ms in another on the 2-core CI machine). Fixed thresholds make the heap keep its memory, as in a
+# long-running process, and the eager baseline repeatable; the fused ops, which allocate only their
+# outputs, hardly change.
+_MALLOC_TUNING: str | None = None
+
+
+def steady_cpu_allocator() -> str | None:
+    """Fixes glibc's mmap and trim thresholds (once per process); returns what was set, None if not glibc."""
+    global _MALLOC_TUNING
+    if _MALLOC_TUNING is None:
+        try:
+            import ctypes
+            import ctypes.util
+
+            libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+            m_trim_threshold, m_mmap_threshold = -1, -3  # <malloc.h>
+            if platform.libc_ver()[0] == "glibc" and libc.mallopt(m_mmap_threshold, 32 << 20) == 1 and \
+                    libc.mallopt(m_trim_threshold, 1 << 30) == 1:
+                _MALLOC_TUNING = ("glibc malloc with M_MMAP_THRESHOLD = 32 MiB, M_TRIM_THRESHOLD = 1 GiB "
+                                  "(set by the benchmark)")
+        except (OSError, AttributeError):
+            pass
+    return _MALLOC_TUNING
+
 
 _flush_buffers: dict[int, torch.Tensor] = {}
 
@@ -269,9 +312,10 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def measure(fn: Callable[[], object], device, options: TimingOptions = FULL) -> tuple[float, int]:
-    """(median seconds per call, number of timed calls) of fn on device."""
+def measure(fn: Callable[[], object], device, options: TimingOptions | None = None) -> tuple[float, int]:
+    """(median seconds per call, number of timed calls) of fn on device (options: default_options(device))."""
     device = torch.device(device)
+    options = options if options is not None else default_options(device)
     fn()  # the first call compiles, allocates, loads kernels: not timed, not used to size the run
     _sync(device)
     warmup = max(1, options.warmup)
@@ -308,17 +352,22 @@ def measure(fn: Callable[[], object], device, options: TimingOptions = FULL) -> 
 # ----------------------------------------------------------------------------------------------------
 def run_table(device=None, dtypes: Iterable[torch.dtype] | None = None,
               shapes: Iterable[Sequence[int]] | None = None, ops: Iterable[str] | None = None,
-              providers: Iterable[str] | None = None, options: TimingOptions = FULL, compile_cpu: bool = False,
+              providers: Iterable[str] | None = None, options: TimingOptions | None = None,
+              compile_cpu: bool = False, tune_malloc: bool = True,
               on_row: Callable[[dict], None] | None = None) -> list[dict]:
     """Measures every op × shape × dtype × provider on `device` and returns one dict per row.
 
     Row keys: op, provider, device, shape, dtype, numel, bytes, time_us, gbps, reps, and ratio =
     eager time / provider time for the same op, shape and dtype in this run (> 1: faster than eager).
-    The eager baseline is always measured, since every ratio needs it.
+    The eager baseline is always measured, since every ratio needs it. options: default_options(device).
+    tune_malloc: on CPU, fix glibc's malloc thresholds first (steady_cpu_allocator).
     """
     device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("diffusion_ext.bench: --device cuda asked for, but torch sees no CUDA device")
+    options = options if options is not None else default_options(device)
+    if device.type == "cpu" and tune_malloc:
+        steady_cpu_allocator()
     dtypes = tuple(dtypes) if dtypes is not None else default_dtypes(device)
     shapes = tuple(tuple(s) for s in shapes) if shapes is not None else default_shapes(device)
     op_names = tuple(ops) if ops is not None else tuple(OPS)
@@ -424,6 +473,8 @@ def environment_markdown(device, options: TimingOptions, load_before: float | No
         "- eager = diffusion_ext.reference (diffusers-style) with torch.randn_like for the noise; "
         "compile = torch.compile of it",
     ]
+    if device.type == "cpu":
+        lines.append(f"- CPU allocator: {_MALLOC_TUNING or 'as the process found it (not tuned)'}")
     if load_before is not None:
         busy = load_before > 0.5 * (os.cpu_count() or 1)
         lines.append(f"- 1-minute load average before the run: {load_before:.2f}"

@@ -39,6 +39,9 @@ def _add_bench(sub) -> None:
                    help="e.g. float32,bfloat16 (default: float32 on CPU; float32, float16, bfloat16 on GPU)")
     p.add_argument("--threads", type=int, default=None, metavar="N",
                    help="torch.set_num_threads(N) before measuring (CPU kernels and eager alike)")
+    p.add_argument("--default-malloc", action="store_true",
+                   help="on CPU, leave glibc's malloc thresholds as they are (by default they are fixed, so that "
+                        "eager's temporaries do not page-fault on every call depending on what ran before)")
     p.add_argument("--compile", action="store_true",
                    help="on CPU, also measure torch.compile of the eager code (inductor's CPU compile is slow)")
     p.set_defaults(func=_run_bench)
@@ -68,7 +71,7 @@ def _run_bench(args) -> int:
             print(f"diffusion_ext bench: --threads must be at least 1, got {args.threads}", file=sys.stderr)
             return 2
         torch.set_num_threads(args.threads)
-    options = bench.QUICK if args.quick else bench.FULL
+    options = bench.default_options(device, args.quick)
     load_before = bench.load_average()
     if device.type == "cpu" and load_before is not None and load_before > 0.5 * (os.cpu_count() or 1):
         print(f"diffusion_ext bench: the 1-minute load average is {load_before:.2f} on {os.cpu_count()} CPUs; "
@@ -82,7 +85,7 @@ def _run_bench(args) -> int:
 
     try:
         rows = bench.run_table(device, dtypes=dtypes, ops=args.ops, providers=args.providers, options=options,
-                               compile_cpu=args.compile, on_row=progress)
+                               compile_cpu=args.compile, tune_malloc=not args.default_malloc, on_row=progress)
     except ValueError as e:
         print(e, file=sys.stderr)
         return 2

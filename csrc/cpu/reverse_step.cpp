@@ -15,12 +15,13 @@
 namespace diffusion_ext {
 namespace {
 
-template <typename scalar_t, typename CoefFn>
+// kGuided is a template argument, not a branch in the inner loop, so that both loops vectorise.
+template <typename scalar_t, bool kGuided, typename CoefFn>
 void reverse_step_kernel(const ReverseStepArgs& a, const CoefFn& coef) {
   using acc_t = at::opmath_type<scalar_t>;
   const scalar_t* x = a.x.const_data_ptr<scalar_t>();
   const scalar_t* m = a.model_output.const_data_ptr<scalar_t>();
-  const scalar_t* mu = a.guided ? a.model_output_uncond.const_data_ptr<scalar_t>() : nullptr;
+  const scalar_t* mu = kGuided ? a.model_output_uncond.const_data_ptr<scalar_t>() : nullptr;
   const scalar_t* noise = a.noise.defined() ? a.noise.const_data_ptr<scalar_t>() : nullptr;
   scalar_t* out = a.out.mutable_data_ptr<scalar_t>();
   const acc_t w = static_cast<acc_t>(a.guidance_scale);
@@ -39,10 +40,19 @@ void reverse_step_kernel(const ReverseStepArgs& a, const CoefFn& coef) {
     for (int64_t k = 0; k < n; ++k) {
       const int64_t i = begin + k;
       acc_t mi = static_cast<acc_t>(m[i]);
-      if (mu != nullptr) mi = guide(mi, static_cast<acc_t>(mu[i]), w);
+      if constexpr (kGuided) mi = guide(mi, static_cast<acc_t>(mu[i]), w);
       out[i] = static_cast<scalar_t>(reverse_step(c, static_cast<acc_t>(x[i]), mi, r, z[k]));
     }
   });
+}
+
+template <typename scalar_t, typename CoefFn>
+void reverse_step_kernel(const ReverseStepArgs& a, const CoefFn& coef) {
+  if (a.guided) {
+    reverse_step_kernel<scalar_t, true>(a, coef);
+  } else {
+    reverse_step_kernel<scalar_t, false>(a, coef);
+  }
 }
 
 void launch(const ReverseStepArgs& a) {

@@ -1,14 +1,14 @@
 #pragma once
-// Selects at::vec's AVX2 Vectorized (and the SLEEF functions libtorch exports) when the compiler targets
-// AVX2 + FMA (setup.py builds with -march=native), as PyTorch's own CPU kernels do per capability.
-// Must be included before any other ATen header in a translation unit that uses at::vec.
+// Selects at::vec's AVX2 Vectorized when the compiler targets AVX2 + FMA (setup.py builds with
+// -march=native), as PyTorch's own CPU kernels do per capability. Must be included before any other
+// ATen header in a translation unit that uses at::vec.
 #if defined(__AVX2__) && defined(__FMA__) && !defined(CPU_CAPABILITY)
 #define CPU_CAPABILITY AVX2
 #define CPU_CAPABILITY_AVX2
 #endif
 #include <ATen/cpu/vec/vec.h>
 
-#if defined(CPU_CAPABILITY_AVX2) && __has_include(<sleef.h>)
-#include <sleef.h>
-#define DIFFUSION_EXT_SLEEF_AVX2 1
+#if defined(CPU_CAPABILITY_AVX2)
+#include <immintrin.h>
+#define DIFFUSION_EXT_AVX2 1
 #endif
