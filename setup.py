@@ -31,6 +31,14 @@ def _cpu_arch_flags() -> list[str]:
     return [f"-march={arch}"] if arch else []
 
 
+def _cuda_wheel_includes() -> list[str]:
+    # The CUDA wheels of torch ship the CUDA library headers (cuBLAS, cuSPARSE, ...) that torch's own
+    # headers include, under site-packages/nvidia/<cuXX>/include rather than in CUDA_HOME: add them, so
+    # that a plain `pip install .` finds them without CPATH.
+    site = os.path.dirname(os.path.dirname(torch.__file__))
+    return sorted(glob.glob(os.path.join(site, "nvidia", "cu*", "include")))
+
+
 def _extension():
     with_cuda = _want_cuda()
     sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")) + glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
@@ -48,6 +56,7 @@ def _extension():
         nvcc = opt + ["-std=c++20", "-lineinfo", "--expt-relaxed-constexpr"]
         print(f"diffusion_ext: building CPU and CUDA kernels (archs {archs}, CUDA_HOME={CUDA_HOME})")
         return CUDAExtension("diffusion_ext._C", sources, define_macros=define_macros,
+                             include_dirs=_cuda_wheel_includes(),
                              extra_compile_args={"cxx": cxx, "nvcc": nvcc}, **kwargs)
     why = "torch has no CUDA" if torch.version.cuda is None else "nvcc not found (set CUDA_HOME)"
     print(f"diffusion_ext: building CPU kernels only ({why}; FORCE_CUDA=1 forces CUDA)")

@@ -3,6 +3,7 @@
 // implementation file registers its own functions with TORCH_LIBRARY_IMPL.
 #include <ATen/ATen.h>
 #include <optional>
+#include <array>
 #include <string_view>
 #include <tuple>
 
@@ -27,9 +28,21 @@ namespace diffusion_ext {
                              std::optional<double> guidance_scale,                                          \
                              const std::optional<at::Tensor>& model_output_uncond);
 
+#define DX_GROUP_NORM_OP_DECLS(dev)                                                                         \
+  std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_act_##dev(                                       \
+      const at::Tensor& x, int64_t num_groups, const std::optional<at::Tensor>& weight,                     \
+      const std::optional<at::Tensor>& bias, double eps, std::string_view activation);                      \
+  std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_act_backward_##dev(                              \
+      const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& mean, const at::Tensor& rstd,        \
+      const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias, int64_t num_groups,   \
+      std::string_view activation, std::array<bool, 3> output_mask);
+
 DX_SCHEDULE_OP_DECLS(cpu)
 DX_SCHEDULE_OP_DECLS(cuda)
+DX_GROUP_NORM_OP_DECLS(cpu)
+DX_GROUP_NORM_OP_DECLS(cuda)
 
 #undef DX_SCHEDULE_OP_DECLS
+#undef DX_GROUP_NORM_OP_DECLS
 
 }  // namespace diffusion_ext

@@ -14,6 +14,7 @@
 #endif
 #include <string>
 
+#include "group_norm_args.h"
 #include "schedule_args.h"
 
 TORCH_LIBRARY(diffusion_ext, m) {
@@ -29,6 +30,15 @@ TORCH_LIBRARY(diffusion_ext, m) {
       "ddim_step(Tensor model_output, Tensor t, Tensor t_prev, Tensor x_t, Tensor alphas_cumprod,"
       " float eta, Tensor? noise, int seed, int offset, bool clip_sample, float clip_range,"
       " str prediction_type, float? guidance_scale, Tensor? model_output_uncond) -> Tensor");
+  // y = act(GroupNorm(x)); also returns mean and rstd (N, G) for the backward. activation: silu|relu|none.
+  m.def(
+      "group_norm_act(Tensor x, int num_groups, Tensor? weight, Tensor? bias, float eps, str activation)"
+      " -> (Tensor y, Tensor mean, Tensor rstd)");
+  // (grad_x, grad_weight, grad_bias); an output is undefined (None) where output_mask is false or its
+  // parameter is absent. Recomputes the activation from x, mean and rstd.
+  m.def(
+      "group_norm_act_backward(Tensor grad_y, Tensor x, Tensor mean, Tensor rstd, Tensor? weight, Tensor? bias,"
+      " int num_groups, str activation, bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
 }
 
 #ifndef DIFFUSION_EXT_NO_PYTHON
@@ -91,6 +101,17 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     diffusion_ext::prepare_ddim_step(model_output, t, t_prev, x_t, table, eta, noise, seed, offset, clip_sample,
                                      clip_range, prediction_type, guidance_scale, model_output_uncond, false);
   });
+  m.def("check_group_norm_act", [](const at::Tensor& x, int64_t num_groups, const std::optional<at::Tensor>& weight,
+                                   const std::optional<at::Tensor>& bias, double eps, std::string activation) {
+    diffusion_ext::prepare_group_norm_act(x, num_groups, weight, bias, eps, activation, false);
+  });
+  m.def("check_group_norm_act_backward",
+        [](const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& mean, const at::Tensor& rstd,
+           const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias, int64_t num_groups,
+           std::string activation, std::array<bool, 3> output_mask) {
+          diffusion_ext::prepare_group_norm_act_backward(grad_y, x, mean, rstd, weight, bias, num_groups, activation,
+                                                         output_mask, false);
+        });
 }
 
 #endif  // DIFFUSION_EXT_NO_PYTHON

@@ -35,3 +35,22 @@ def flat_batch_empty_like(x: torch.Tensor, *others: torch.Tensor | None) -> torc
     if share_flat_batch_layout(x, *others):
         return torch.empty_like(x)
     return torch.empty(x.shape, dtype=x.dtype, device=x.device)
+
+
+def group_norm_channels_last(x: torch.Tensor) -> bool:
+    """group_norm_act reads x without a copy when contiguous or when C is innermost with the batch
+    outermost (NHWC, NDHWC, (N, C, L) from (N, L, C)); csrc/group_norm_args.cpp states the same rule."""
+    if x.dim() < 3 or x.size(1) == 1 or x.is_contiguous() or x.stride(1) != 1:
+        return False
+    return _dense_non_overlapping(x.movedim(1, -1)) and (x.size(0) == 1 or x.stride(0) == x.numel() // x.size(0))
+
+
+def group_norm_empty_like(x: torch.Tensor) -> torch.Tensor:
+    if group_norm_channels_last(x):
+        return torch.empty_like(x)
+    return torch.empty(x.shape, dtype=x.dtype, device=x.device)
+
+
+def group_norm_stats_empty(x: torch.Tensor, num_groups: int) -> torch.Tensor:
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    return torch.empty((x.shape[0], num_groups), dtype=acc, device=x.device)

@@ -10,7 +10,7 @@ import torch
 
 from . import _loader  # noqa: F401  (registers the C++ ops)
 from . import reference
-from ._meta import flat_batch_empty_like
+from ._meta import flat_batch_empty_like, group_norm_empty_like, group_norm_stats_empty
 from .backend import resolve
 
 _ops = torch.ops.diffusion_ext
@@ -20,6 +20,19 @@ def _triton():
     from . import triton as dx_triton
 
     return dx_triton
+
+
+_triton_group_norm_ready = False
+
+
+def _triton_group_norm():
+    """The Triton group_norm_act op, with its autograd (the Triton backward) registered on first use."""
+    global _triton_group_norm_ready
+    dx_triton = _triton()
+    if not _triton_group_norm_ready:
+        _register_group_norm_autograd(dx_triton.group_norm_act, dx_triton.group_norm_act_backward)
+        _triton_group_norm_ready = True
+    return dx_triton.group_norm_act
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -79,6 +92,46 @@ torch.library.register_autograd("diffusion_ext::q_sample_with_noise", _q_sample_
                                 setup_context=_q_sample_setup)
 
 
+@torch.library.register_fake("diffusion_ext::group_norm_act")
+def _group_norm_act_fake(x, num_groups, weight, bias, eps, activation):
+    return group_norm_empty_like(x), group_norm_stats_empty(x, num_groups), group_norm_stats_empty(x, num_groups)
+
+
+@torch.library.register_fake("diffusion_ext::group_norm_act_backward")
+def _group_norm_act_backward_fake(grad_y, x, mean, rstd, weight, bias, num_groups, activation, output_mask):
+    grad_x = group_norm_empty_like(x) if output_mask[0] else None
+    grad_w = torch.empty_like(weight) if weight is not None and output_mask[1] else None
+    grad_b = torch.empty_like(bias) if bias is not None and output_mask[2] else None
+    return grad_x, grad_w, grad_b
+
+
+# ----------------------------------------------------------------------------------------------------
+# autograd of group_norm_act: the backward op recomputes the activation from x, mean and rstd, so only
+# x (not y, not z) is kept for it. Double backward is refused with a clear error.
+# ----------------------------------------------------------------------------------------------------
+def _register_group_norm_autograd(forward_op, backward_op):
+    def setup_context(ctx, inputs, output):
+        x, num_groups, weight, bias, eps, activation = inputs
+        _, mean, rstd = output
+        ctx.save_for_backward(x, mean, rstd, weight, bias)
+        ctx.num_groups, ctx.activation = num_groups, activation
+        ctx.mark_non_differentiable(mean, rstd)
+
+    def backward(ctx, grad_y, _grad_mean, _grad_rstd):
+        if torch.is_grad_enabled():
+            raise RuntimeError("diffusion_ext.group_norm_act: double backward (create_graph=True) is not supported")
+        x, mean, rstd, weight, bias = ctx.saved_tensors
+        mask = [ctx.needs_input_grad[0], weight is not None and ctx.needs_input_grad[2],
+                bias is not None and ctx.needs_input_grad[3]]
+        grad_x, grad_w, grad_b = backward_op(grad_y, x, mean, rstd, weight, bias, ctx.num_groups, ctx.activation, mask)
+        return grad_x, None, grad_w, grad_b, None, None
+
+    torch.library.register_autograd(forward_op, backward, setup_context=setup_context)
+
+
+_register_group_norm_autograd("diffusion_ext::group_norm_act", _ops.group_norm_act_backward)
+
+
 # ----------------------------------------------------------------------------------------------------
 # public wrappers
 # ----------------------------------------------------------------------------------------------------
@@ -132,3 +185,15 @@ def ddim_step(model_output: torch.Tensor, t: torch.Tensor, t_prev: torch.Tensor,
     if backend == "triton":
         return _triton().ddim_step(*args)
     return _ops.ddim_step(*args)
+
+
+def group_norm_act(x: torch.Tensor, num_groups: int, weight: torch.Tensor | None = None,
+                   bias: torch.Tensor | None = None, eps: float = 1e-5, activation: str = "silu") -> torch.Tensor:
+    """act(GroupNorm(x)) in one fused pass, differentiable in x, weight and bias. x is (N, C, *);
+    activation is "silu" (the U-Net's), "relu" (the VAE's) or "none" (plain GroupNorm)."""
+    backend = resolve("group_norm_act", x.device)
+    if backend == "torch":
+        return reference.group_norm_act(x, num_groups, weight, bias, eps, activation)
+    if backend == "triton":
+        return _triton_group_norm()(x, num_groups, weight, bias, float(eps), activation)[0]
+    return _ops.group_norm_act(x, num_groups, weight, bias, float(eps), activation)[0]

@@ -155,3 +155,13 @@ def ddim_step(model_output, t, t_prev, x_t, alphas_cumprod, eta=0.0, noise=None,
             noise = noise_like(x_t, seed, offset, model_output, model_output_uncond)
         x_prev = x_prev + _el(std, x_t) * noise
     return x_prev
+
+
+_ACTIVATIONS = {"silu": torch.nn.functional.silu, "relu": torch.nn.functional.relu, "none": lambda z: z}
+
+
+def group_norm_act(x, num_groups, weight=None, bias=None, eps=1e-5, activation="silu"):
+    """act(GroupNorm(x)) (Wu & He 2018) as eager PyTorch writes it: F.group_norm, then the activation."""
+    if activation not in _ACTIVATIONS:
+        raise ValueError(f"reference: unknown activation {activation!r}")
+    return _ACTIVATIONS[activation](torch.nn.functional.group_norm(x, num_groups, weight, bias, eps))

@@ -25,6 +25,19 @@ Q = "diffusion_ext.q_sample"
 QN = "diffusion_ext.q_sample_with_noise"
 P = "diffusion_ext.ddpm_step"
 D = "diffusion_ext.ddim_step"
+G = "diffusion_ext.group_norm_act"
+GB = "diffusion_ext.group_norm_act_backward"
+_C6 = torch.ones(6)
+
+
+def _gn_backward(**kw):
+    x = torch.randn(2, 6, 3, 3)
+    args = dict(grad_y=torch.randn_like(x), x=x, mean=torch.zeros(2, 3), rstd=torch.ones(2, 3), weight=None,
+                bias=None, num_groups=3, activation="silu", output_mask=[True, True, True])
+    args.update(kw)
+    return torch.ops.diffusion_ext.group_norm_act_backward(*args.values())
+
+
 CASES = [
     ("q_noise_shape", lambda: ops.q_sample(_x(), T2, _x(2, 3, 5), _table()), RuntimeError, [Q, "noise", "shape"]),
     ("q_noise_dtype", lambda: ops.q_sample(_x(), T2, _x().double(), _table()), TypeError, [Q, "noise", "dtype"]),
@@ -71,6 +84,19 @@ CASES = [
      [D, "eta"]),
     ("ddim_prediction", lambda: ops.ddim_step(_x(), T2, T2 - 1, _x(), _table(), prediction_type="x0"), ValueError,
      [D, "prediction_type"]),
+    ("gn_groups_divide", lambda: ops.group_norm_act(_x(2, 6, 4), 4), ValueError, [G, "6 channels", "num_groups = 4"]),
+    ("gn_groups_zero", lambda: ops.group_norm_act(_x(2, 6, 4), 0), ValueError, [G, "num_groups"]),
+    ("gn_1d", lambda: ops.group_norm_act(_x(6), 3), RuntimeError, [G, "x", "at least 2 dims"]),
+    ("gn_weight_shape", lambda: ops.group_norm_act(_x(2, 6, 4), 3, torch.ones(5)), RuntimeError, [G, "weight", "[6]"]),
+    ("gn_bias_dtype", lambda: ops.group_norm_act(_x(2, 6, 4), 3, _C6, _C6.double()), TypeError, [G, "bias", "dtype"]),
+    ("gn_int_x", lambda: ops.group_norm_act(torch.ones(2, 6, 4, dtype=torch.long), 3), TypeError, [G, "x", "dtype"]),
+    ("gn_activation", lambda: ops.group_norm_act(_x(2, 6, 4), 3, activation="gelu"), ValueError,
+     [G, "activation", "gelu"]),
+    ("gn_eps_zero", lambda: ops.group_norm_act(_x(2, 6, 4), 3, eps=0.0), ValueError, [G, "eps"]),
+    ("gn_eps_nan", lambda: ops.group_norm_act(_x(2, 6, 4), 3, eps=float("nan")), ValueError, [G, "eps"]),
+    ("gnb_stats_shape", lambda: _gn_backward(mean=torch.zeros(2, 2)), RuntimeError, [GB, "mean"]),
+    ("gnb_stats_dtype", lambda: _gn_backward(rstd=torch.ones(2, 3, dtype=torch.float64)), RuntimeError, [GB, "rstd"]),
+    ("gnb_grad_shape", lambda: _gn_backward(grad_y=torch.randn(2, 6, 3, 4)), RuntimeError, [GB, "grad_y", "shape"]),
 ]
 
 

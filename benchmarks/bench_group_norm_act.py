@@ -1,0 +1,122 @@
+"""pytest-benchmark suite of group_norm_act: forward, backward and forward+backward, provider × shape ×
+layout × dtype, against eager (F.group_norm then F.silu) and, on GPU, torch.compile of the same.
+
+    pytest benchmarks/bench_group_norm_act.py --benchmark-only
+    python benchmarks/bench_group_norm_act.py          # the markdown table of eager/provider ratios
+
+Rows are grouped by (mode, shape, layout, dtype) so the providers of one case stand side by side. On a
+GPU each call is followed by torch.cuda.synchronize. No assertion here is about time.
+"""
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import diffusion_ext as dx
+from diffusion_ext import bench
+
+GROUPS = 32
+CPU_SHAPES = [(64, 128, 32, 32), (8, 320, 32, 32), (1, 512, 32, 32)]
+GPU_SHAPES = [(64, 128, 64, 64), (64, 256, 32, 32), (64, 512, 16, 16), (8, 320, 64, 64), (1, 512, 64, 64)]
+MODES = ["forward", "backward", "forward+backward"]
+LAYOUTS = ["contiguous", "channels_last"]
+
+
+def eager(x, w, b):
+    return F.silu(F.group_norm(x, GROUPS, w, b, 1e-5))
+
+
+def providers(device):
+    out = ["eager"]
+    if device.type == "cuda":
+        out.append("compile")
+    out += [p for p in dx.available_backends(device) if p != "torch" and not (p == "triton" and device.type == "cpu")]
+    return out
+
+
+def make_fn(mode, provider, shape, layout, dtype, device):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(shape, generator=g).to(device, dtype)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    w = torch.randn(shape[1], generator=g).to(device, dtype)
+    b = torch.randn(shape[1], generator=g).to(device, dtype)
+    gy = torch.randn_like(x)
+    if provider == "eager":
+        f = eager
+    elif provider == "compile":
+        f = torch.compile(eager, dynamic=False)
+    else:
+        def f(x, w, b, _backend=provider):
+            with dx.use_backend(_backend):
+                return dx.ops.group_norm_act(x, GROUPS, w, b, 1e-5, "silu")
+    leaves = [t.requires_grad_(mode != "forward") for t in (x, w, b)]
+    if mode == "forward":
+        return lambda: f(*leaves)
+    if mode == "backward":
+        y = f(*leaves)
+        return lambda: torch.autograd.grad(y, leaves, gy, retain_graph=True)
+    return lambda: torch.autograd.grad(f(*leaves), leaves, gy)
+
+
+def _cases():
+    for device, shapes, dtypes in (("cpu", CPU_SHAPES, [torch.float32]),
+                                   ("cuda", GPU_SHAPES, [torch.bfloat16, torch.float16, torch.float32])):
+        for shape in shapes:
+            for layout in LAYOUTS:
+                for dtype in dtypes:
+                    for mode in MODES:
+                        marks = [pytest.mark.gpu] if device == "cuda" else []
+                        yield pytest.param(device, shape, layout, dtype, mode, marks=marks,
+                                           id=f"{device}-{bench.shape_name(shape)}-{layout}-{bench.dtype_name(dtype)}-{mode}")
+
+
+@pytest.mark.parametrize("provider", ["eager", "compile", "cpu", "cuda", "triton"])
+@pytest.mark.parametrize("device,shape,layout,dtype,mode", list(_cases()))
+def test_group_norm_act(benchmark, provider, device, shape, layout, dtype, mode):
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    if provider not in providers(device):
+        pytest.skip(f"provider {provider!r} is not measured for {device.type} tensors")
+    if device.type == "cpu":
+        bench.steady_cpu_allocator()
+    fn = make_fn(mode, provider, shape, layout, dtype, device)
+    if device.type == "cuda":
+        inner = fn
+
+        def fn():
+            out = inner()
+            torch.cuda.synchronize(device)
+            return out
+
+    fn()
+    benchmark.group = f"group_norm_act {mode} {bench.shape_name(shape)} {layout} {bench.dtype_name(dtype)}"
+    assert benchmark(fn) is not None
+
+
+def table(device) -> str:
+    """Markdown: median time per provider and the ratio to eager, measured in one run."""
+    device = torch.device(device)
+    if device.type == "cpu":
+        bench.steady_cpu_allocator()
+    shapes, dtypes = (CPU_SHAPES, [torch.float32]) if device.type == "cpu" else \
+        (GPU_SHAPES, [torch.bfloat16, torch.float16, torch.float32])
+    lines = ["| mode | shape | layout | dtype | provider | time (µs) | vs eager |", "|---|---|---|---|---|---:|---:|"]
+    for shape in shapes:
+        for layout in LAYOUTS:
+            for dtype in dtypes:
+                for mode in MODES:
+                    base = None
+                    for provider in providers(device):
+                        t, _ = bench.measure(make_fn(mode, provider, shape, layout, dtype, device), device)
+                        base = t if provider == "eager" else base
+                        lines.append(f"| {mode} | {bench.shape_name(shape)} | {layout} | {bench.dtype_name(dtype)} | "
+                                     f"{provider} | {t * 1e6:.1f} | {base / t:.2f}× |")
+                        print(lines[-1], file=sys.stderr)
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(table(sys.argv[1] if len(sys.argv) > 1 else ("cuda" if torch.cuda.is_available() else "cpu")))

@@ -1,0 +1,278 @@
+// group_norm_act on the CPU: y = act(GroupNorm(x)) (Wu & He 2018) in one read for the statistics and one
+// read + write for the output, and its backward, which recomputes the activation from x, mean and rstd.
+//
+// channels_first: one task per (n, g); the group's rows are contiguous and stay in cache between the
+// statistics and the output pass. channels_last: tasks over (n, chunk of spatial rows), per-channel
+// partial sums in double, combined per group (Chan et al.), then a second pass over the rows.
+// Backward (per group, M = C/G·HW elements): dz = dy·act'(z), x̂ = (x − μ)·rstd,
+//   dβ_c = Σ dz, dγ_c = Σ dz·x̂, dx = rstd·(dz·γ − mean(dz·γ) − x̂·mean(dz·γ·x̂)).
+#include "group_norm_kernels.h"  // first: it selects at::vec's capability
+
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <vector>
+
+#include "../group_norm_args.h"
+#include "../ops.h"
+
+namespace diffusion_ext {
+namespace {
+
+constexpr int64_t kRowsTarget = 16384;  // elements per channels_last task
+
+template <typename acc_t>
+std::vector<acc_t> channel_param(const at::Tensor& p, int64_t C, acc_t fill) {
+  std::vector<acc_t> out(C, fill);
+  if (!p.defined()) return out;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.scalar_type(), "channel_param", [&] {
+    const scalar_t* q = p.const_data_ptr<scalar_t>();
+    for (int64_t c = 0; c < C; ++c) out[c] = static_cast<acc_t>(q[c]);
+  });
+  return out;
+}
+
+// μ and rstd of group (n, g) from the per-channel moments m[c] of sample n; returns μ in double.
+template <typename acc_t>
+double finish_group(const Moments* m, int64_t Cg, double eps, acc_t* mean, acc_t* rstd) {
+  Moments g;
+  for (int64_t c = 0; c < Cg; ++c) g = combine(g, m[c]);
+  const double var = g.count > 0 ? g.m2 / g.count : 0.0;
+  *mean = static_cast<acc_t>(g.mean);
+  *rstd = static_cast<acc_t>(1.0 / std::sqrt(var + eps));
+  return g.mean;
+}
+
+struct RowChunks {
+  int64_t rows_per_chunk, chunks;
+};
+
+RowChunks row_chunks(const GroupNormShape& s) {
+  const int64_t rows = std::max<int64_t>(1, kRowsTarget / std::max<int64_t>(1, s.C));
+  return {rows, s.HW > 0 ? (s.HW + rows - 1) / rows : 0};
+}
+
+template <Activation kAct, typename scalar_t>
+void forward(const GroupNormArgs& a) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const auto& s = a.shape;
+  const int64_t C = s.C, HW = s.HW, G = s.G, Cg = s.channels_per_group();
+  const scalar_t* x = a.x.const_data_ptr<scalar_t>();
+  scalar_t* y = a.y.mutable_data_ptr<scalar_t>();
+  acc_t* mean = a.mean.mutable_data_ptr<acc_t>();
+  acc_t* rstd = a.rstd.mutable_data_ptr<acc_t>();
+  const auto gamma = channel_param<acc_t>(a.weight, C, acc_t(1));
+  const auto beta = channel_param<acc_t>(a.bias, C, acc_t(0));
+  if (!s.channels_last) {
+    at::parallel_for(0, s.N * G, 1, [&](int64_t begin, int64_t end) {
+      std::vector<Moments> m(Cg);
+      for (int64_t ng = begin; ng < end; ++ng) {
+        const int64_t c0 = (ng % G) * Cg;
+        const scalar_t* xg = x + (ng / G * C + c0) * HW;
+        for (int64_t c = 0; c < Cg; ++c) {  // 1. moments of each channel, shifted by its first element
+          const double K = HW ? static_cast<double>(xg[c * HW]) : 0.0;
+          ShiftedSums sums;
+          add_shifted_sums(xg + c * HW, HW, K, sums);
+          m[c] = moments_of(sums, K, static_cast<double>(HW));
+        }
+        const SplitMean<acc_t> mu(finish_group(m.data(), Cg, a.eps, mean + ng, rstd + ng));  // 2. μ, rstd
+        for (int64_t c = 0; c < Cg; ++c) {  // 3. y = act((x − μ)·rstd·γ + β), rows still in cache
+          normalize_activate<kAct>(xg + c * HW, y + (xg - x) + c * HW, HW, mu, rstd[ng] * gamma[c0 + c], beta[c0 + c]);
+        }
+      }
+    });
+    return;
+  }
+  // channels_last: element (n, s, c) at (n·HW + s)·C + c
+  const auto [rows, chunks] = row_chunks(s);
+  std::vector<double> K(s.N * C, 0.0), s1(s.N * chunks * C, 0.0), s2(s.N * chunks * C, 0.0);
+  for (int64_t n = 0; n < s.N && HW > 0; ++n) {
+    for (int64_t c = 0; c < C; ++c) K[n * C + c] = static_cast<double>(x[n * HW * C + c]);
+  }
+  at::parallel_for(0, s.N * chunks, 1, [&](int64_t begin, int64_t end) {  // 1. per-channel partial sums
+    for (int64_t nk = begin; nk < end; ++nk) {
+      const int64_t n = nk / chunks, first = nk % chunks * rows, last = std::min(HW, first + rows);
+      for (int64_t r = first; r < last; ++r) {
+        add_row_sums(x + (n * HW + r) * C, C, K.data() + n * C, s1.data() + nk * C, s2.data() + nk * C);
+      }
+    }
+  });
+  std::vector<acc_t> mu_c(s.N * C), mu_lo(s.N * C), scale(s.N * C);
+  at::parallel_for(0, s.N * G, 1, [&](int64_t begin, int64_t end) {  // 2. per group: μ, rstd; per channel: scale
+    std::vector<Moments> m(Cg);
+    for (int64_t ng = begin; ng < end; ++ng) {
+      const int64_t n = ng / G, c0 = ng % G * Cg;
+      for (int64_t c = 0; c < Cg; ++c) {
+        ShiftedSums t;
+        for (int64_t k = 0; k < chunks; ++k) {
+          t.s1 += s1[(n * chunks + k) * C + c0 + c];
+          t.s2 += s2[(n * chunks + k) * C + c0 + c];
+        }
+        m[c] = moments_of(t, K[n * C + c0 + c], static_cast<double>(HW));
+      }
+      const SplitMean<acc_t> mu(finish_group(m.data(), Cg, a.eps, mean + ng, rstd + ng));
+      for (int64_t c = c0; c < c0 + Cg; ++c) {
+        mu_c[n * C + c] = mu.hi;
+        mu_lo[n * C + c] = mu.lo;
+        scale[n * C + c] = rstd[ng] * gamma[c];
+      }
+    }
+  });
+  at::parallel_for(0, s.N * chunks, 1, [&](int64_t begin, int64_t end) {  // 3. the output rows
+    for (int64_t nk = begin; nk < end; ++nk) {
+      const int64_t n = nk / chunks, first = nk % chunks * rows, last = std::min(HW, first + rows);
+      for (int64_t r = first; r < last; ++r) {
+        const int64_t off = (n * HW + r) * C;
+        normalize_activate_row<kAct>(x + off, y + off, C, mu_c.data() + n * C, mu_lo.data() + n * C,
+                                     scale.data() + n * C, beta.data());
+      }
+    }
+  });
+}
+
+template <Activation kAct, typename scalar_t>
+void backward(const GroupNormBackwardArgs& a) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const auto& s = a.shape;
+  const int64_t N = s.N, C = s.C, HW = s.HW, G = s.G, Cg = s.channels_per_group();
+  const double M = static_cast<double>(Cg * HW);
+  const scalar_t* x = a.x.const_data_ptr<scalar_t>();
+  const scalar_t* dy = a.grad_y.const_data_ptr<scalar_t>();
+  const acc_t* mean = a.mean.const_data_ptr<acc_t>();
+  const acc_t* rstd = a.rstd.const_data_ptr<acc_t>();
+  scalar_t* gx = a.grad_x.defined() ? a.grad_x.mutable_data_ptr<scalar_t>() : nullptr;
+  const auto gamma = channel_param<acc_t>(a.weight, C, acc_t(1));
+  const auto beta = channel_param<acc_t>(a.bias, C, acc_t(0));
+  std::vector<double> ds(N * C, 0.0), db(N * C, 0.0);  // Σdz and Σdz·x̂ per (n, c)
+  // a_c, b_c of each channel's group: mean(dz·γ) and mean(dz·γ·x̂) over the group
+  auto group_terms = [&](int64_t ng, acc_t* a_out, acc_t* b_out) {
+    const int64_t n = ng / G, c0 = ng % G * Cg;
+    double sa = 0, sb = 0;
+    for (int64_t c = c0; c < c0 + Cg; ++c) {
+      sa += gamma[c] * ds[n * C + c];
+      sb += gamma[c] * db[n * C + c];
+    }
+    *a_out = M > 0 ? static_cast<acc_t>(sa / M) : acc_t(0);
+    *b_out = M > 0 ? static_cast<acc_t>(sb / M) : acc_t(0);
+  };
+  if (!s.channels_last) {
+    at::parallel_for(0, N * G, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t ng = begin; ng < end; ++ng) {
+        const int64_t c0 = ng % G * Cg, base = (ng / G * C + c0) * HW;
+        for (int64_t c = 0; c < Cg; ++c) {  // 1. Σdz, Σdz·x̂ of each channel
+          ShiftedSums sums;
+          backward_run<kAct>(dy + base + c * HW, x + base + c * HW, HW, mean[ng], rstd[ng], gamma[c0 + c],
+                             beta[c0 + c], &sums, static_cast<scalar_t*>(nullptr), acc_t(0), acc_t(0));
+          ds[ng / G * C + c0 + c] = sums.s1;
+          db[ng / G * C + c0 + c] = sums.s2;
+        }
+        if (gx == nullptr) continue;
+        acc_t ga, gb;
+        group_terms(ng, &ga, &gb);
+        for (int64_t c = 0; c < Cg; ++c) {  // 2. dx, the rows still in cache
+          backward_run<kAct>(dy + base + c * HW, x + base + c * HW, HW, mean[ng], rstd[ng], gamma[c0 + c],
+                             beta[c0 + c], static_cast<ShiftedSums*>(nullptr), gx + base + c * HW, ga, gb);
+        }
+      }
+    });
+  } else {
+    const auto [rows, chunks] = row_chunks(s);
+    std::vector<acc_t> mu_c(N * C), rstd_c(N * C), a_c(N * C, acc_t(0)), b_c(N * C, acc_t(0));
+    for (int64_t n = 0; n < N; ++n) {
+      for (int64_t c = 0; c < C; ++c) {
+        mu_c[n * C + c] = mean[n * G + c / Cg];
+        rstd_c[n * C + c] = rstd[n * G + c / Cg];
+      }
+    }
+    std::vector<double> pds(N * chunks * C, 0.0), pdb(N * chunks * C, 0.0);
+    auto rows_pass = [&](bool write_grad_x) {
+      at::parallel_for(0, N * chunks, 1, [&](int64_t begin, int64_t end) {
+        std::vector<acc_t> tmp(2 * C);
+        for (int64_t nk = begin; nk < end; ++nk) {
+          const int64_t n = nk / chunks, first = nk % chunks * rows, last = std::min(HW, first + rows);
+          const ChannelCoefs<acc_t> k{mu_c.data() + n * C, rstd_c.data() + n * C, gamma.data(), beta.data(),
+                                      a_c.data() + n * C, b_c.data() + n * C};
+          for (int64_t r = first; r < last; ++r) {
+            const int64_t off = (n * HW + r) * C;
+            backward_row<kAct>(dy + off, x + off, C, k, pds.data() + nk * C, pdb.data() + nk * C,
+                               write_grad_x ? gx + off : static_cast<scalar_t*>(nullptr), tmp.data());
+          }
+        }
+      });
+    };
+    rows_pass(false);  // 1. per-channel partial sums
+    for (int64_t n = 0; n < N; ++n) {
+      for (int64_t k = 0; k < chunks; ++k) {
+        for (int64_t c = 0; c < C; ++c) {
+          ds[n * C + c] += pds[(n * chunks + k) * C + c];
+          db[n * C + c] += pdb[(n * chunks + k) * C + c];
+        }
+      }
+    }
+    if (gx != nullptr) {
+      for (int64_t ng = 0; ng < N * G; ++ng) {
+        acc_t ga, gb;
+        group_terms(ng, &ga, &gb);
+        for (int64_t c = ng % G * Cg; c < (ng % G + 1) * Cg; ++c) {
+          a_c[ng / G * C + c] = ga;
+          b_c[ng / G * C + c] = gb;
+        }
+      }
+      rows_pass(true);  // 2. dx
+    }
+  }
+  // dγ_c = Σ_n Σdz·x̂, dβ_c = Σ_n Σdz
+  auto reduce_over_batch = [&](const at::Tensor& out, const std::vector<double>& sums) {
+    if (!out.defined()) return;
+    scalar_t* o = out.mutable_data_ptr<scalar_t>();  // the parameters' dtype is x's (checked)
+    for (int64_t c = 0; c < C; ++c) {
+      double t = 0;
+      for (int64_t n = 0; n < N; ++n) t += sums[n * C + c];
+      o[c] = static_cast<scalar_t>(t);
+    }
+  };
+  reduce_over_batch(a.grad_weight, db);
+  reduce_over_batch(a.grad_bias, ds);
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_act_cpu(const at::Tensor& x, int64_t num_groups,
+                                                                  const std::optional<at::Tensor>& weight,
+                                                                  const std::optional<at::Tensor>& bias, double eps,
+                                                                  std::string_view activation) {
+  auto a = prepare_group_norm_act(x, num_groups, weight, bias, eps, activation);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.x.scalar_type(), "group_norm_act_cpu", [&] {
+    switch (a.activation) {
+      case Activation::kSilu: forward<Activation::kSilu, scalar_t>(a); break;
+      case Activation::kRelu: forward<Activation::kRelu, scalar_t>(a); break;
+      default: forward<Activation::kNone, scalar_t>(a); break;
+    }
+  });
+  return {a.y, a.mean, a.rstd};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_act_backward_cpu(
+    const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& mean, const at::Tensor& rstd,
+    const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias, int64_t num_groups,
+    std::string_view activation, std::array<bool, 3> output_mask) {
+  auto a = prepare_group_norm_act_backward(grad_y, x, mean, rstd, weight, bias, num_groups, activation, output_mask);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.x.scalar_type(), "group_norm_act_backward_cpu", [&] {
+    switch (a.activation) {
+      case Activation::kSilu: backward<Activation::kSilu, scalar_t>(a); break;
+      case Activation::kRelu: backward<Activation::kRelu, scalar_t>(a); break;
+      default: backward<Activation::kNone, scalar_t>(a); break;
+    }
+  });
+  return {a.grad_x, a.grad_weight, a.grad_bias};
+}
+
+TORCH_LIBRARY_IMPL(diffusion_ext, CPU, m) {
+  m.impl("group_norm_act", &group_norm_act_cpu);
+  m.impl("group_norm_act_backward", &group_norm_act_backward_cpu);
+}
+
+}  // namespace diffusion_ext

@@ -1,0 +1,38 @@
+"""GroupNormAct: nn.Sequential(nn.GroupNorm(G, C), nn.SiLU()) as one fused op."""
+from __future__ import annotations
+
+import torch
+
+from .. import ops
+
+ACTIVATIONS = ("silu", "relu", "none")
+
+
+class GroupNormAct(torch.nn.Module):
+    """GroupNorm (Wu & He 2018) followed by an activation, fused. Its state_dict holds `weight` and
+    `bias` exactly as nn.GroupNorm's, so an nn.GroupNorm checkpoint loads into it and back."""
+
+    def __init__(self, num_groups: int, num_channels: int, eps: float = 1e-5, affine: bool = True,
+                 activation: str = "silu", device=None, dtype=None):
+        super().__init__()
+        if num_groups < 1 or num_channels % num_groups != 0:
+            raise ValueError(f"GroupNormAct: num_channels = {num_channels} is not divisible by num_groups = {num_groups}")
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"GroupNormAct: activation {activation!r} is unknown; expected one of {ACTIVATIONS}")
+        if not eps > 0:
+            raise ValueError(f"GroupNormAct: eps = {eps}; expected eps > 0")
+        self.num_groups, self.num_channels, self.eps = num_groups, num_channels, eps
+        self.affine, self.activation = affine, activation
+        if affine:
+            self.weight = torch.nn.Parameter(torch.ones(num_channels, device=device, dtype=dtype))
+            self.bias = torch.nn.Parameter(torch.zeros(num_channels, device=device, dtype=dtype))
+        else:
+            self.register_parameter("weight", None)
+            self.register_parameter("bias", None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return ops.group_norm_act(x, self.num_groups, self.weight, self.bias, self.eps, self.activation)
+
+    def extra_repr(self) -> str:
+        return (f"{self.num_groups}, {self.num_channels}, eps={self.eps}, affine={self.affine}, "
+                f"activation={self.activation!r}")
