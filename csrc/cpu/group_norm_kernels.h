@@ -85,7 +85,7 @@ inline void normalize_activate(const scalar_t* x, scalar_t* y, int64_t n, SplitM
     for (; i + Vec::size() <= n; i += Vec::size()) {
       const Vec z = at::vec::fmadd((Vec::loadu(x + i) - vh) - vl, vs, vb);
       Vec out = z;
-      if constexpr (kAct == Activation::kSilu) out = z / (one + z.neg().exp());
+      if constexpr (kAct == Activation::kSilu) out = z / (one + z.neg().exp_u20());
       if constexpr (kAct == Activation::kRelu) out = at::vec::maximum(z, zero);
       out.store(y + i);
     }
@@ -115,7 +115,7 @@ inline void backward_run(const scalar_t* dy, const scalar_t* x, int64_t n, acc_t
       const Vec z = at::vec::fmadd(xh, vg, vb);
       Vec dz = Vec::loadu(dy + i);
       if constexpr (kAct == Activation::kSilu) {
-        const Vec s = one / (one + z.neg().exp());
+        const Vec s = one / (one + z.neg().exp_u20());
         dz = dz * s * (one + z * (one - s));
       }
       if constexpr (kAct == Activation::kRelu) dz = Vec::blendv(zero, dz, z > zero);
@@ -186,7 +186,7 @@ inline void normalize_activate_row(const scalar_t* x, scalar_t* y, int64_t C, co
       const Vec xc = (Vec::loadu(x + c) - Vec::loadu(mu + c)) - Vec::loadu(mu_lo + c);
       const Vec z = at::vec::fmadd(xc, Vec::loadu(scale + c), Vec::loadu(beta + c));
       Vec out = z;
-      if constexpr (kAct == Activation::kSilu) out = z / (one + z.neg().exp());
+      if constexpr (kAct == Activation::kSilu) out = z / (one + z.neg().exp_u20());
       if constexpr (kAct == Activation::kRelu) out = at::vec::maximum(z, zero);
       out.store(y + c);
     }
@@ -220,7 +220,7 @@ inline void backward_row(const scalar_t* dy, const scalar_t* x, int64_t C, const
     const Vec one(acc_t(1));
     for (; c + Vec::size() <= C; c += Vec::size()) {
       const Vec z = Vec::loadu(tmp + C + c);
-      const Vec s = one / (one + z.neg().exp());
+      const Vec s = one / (one + z.neg().exp_u20());
       (Vec::loadu(dy + c) * s * (one + z * (one - s))).store(tmp + C + c);
     }
   }
