@@ -160,12 +160,14 @@ void backward(const GroupNormBackwardArgs& a) {
   };
   if (!s.channels_last) {
     at::parallel_for(0, N * G, 1, [&](int64_t begin, int64_t end) {
+      std::vector<acc_t> dz(gx != nullptr ? Cg * HW : 0);  // the group's dz, from pass 1 to pass 2
       for (int64_t ng = begin; ng < end; ++ng) {
         const int64_t c0 = ng % G * Cg, base = (ng / G * C + c0) * HW;
         for (int64_t c = 0; c < Cg; ++c) {  // 1. Σdz, Σdz·x̂ of each channel
           ShiftedSums sums;
           backward_run<kAct>(dy + base + c * HW, x + base + c * HW, HW, mean[ng], rstd[ng], gamma[c0 + c],
-                             beta[c0 + c], &sums, static_cast<scalar_t*>(nullptr), acc_t(0), acc_t(0));
+                             beta[c0 + c], &sums, static_cast<scalar_t*>(nullptr), acc_t(0), acc_t(0),
+                             dz.empty() ? nullptr : dz.data() + c * HW);
           ds[ng / G * C + c0 + c] = sums.s1;
           db[ng / G * C + c0 + c] = sums.s2;
         }
@@ -174,7 +176,8 @@ void backward(const GroupNormBackwardArgs& a) {
         group_terms(ng, &ga, &gb);
         for (int64_t c = 0; c < Cg; ++c) {  // 2. dx, the rows still in cache
           backward_run<kAct>(dy + base + c * HW, x + base + c * HW, HW, mean[ng], rstd[ng], gamma[c0 + c],
-                             beta[c0 + c], static_cast<ShiftedSums*>(nullptr), gx + base + c * HW, ga, gb);
+                             beta[c0 + c], static_cast<ShiftedSums*>(nullptr), gx + base + c * HW, ga, gb,
+                             dz.data() + c * HW);
         }
       }
     });

@@ -98,9 +98,11 @@ inline void normalize_activate(const scalar_t* x, scalar_t* y, int64_t n, SplitM
 // The backward's per-element terms along one run of one channel (γ, β of that channel):
 //   x̂ = (x − μ)·rstd, z = x̂·γ + β, dz = dy·act'(z);  returns Σdz and Σdz·x̂ (in double).
 // With grad_x: writes grad_x = rstd·(dz·γ − a − x̂·b) instead of summing.
+// dz_cache (n acc_t, or nullptr): the summing pass stores dz there and the grad_x pass reads it back
+// instead of evaluating the activation's derivative again.
 template <Activation kAct, typename scalar_t, typename acc_t>
 inline void backward_run(const scalar_t* dy, const scalar_t* x, int64_t n, acc_t mu, acc_t rstd, acc_t gamma,
-                         acc_t beta, ShiftedSums* sums, scalar_t* grad_x, acc_t a, acc_t b) {
+                         acc_t beta, ShiftedSums* sums, scalar_t* grad_x, acc_t a, acc_t b, acc_t* dz_cache) {
   int64_t i = 0;
   double s_dz = 0, s_dzx = 0;
   if constexpr (std::is_same_v<scalar_t, acc_t>) {
@@ -112,13 +114,19 @@ inline void backward_run(const scalar_t* dy, const scalar_t* x, int64_t n, acc_t
     int64_t run_end = 0;
     for (; i + Vec::size() <= n; i += Vec::size()) {
       const Vec xh = (Vec::loadu(x + i) - vmu) * vr;
-      const Vec z = at::vec::fmadd(xh, vg, vb);
-      Vec dz = Vec::loadu(dy + i);
-      if constexpr (kAct == Activation::kSilu) {
-        const Vec s = one / (one + z.neg().exp_u20());
-        dz = dz * s * (one + z * (one - s));
+      Vec dz;
+      if (grad_x != nullptr && dz_cache != nullptr) {
+        dz = Vec::loadu(dz_cache + i);
+      } else {
+        const Vec z = at::vec::fmadd(xh, vg, vb);
+        dz = Vec::loadu(dy + i);
+        if constexpr (kAct == Activation::kSilu) {
+          const Vec s = one / (one + z.neg().exp_u20());
+          dz = dz * s * (one + z * (one - s));
+        }
+        if constexpr (kAct == Activation::kRelu) dz = Vec::blendv(zero, dz, z > zero);
+        if (dz_cache != nullptr) dz.store(dz_cache + i);
       }
-      if constexpr (kAct == Activation::kRelu) dz = Vec::blendv(zero, dz, z > zero);
       if (grad_x != nullptr) {
         (vr * (dz * vg - va - xh * vbb)).store(grad_x + i);
       } else {
@@ -148,7 +156,13 @@ inline void backward_run(const scalar_t* dy, const scalar_t* x, int64_t n, acc_t
   }
   for (; i < n; ++i) {
     const acc_t xh = (static_cast<acc_t>(x[i]) - mu) * rstd;
-    const acc_t dz = static_cast<acc_t>(dy[i]) * activate_grad<kAct>(xh * gamma + beta);
+    acc_t dz;
+    if (grad_x != nullptr && dz_cache != nullptr) {
+      dz = dz_cache[i];
+    } else {
+      dz = static_cast<acc_t>(dy[i]) * activate_grad<kAct>(xh * gamma + beta);
+      if (dz_cache != nullptr) dz_cache[i] = dz;
+    }
     if (grad_x != nullptr) {
       grad_x[i] = static_cast<scalar_t>(rstd * (dz * gamma - a - xh * b));
     } else {
