@@ -144,6 +144,15 @@ BENCH_RC=${PIPESTATUS[0]}
 set -e
 [ "$BENCH_RC" = 0 ] || FAILED+=("bench (exit $BENCH_RC)")
 
+log "python benchmarks/bench_group_norm_act.py cuda"
+GN_MD="$LOG_DIR/bench-group-norm-act.md"
+rm -f "$GN_MD"
+set +e
+"$PY" benchmarks/bench_group_norm_act.py cuda > "$GN_MD" 2> "$LOG_DIR/bench-group-norm-act.log"
+GN_RC=$?
+set -e
+[ "$GN_RC" = 0 ] || FAILED+=("bench_group_norm_act (exit $GN_RC)")
+
 # ---------------------------------------------------------------------------------------------------
 # 6. the results file
 # ---------------------------------------------------------------------------------------------------
@@ -180,6 +189,14 @@ if [ -n "$(git status --porcelain --untracked-files=no 2>/dev/null || true)" ]; 
     sed -e '1{/^# /d}' "$BENCH_MD"
   else
     echo "no table: the benchmark exited with $BENCH_RC; see $LOG_DIR/bench.log"
+  fi
+  echo
+  echo "## Benchmark: \`python benchmarks/bench_group_norm_act.py cuda\` (32 groups, SiLU; eager, compile, cuda, triton)"
+  echo
+  if [ -s "$GN_MD" ]; then
+    cat "$GN_MD"
+  else
+    echo "no table: exit $GN_RC; see $LOG_DIR/bench-group-norm-act.log"
   fi
 } > "$RESULT"
 log "wrote $RESULT"
