@@ -112,6 +112,17 @@ inline void backward_run(const scalar_t* dy, const scalar_t* x, int64_t n, acc_t
     // Vector lanes sum at most kLaneRun elements before they are added into the double totals.
     constexpr int64_t kLaneRun = 64 * Vec::size();
     int64_t run_end = 0;
+    auto flush = [&] {  // add the vector lanes into the double totals and restart them
+      acc_t t1[Vec::size()], t2[Vec::size()];
+      acc_dz.store(t1);
+      acc_dzx.store(t2);
+      for (int l = 0; l < Vec::size(); ++l) {
+        s_dz += t1[l];
+        s_dzx += t2[l];
+      }
+      acc_dz = Vec(acc_t(0));
+      acc_dzx = Vec(acc_t(0));
+    };
     for (; i + Vec::size() <= n; i += Vec::size()) {
       const Vec xh = (Vec::loadu(x + i) - vmu) * vr;
       Vec dz;
@@ -133,26 +144,12 @@ inline void backward_run(const scalar_t* dy, const scalar_t* x, int64_t n, acc_t
         acc_dz = acc_dz + dz;
         acc_dzx = at::vec::fmadd(dz, xh, acc_dzx);
         if (i >= run_end) {
-          acc_t t1[Vec::size()], t2[Vec::size()];
-          acc_dz.store(t1);
-          acc_dzx.store(t2);
-          for (int l = 0; l < Vec::size(); ++l) {
-            s_dz += t1[l];
-            s_dzx += t2[l];
-          }
-          acc_dz = Vec(acc_t(0));
-          acc_dzx = Vec(acc_t(0));
+          flush();
           run_end = i + kLaneRun;
         }
       }
     }
-    acc_t t1[Vec::size()], t2[Vec::size()];
-    acc_dz.store(t1);
-    acc_dzx.store(t2);
-    for (int l = 0; l < Vec::size(); ++l) {
-      s_dz += t1[l];
-      s_dzx += t2[l];
-    }
+    flush();
   }
   for (; i < n; ++i) {
     const acc_t xh = (static_cast<acc_t>(x[i]) - mu) * rstd;
