@@ -179,10 +179,14 @@ ReverseStepArgs prepare_ddim_step(const at::Tensor& model_output, const at::Tens
   a.num_timesteps = alphas_cumprod.size(0);
   check_timesteps(op, "t", t, x_t.size(0), x_t, a.num_timesteps, 0);
   check_timesteps(op, "t_prev", t_prev, x_t.size(0), x_t, a.num_timesteps, -1);
-  if (t.device().is_cpu()) {
-    const auto bad = (t_prev >= t).nonzero();
-    TORCH_CHECK_VALUE(bad.numel() == 0, op, ": t_prev must be smaller than t for every sample, but at sample ",
-                      bad.numel() ? bad[0].item<int64_t>() : 0, " t_prev >= t");
+  if (t.device().is_cpu()) {  // a loop, not tensor ops: no allocation on every sampling step
+    const auto tc = t.contiguous(), pc = t_prev.contiguous();
+    const int64_t* tp = tc.const_data_ptr<int64_t>();
+    const int64_t* pp = pc.const_data_ptr<int64_t>();
+    for (int64_t b = 0; b < x_t.size(0); ++b) {
+      TORCH_CHECK_VALUE(pp[b] < tp[b], op, ": t_prev must be smaller than t for every sample, but at sample ", b,
+                        " t_prev = ", pp[b], " >= t = ", tp[b]);
+    }
   }
   a.x = x_t;
   a.model_output = model_output;
