@@ -37,12 +37,22 @@ namespace diffusion_ext {
       const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias, int64_t num_groups,   \
       std::string_view activation, std::array<bool, 3> output_mask);
 
+#define DX_ATTENTION_OP_DECLS(dev)                                                                          \
+  std::tuple<at::Tensor, at::Tensor> attention_##dev(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, \
+                                                     double scale);                                                 \
+  std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_##dev(                                           \
+      const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,                     \
+      const at::Tensor& out, const at::Tensor& lse, double scale);
+
 DX_SCHEDULE_OP_DECLS(cpu)
 DX_SCHEDULE_OP_DECLS(cuda)
 DX_GROUP_NORM_OP_DECLS(cpu)
 DX_GROUP_NORM_OP_DECLS(cuda)
+DX_ATTENTION_OP_DECLS(cpu)
+DX_ATTENTION_OP_DECLS(cuda)
 
 #undef DX_SCHEDULE_OP_DECLS
 #undef DX_GROUP_NORM_OP_DECLS
+#undef DX_ATTENTION_OP_DECLS
 
 }  // namespace diffusion_ext

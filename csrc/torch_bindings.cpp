@@ -14,6 +14,7 @@
 #endif
 #include <string>
 
+#include "attention_args.h"
 #include "group_norm_args.h"
 #include "schedule_args.h"
 
@@ -39,6 +40,14 @@ TORCH_LIBRARY(diffusion_ext, m) {
   m.def(
       "group_norm_act_backward(Tensor grad_y, Tensor x, Tensor mean, Tensor rstd, Tensor? weight, Tensor? bias,"
       " int num_groups, str activation, bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
+  // out = softmax(scale·q·kᵀ)·v without materialising the Lq×Lk scores (FlashAttention-2); q (B, H, Lq, D),
+  // k and v (B, H, Lk, D). Returns out, a (B, H, Lq, D) view of (B, Lq, H, D) memory, and the row
+  // logsumexp lse (B, H, Lq) that the backward recomputes the probabilities from.
+  m.def("attention(Tensor q, Tensor k, Tensor v, float scale) -> (Tensor out, Tensor lse)");
+  // (dq, dk, dv), recomputing the score tiles from q, k, v and lse (FlashAttention-2, Alg. 2).
+  m.def(
+      "attention_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, float scale)"
+      " -> (Tensor, Tensor, Tensor)");
 }
 
 #ifndef DIFFUSION_EXT_NO_PYTHON
@@ -111,6 +120,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
            std::string activation, std::array<bool, 3> output_mask) {
           diffusion_ext::prepare_group_norm_act_backward(grad_y, x, mean, rstd, weight, bias, num_groups, activation,
                                                          output_mask, false);
+        });
+  m.def("check_attention", [](const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double scale) {
+    diffusion_ext::prepare_attention(q, k, v, scale, false);
+  });
+  m.def("check_attention_backward",
+        [](const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+           const at::Tensor& out, const at::Tensor& lse, double scale) {
+          diffusion_ext::prepare_attention_backward(grad_out, q, k, v, out, lse, scale, false);
         });
 }
 

@@ -54,3 +54,15 @@ def group_norm_empty_like(x: torch.Tensor) -> torch.Tensor:
 def group_norm_stats_empty(x: torch.Tensor, num_groups: int) -> torch.Tensor:
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
     return torch.empty((x.shape[0], num_groups), dtype=acc, device=x.device)
+
+
+def attention_output_empty(like: torch.Tensor, length: int) -> torch.Tensor:
+    """An empty (B, H, L, D) tensor in (B, L, H, D) memory order: the layout of every attention output
+    (out, dq, dk, dv), as csrc/attention_args.cpp attention_output_empty allocates it."""
+    B, H, _, D = like.shape
+    return torch.empty((B, length, H, D), dtype=like.dtype, device=like.device).transpose(1, 2)
+
+
+def attention_lse_empty(q: torch.Tensor) -> torch.Tensor:
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    return torch.empty(q.shape[:3], dtype=acc, device=q.device)

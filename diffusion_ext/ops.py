@@ -10,7 +10,10 @@ import torch
 
 from . import _loader  # noqa: F401  (registers the C++ ops)
 from . import reference
-from ._meta import flat_batch_empty_like, group_norm_empty_like, group_norm_stats_empty
+import math
+
+from ._meta import (attention_lse_empty, attention_output_empty, flat_batch_empty_like, group_norm_empty_like,
+                    group_norm_stats_empty)
 from .backend import resolve
 
 _ops = torch.ops.diffusion_ext
@@ -132,6 +135,53 @@ def _register_group_norm_autograd(forward_op, backward_op):
 _register_group_norm_autograd("diffusion_ext::group_norm_act", _ops.group_norm_act_backward)
 
 
+@torch.library.register_fake("diffusion_ext::attention")
+def _attention_fake(q, k, v, scale):
+    return attention_output_empty(q, q.shape[2]), attention_lse_empty(q)
+
+
+@torch.library.register_fake("diffusion_ext::attention_backward")
+def _attention_backward_fake(grad_out, q, k, v, out, lse, scale):
+    return attention_output_empty(q, q.shape[2]), attention_output_empty(k, k.shape[2]), attention_output_empty(v, v.shape[2])
+
+
+# ----------------------------------------------------------------------------------------------------
+# autograd of attention (FlashAttention-2): the forward keeps q, k, v, out and the row logsumexp; the
+# backward recomputes the score tiles from them. Nothing of size Lq×Lk is stored.
+# ----------------------------------------------------------------------------------------------------
+def _register_attention_autograd(forward_op, backward_op):
+    def setup_context(ctx, inputs, output):
+        q, k, v, scale = inputs
+        out, lse = output
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.scale = scale
+        ctx.mark_non_differentiable(lse)
+
+    def backward(ctx, grad_out, _grad_lse):
+        if torch.is_grad_enabled():
+            raise RuntimeError("diffusion_ext.attention: double backward (create_graph=True) is not supported")
+        q, k, v, out, lse = ctx.saved_tensors
+        dq, dk, dv = backward_op(grad_out, q, k, v, out, lse, ctx.scale)
+        return dq, dk, dv, None
+
+    torch.library.register_autograd(forward_op, backward, setup_context=setup_context)
+
+
+_register_attention_autograd("diffusion_ext::attention", _ops.attention_backward)
+
+_triton_attention_ready = False
+
+
+def _triton_attention():
+    """The Triton attention op, with its autograd (the Triton backward) registered on first use."""
+    global _triton_attention_ready
+    dx_triton = _triton()
+    if not _triton_attention_ready:
+        _register_attention_autograd(dx_triton.attention, dx_triton.attention_backward)
+        _triton_attention_ready = True
+    return dx_triton.attention
+
+
 # ----------------------------------------------------------------------------------------------------
 # public wrappers
 # ----------------------------------------------------------------------------------------------------
@@ -197,3 +247,18 @@ def group_norm_act(x: torch.Tensor, num_groups: int, weight: torch.Tensor | None
     if backend == "triton":
         return _triton_group_norm()(x, num_groups, weight, bias, float(eps), activation)[0]
     return _ops.group_norm_act(x, num_groups, weight, bias, float(eps), activation)[0]
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None) -> torch.Tensor:
+    """softmax(scale·q·kᵀ)·v, flash-style: the Lq×Lk scores are never stored (Dao 2023, FlashAttention-2).
+    q is (B, H, Lq, D), k and v are (B, H, Lk, D) as for F.scaled_dot_product_attention; scale defaults to
+    1/√D. Differentiable in q, k and v. The output is a (B, H, Lq, D) view of (B, Lq, H, D) memory, so
+    out.transpose(1, 2).reshape(B, Lq, H·D) is free."""
+    if scale is None:
+        scale = 1.0 / math.sqrt(q.shape[-1]) if q.dim() == 4 and q.shape[-1] > 0 else 1.0
+    backend = resolve("attention", q.device)
+    if backend == "torch":
+        return reference.attention(q, k, v, scale)
+    if backend == "triton":
+        return _triton_attention()(q, k, v, float(scale))[0]
+    return _ops.attention(q, k, v, float(scale))[0]

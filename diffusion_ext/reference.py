@@ -165,3 +165,20 @@ def group_norm_act(x, num_groups, weight=None, bias=None, eps=1e-5, activation="
     if activation not in _ACTIVATIONS:
         raise ValueError(f"reference: unknown activation {activation!r}")
     return _ACTIVATIONS[activation](torch.nn.functional.group_norm(x, num_groups, weight, bias, eps))
+
+
+def attention(q, k, v, scale=None):
+    """softmax(scale·q·kᵀ)·v (Vaswani et al. 2017, eq. 1) with the Lq×Lk score matrix materialised, as eager
+    code writes it; q (B, H, Lq, D), k and v (B, H, Lk, D), scale = 1/√D by default. Lk = 0 gives zeros, as
+    F.scaled_dot_product_attention does."""
+    if scale is None:
+        scale = 1.0 / math.sqrt(q.shape[-1])
+    scores = torch.matmul(q, k.transpose(-2, -1)) * scale
+    return torch.matmul(scores.softmax(dim=-1), v)
+
+
+def attention_lse(q, k, scale=None):
+    """The row logsumexp of scale·q·kᵀ, (B, H, Lq), that the fused forward saves for its backward."""
+    if scale is None:
+        scale = 1.0 / math.sqrt(q.shape[-1])
+    return torch.logsumexp(torch.matmul(q, k.transpose(-2, -1)) * scale, dim=-1)
