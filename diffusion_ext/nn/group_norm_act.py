@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from .. import ops
+from .. import ops, reference
 
 ACTIVATIONS = ("silu", "relu", "none")
 
@@ -13,7 +13,7 @@ class GroupNormAct(torch.nn.Module):
     `bias` exactly as nn.GroupNorm's, so an nn.GroupNorm checkpoint loads into it and back."""
 
     def __init__(self, num_groups: int, num_channels: int, eps: float = 1e-5, affine: bool = True,
-                 activation: str = "silu", device=None, dtype=None):
+                 activation: str = "silu", fused: bool = True, device=None, dtype=None):
         super().__init__()
         if num_groups < 1 or num_channels % num_groups != 0:
             raise ValueError(f"GroupNormAct: num_channels = {num_channels} is not divisible by num_groups = {num_groups}")
@@ -22,7 +22,7 @@ class GroupNormAct(torch.nn.Module):
         if not eps > 0:
             raise ValueError(f"GroupNormAct: eps = {eps}; expected eps > 0")
         self.num_groups, self.num_channels, self.eps = num_groups, num_channels, eps
-        self.affine, self.activation = affine, activation
+        self.affine, self.activation, self.fused = affine, activation, fused
         if affine:
             self.weight = torch.nn.Parameter(torch.ones(num_channels, device=device, dtype=dtype))
             self.bias = torch.nn.Parameter(torch.zeros(num_channels, device=device, dtype=dtype))
@@ -31,8 +31,9 @@ class GroupNormAct(torch.nn.Module):
             self.register_parameter("bias", None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return ops.group_norm_act(x, self.num_groups, self.weight, self.bias, self.eps, self.activation)
+        fn = ops.group_norm_act if self.fused else reference.group_norm_act
+        return fn(x, self.num_groups, self.weight, self.bias, self.eps, self.activation)
 
     def extra_repr(self) -> str:
         return (f"{self.num_groups}, {self.num_channels}, eps={self.eps}, affine={self.affine}, "
-                f"activation={self.activation!r}")
+                f"activation={self.activation!r}, fused={self.fused}")
