@@ -38,7 +38,9 @@ def unit_to_depth(x: torch.Tensor) -> torch.Tensor:
 
 def uint8_to_unit(rgb: np.ndarray) -> torch.Tensor:
     """(H, W, 3) uint8 -> (3, H, W) float32 in [-1, 1]."""
-    t = torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1).float()
+    if not (rgb.flags.writeable and rgb.flags.c_contiguous):   # Pillow's arrays are read-only views
+        rgb = np.array(rgb, order="C")
+    t = torch.from_numpy(rgb).permute(2, 0, 1).float()
     return t.div_(127.5).sub_(1.0)
 
 
