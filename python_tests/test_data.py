@@ -214,6 +214,7 @@ def test_celeba_partition_file(tmp_path):
     assert sizes == {"train": 3, "val": 1, "test": 2}
     test = ImageFolderDataset(img, image_size=8, split="test")
     assert [p.name for p in test.paths] == [paths[4].name, paths[5].name]
+    assert [p.name for p in ImageFolderDataset(img, split="train", size=2).paths] == [paths[0].name, paths[1].name]
     bad = tmp_path / "bad_partition.txt"
     bad.write_text("000000.png 7\n")
     with pytest.raises(ValueError, match="bad_partition.txt:1"):

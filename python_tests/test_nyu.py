@@ -221,3 +221,13 @@ def test_mat_errors(tmp_path):
     bad_splits.write_bytes(mat_v5_bytes({"train": np.ones((2, 1))}, False))
     with pytest.raises(ValueError, match="trainNdxs and testNdxs"):
         NYUMatDataset(good, splits=bad_splits)
+
+
+def test_size_keeps_the_first_items(tmp_path):
+    csv_root = make_csv_folder(tmp_path / "csv")
+    assert len(build_dataset(str(csv_root), split="train", size=1)) == 1
+    path = make_mat(tmp_path / "nyu.mat")
+    ds = NYUMatDataset(path, split="test", splits={"train": [1, 2], "test": [3, 4, 5]}, size=2)
+    assert ds.indices.tolist() == [2, 3]
+    with pytest.raises(ValueError, match="size"):
+        NYUMatDataset(path, size=0)

@@ -18,7 +18,7 @@ import math
 import numpy as np
 import torch
 
-from .common import check_image_size, check_split, depth_item, item_rng, uint8_to_unit  # noqa: F401
+from .common import check_image_size, check_split, depth_item, item_rng
 
 FLOOR, CEILING, LEFT_WALL, RIGHT_WALL, BACK_WALL = range(5)   # object ids; boxes then spheres follow
 _EPS = 1e-6

@@ -65,6 +65,12 @@ def read_partition(path: Path) -> dict[str, int]:
     return table
 
 
+def _check_size(size) -> int:
+    if not isinstance(size, int) or isinstance(size, bool) or size < 1:
+        raise ValueError(f"ImageFolderDataset: size must be a positive int or None, got {size!r}")
+    return size
+
+
 def _names(paths, limit: int = 5) -> str:
     paths = list(paths)
     more = f" and {len(paths) - limit} more" if len(paths) > limit else ""
@@ -78,13 +84,14 @@ class ImageFolderDataset(torch.utils.data.Dataset):
     layout) and, if absent, every image belongs to every split. flip: None means "for the train split";
     the flip draws from torch's global generator, which DataLoader seeds differently in every worker.
     seed is accepted for build_dataset's uniform signature; the file list itself is sorted, not shuffled.
+    size: keep only the first `size` files of the split (sorted by path).
     """
 
     kind = "image"
     num_classes = None
 
     def __init__(self, root, image_size: int = 64, split: str = "train", partition=None, crop: int | None = None,
-                 flip: bool | None = None, max_bad_fraction: float = 0.1, seed: int = 0):
+                 flip: bool | None = None, max_bad_fraction: float = 0.1, seed: int = 0, size: int | None = None):
         self.root = Path(root).expanduser()
         if not self.root.is_dir():
             raise FileNotFoundError(f"ImageFolderDataset: {str(root)!r} is not a folder")
@@ -108,6 +115,8 @@ class ImageFolderDataset(torch.utils.data.Dataset):
             if not paths:
                 raise ValueError(f"ImageFolderDataset: no image of {str(self.root)!r} is in split {split!r} "
                                  f"(code {code}) of {str(self.partition_path)!r}")
+        if size is not None:   # the first `size` files (sorted), e.g. for a quick run; checked below as usual
+            paths = paths[:_check_size(size)]
         bad = [p for p in paths if not header_ok(p)]
         self._check_bad(bad, len(paths), "have no PNG/JPEG header or cannot be read")
         if bad:

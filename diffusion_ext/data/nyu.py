@@ -21,6 +21,7 @@ Items are the depth kind of data/common.depth_item. The full frame is resized to
 frame is squeezed, so that the Eigen crop, given in 640×480 coordinates, scales to S×S exactly): RGB
 bilinear with antialiasing, depth by data/common.resize_depth ("area": mean of the valid depths; or
 "nearest"); the train split flips image and depth together (one coin from torch's global generator).
+size=N keeps the first N items of the split (as for the built-in data sets, whose size is their length).
 """
 from __future__ import annotations
 
@@ -85,6 +86,14 @@ class _NYUBase(torch.utils.data.Dataset):
     kind = "depth"
     num_classes = None
 
+    def _limit(self, items, size, where):
+        """The first `size` items (None: all), e.g. for a quick run."""
+        if size is None:
+            return items
+        if not isinstance(size, int) or isinstance(size, bool) or size < 1:
+            raise ValueError(f"{where}: size must be a positive int or None, got {size!r}")
+        return items[:size]
+
     def _setup(self, image_size, split, depth_resize, flip, where):
         self.image_size = check_image_size(image_size, where)
         self.split = check_split(split, where)
@@ -98,7 +107,7 @@ class NYUCsvDataset(_NYUBase):
     """NYU Depth V2 as a folder of PNG pairs listed by nyu_<split>.csv (see the module docstring)."""
 
     def __init__(self, root, image_size: int = 64, split: str = "train", csv_file=None, depth_resize: str = "area",
-                 flip: bool | None = None, seed: int = 0):
+                 flip: bool | None = None, seed: int = 0, size: int | None = None):
         self._setup(image_size, split, depth_resize, flip, "NYUCsvDataset")
         self.root = Path(root).expanduser()
         if not self.root.is_dir():
@@ -119,6 +128,7 @@ class NYUCsvDataset(_NYUBase):
                 self.pairs.append(tuple(self._resolve(p.strip()) for p in row))
         if not self.pairs:
             raise ValueError(f"NYUCsvDataset: {str(path)!r} lists no image pairs")
+        self.pairs = self._limit(self.pairs, size, "NYUCsvDataset")
         for p in self.pairs[0]:   # a cheap check that the paths resolve; every file is checked when read
             if not p.is_file():
                 raise FileNotFoundError(f"NYUCsvDataset: {str(p)!r}, listed in {str(path)!r}, not found")
@@ -188,7 +198,7 @@ class NYUMatDataset(_NYUBase):
     """NYU Depth V2 from the official labeled .mat (HDF5); see the module docstring for the split."""
 
     def __init__(self, path, image_size: int = 64, split: str = "train", splits=None, depth_resize: str = "area",
-                 flip: bool | None = None, seed: int = 0):
+                 flip: bool | None = None, seed: int = 0, size: int | None = None):
         self._setup(image_size, split, depth_resize, flip, "NYUMatDataset")
         import h5py
 
@@ -221,7 +231,7 @@ class NYUMatDataset(_NYUBase):
         idx = table["test" if split == "val" else split]
         if idx.size == 0 or idx.min() < 0 or idx.max() >= n:
             raise ValueError(f"NYUMatDataset: split {split!r} indices must be non-empty and within 1..{n} (1-based)")
-        self.indices = idx
+        self.indices = self._limit(idx, size, "NYUMatDataset")
         self._file, self._pid = None, None
 
     @staticmethod
