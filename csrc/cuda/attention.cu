@@ -168,6 +168,22 @@ __device__ __forceinline__ void mma_rows_x_rowsT(float (*acc)[4], const T* a, in
   }
 }
 
+// The same with A already in registers as KSTEPS A fragments (ldmatrix'ed once: Q in the forward).
+template <typename T, int KSTEPS, int NP>
+__device__ __forceinline__ void mma_frags_x_rowsT(float (*acc)[4], const uint32_t (*af)[4], const T* b, int pb,
+                                                  int lane) {
+#pragma unroll
+  for (int kk = 0; kk < KSTEPS; ++kk) {
+#pragma unroll
+    for (int nb = 0; nb < NP; ++nb) {
+      uint32_t bf[4];
+      attn::ldmatrix_x4(bf, b_frag_addr_nk(b + nb * 16 * pb + kk * 16, pb, lane));
+      attn::mma_16816<T>(acc[2 * nb], af[kk], bf[0], bf[1]);
+      attn::mma_16816<T>(acc[2 * nb + 1], af[kk], bf[2], bf[3]);
+    }
+  }
+}
+
 // acc[0..2·NP) += A·B where A (16 × 16·KSTEPS) is an fp32 accumulator in registers (p, 2·KSTEPS n-blocks of
 // 8, rounded to T: the register reuse of the header of attention_mma.cuh) and B is stored [k][n] at b
 // (pitch pb; 16·NP columns from b): the O = P·V shape.
@@ -212,6 +228,9 @@ struct FwdTile {
   static constexpr int BM = 16 * kWarps;          // query rows per CTA, 16 per warp
   static constexpr int BN = DP <= 128 ? 64 : 32;  // keys per step
   static constexpr int kPitch = DP + 8;
+  // Q's A fragments stay in registers across the key loop (DP/4 registers) up to DP = 128; for DP = 256
+  // they would push the O accumulator (128 registers) into spills, so they are re-read from shared memory.
+  static constexpr bool kQInRegs = DP <= 128;
   // sQ [BM][kPitch], sK [2][BN][kPitch], sV [2][BN][kPitch]
   static constexpr int kSmemBytes = (BM + 4 * BN) * kPitch * 2;
 };
@@ -245,6 +264,7 @@ __global__ void __launch_bounds__(FwdTile<DP>::kThreads) attn_fwd_tc_kernel(cons
   float o[NBO][4] = {};
   float m[2] = {-INFINITY, -INFINITY};  // running max of the scaled scores (base 2), rows g and g + 8
   float l[2] = {0.f, 0.f};              // running Σ 2^(s − m) over this thread's columns only
+  uint32_t qf[Cfg::kQInRegs ? DP / 16 : 1][4];
 
   for (int j = 0; j < n_tiles; ++j) {
     // Tile j has landed, and every warp is done with tile j − 1, whose buffer the next load overwrites.
@@ -262,7 +282,15 @@ __global__ void __launch_bounds__(FwdTile<DP>::kThreads) attn_fwd_tc_kernel(cons
 
     // S = Q·Kᵀ for this warp's 16 rows and the BN keys: s[nb] is the accumulator of keys 8nb..8nb+7.
     float s[BN / 8][4] = {};
-    mma_rows_x_rowsT<T, DP / 16, BN / 16>(s, sQw, kPitch, sKj, kPitch, lane);
+    if constexpr (Cfg::kQInRegs) {
+      if (j == 0) {  // sQ has landed with tile 0
+#pragma unroll
+        for (int kk = 0; kk < DP / 16; ++kk) attn::ldmatrix_x4(qf[kk], a_frag_addr(sQw + kk * 16, kPitch, lane));
+      }
+      mma_frags_x_rowsT<T, DP / 16, BN / 16>(s, qf, sKj, kPitch, lane);
+    } else {
+      mma_rows_x_rowsT<T, DP / 16, BN / 16>(s, sQw, kPitch, sKj, kPitch, lane);
+    }
 
     const int64_t k0 = static_cast<int64_t>(j) * BN;
     if (k0 + BN > p.Lk) {  // the tail tile: keys ≥ Lk get −inf, so P = 0 there
