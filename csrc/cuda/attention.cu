@@ -782,12 +782,13 @@ void dispatch_head_dim(int64_t D, const Fn& fn) {
 }
 
 // True when every tensor can be moved in 16-byte chunks of 8 elements (2-byte dtypes): data pointer
-// 16-byte aligned and b, h, l strides multiples of 8 (the head dim, a multiple of 8, is contiguous).
+// 16-byte aligned and b, h, l strides multiples of 8 (the head dim, a multiple of 8, is contiguous). The
+// stride of a dim of size 1 is never multiplied by a nonzero index, so it does not matter.
 bool tiles_vectorizable(std::initializer_list<const at::Tensor*> ts) {
   for (const at::Tensor* t : ts) {
     if (t->element_size() != 2 || reinterpret_cast<uintptr_t>(t->const_data_ptr()) % 16 != 0) return false;
     for (int dim = 0; dim < 3; ++dim) {
-      if (t->stride(dim) % 8 != 0) return false;
+      if (t->size(dim) > 1 && t->stride(dim) % 8 != 0) return false;
     }
   }
   return true;
