@@ -10,20 +10,26 @@ Forward (FA2 Alg. 1), one launch, a program per (BLOCK_M queries of one (b, h)):
   for each key block: S = scale·Q·Kᵀ; m' = max(m, rowmax S); P = exp(S − m'); l = e^(m−m')·l + rowsum P;
   acc = e^(m−m')·acc + P·V. At the end out = acc / l, lse = m + log l. The running max keeps every exp ≤ 1
   (scores of 1e4 do not overflow) and the division by l waits for the last block (FA2 §3.1.1).
-Backward (FA2 Alg. 2, split in two kernels as in FA2's Triton version, so that no atomics are needed and
-the result is deterministic):
+Backward (FA2 Alg. 2, with dK/dV and dQ in separate kernels, as FA2's Triton version does, so that no
+atomics are needed and the result is deterministic):
   1. _attn_bwd_delta_kernel: Δ_i = Σ_d dO_id·O_id (= rowsum(dP∘P), FA2 eq. after Alg. 2);
   2. _attn_bwd_dkdv_kernel, a program per key block, loops over query blocks:
      P = exp(S − lse), dV += Pᵀ·dO, dP = dO·Vᵀ, dS = P∘(dP − Δ), dK += dSᵀ·Q; finally dK ·= scale;
   3. _attn_bwd_dq_kernel, a program per query block, loops over key blocks: same P, dS; dQ += dS·K.
-  (FA2's single kernel adds dQ with atomics into an fp32 workspace; recomputing S once more for dQ costs
-  ~25% more matmul work but no Lq×D fp32 workspace, no atomics, and works the same under the interpreter.)
+  (FA2's single kernel adds dQ with atomics into an fp32 workspace; recomputing S and dP for dQ costs
+  7 matmuls per tile pair instead of 5, but no Lq×D fp32 workspace and no atomics: deterministic, and
+  the same under the interpreter.)
 
 Numerics: fp32 accumulation (fp64 for fp64), tl.dot on fp16/bf16 inputs with fp32 accumulators; P and dS
 are rounded to the input dtype before their matmuls, as FA2 does. fp32 inputs use input_precision="ieee"
 (no TF32: the tests hold fp32 to fp32 accuracy). For fp32/16-bit inputs scale·log2(e) is folded into the
 scores and exp2 is used (FA2's Triton kernel); for fp64 the kernels use exp/log in fp64 and get the scale
 as two fp32 words, since a Python float argument reaches a kernel as fp32.
+The backward recomputes P = exp(S − lse) from the saved natural-log lse (converted to log2 units), so its
+relative error grows like |lse|·ε, as FA2's does: with scores ~10³ (D = 32, randn inputs, scale = 300)
+the fp32 gradients err by ~5e-4 where an eager softmax that keeps P errs by 3e-7 (dv) to 8e-5 (dk)
+(measured); at the usual scale 1/√D the scores are O(10) and both stay at fp32 rounding level. The
+forward is exact to fp32 rounding at any score size (the running max is subtracted before exp).
 
 Head dims: BLOCK_D = next power of two ≥ max(D, 16) (16: tl.dot's minimum), the columns past D masked
 (D = 40 and 80 are padded to 64 and 128). Lengths: any L ≥ 1, the tail rows masked.
@@ -299,16 +305,23 @@ def _attn_bwd_dq_kernel(
 # --------------------------------------------------------------------------------------------------------
 # tile sizes
 # --------------------------------------------------------------------------------------------------------
-# (BLOCK_M, BLOCK_N, num_warps, num_stages) for 16-bit inputs on an H100-class GPU, by BLOCK_D; BLOCK_M
-# counts queries, BLOCK_N keys. Not measured (no GPU where this was written): they follow FA2's Triton
-# kernel (fwd 128×64; dK/dV 32 queries × 128 keys; dQ 128 queries × 32 keys, for D = 64) and shrink with
-# the head dim so that the register-resident tiles (Q and acc in fwd/dQ; K, V, dK, dV in dK/dV) stay
-# under ~128 fp32 registers per thread. Retune with benchmarks/ on a GPU.
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) on an H100 (sm_90), by kernel and BLOCK_D; BLOCK_M counts
+# queries, BLOCK_N keys. No GPU was available to time them: they were chosen by compiling every kernel for
+# sm_90a (triton.compile + ptxas -v, no device needed) and keeping FA2's Triton shapes (fwd 128×64, dK/dV
+# 32 queries × 128 keys, dQ 128 × 32) where they fit in 255 registers without spills, shrinking the loop
+# block where they did not. Spills (bytes) are noted where no shape tried avoided them. Retune on a GPU.
 _GPU_TILES = {
-    "fwd": {64: (128, 64, 4, 3), 128: (128, 64, 8, 3), 256: (64, 32, 8, 2)},
-    "dkdv": {64: (32, 128, 4, 3), 128: (32, 128, 8, 2), 256: (32, 32, 8, 2)},
-    "dq": {64: (128, 32, 4, 3), 128: (128, 32, 8, 2), 256: (64, 32, 8, 2)},
+    "fwd": {64: (128, 64, 8, 3), 128: (128, 32, 8, 3), 256: (64, 16, 4, 2)},  # 127, 252, 252 registers
+    "dkdv": {64: (32, 128, 8, 3), 128: (32, 64, 8, 2), 256: (32, 16, 4, 2)},  # 193, 253, 255 + 24 B spill
+    "dq": {64: (128, 32, 8, 3), 128: (128, 32, 8, 2), 256: (64, 16, 8, 2)},  # 128, 251, 255 + 40 B spill
 }
+# fp32 runs tl.dot with input_precision="ieee" (FMA, not tensor cores: TF32 would miss fp32 accuracy), whose
+# operand layouts need far more registers: 32×32 tiles spill in dK/dV at every D and in fwd from D = 80
+# (up to 38 KB per thread at D = 256), 16×16 tiles do not (≤ 196 registers at D = 256).
+def _fp32_tiles(kind: str, bd: int) -> tuple[int, int, int, int]:
+    return (32, 32, 4, 2) if kind != "dkdv" and bd <= 64 else (16, 16, 4, 2)
+
+
 # which block is spread over programs (the other is the loop): the one shrunk for small problems
 _PARALLEL_AXIS = {"fwd": 0, "dkdv": 1, "dq": 0}
 _MIN_BLOCK = 16  # tl.dot's smallest M, N, K
@@ -336,11 +349,13 @@ def _tiles(kind: str, x: torch.Tensor, Lq: int, Lk: int, heads: int,
     if x.device.type != "cuda":
         m, n, warps, stages = INTERPRETER_BLOCK, INTERPRETER_BLOCK, 4, 1
     else:
-        m, n, warps, stages = _GPU_TILES[kind][max(64, bd)]
-        if x.dtype == torch.float32:  # twice the bytes: halve the larger tile side, fewer stages
-            m, n, stages = (m // 2, n, 2) if m >= n else (m, n // 2, 2)
+        if x.dtype == torch.float32:
+            m, n, warps, stages = _fp32_tiles(kind, bd)
         elif x.dtype == torch.float64:  # fp64 is for checking, not speed: small tiles, no pipelining
+            # (spill-free up to D = 128; D = 256 spills 0.1–1 KB)
             m, n, warps, stages = (32, 32, 4, 1) if bd <= 64 else (16, 16, 4, 1)
+        else:
+            m, n, warps, stages = _GPU_TILES[kind][max(64, bd)]
     m, n = _p2_cap(m, Lq), _p2_cap(n, Lk)
     if x.device.type == "cuda":
         # small problems: halve the parallel block until the programs cover the SMs (down to 32)
