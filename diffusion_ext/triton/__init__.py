@@ -5,3 +5,4 @@ ops so that torch.compile treats them as opaque calls. Imported lazily by diffus
 from .q_sample import q_sample, q_sample_with_noise  # noqa: F401
 from .reverse_step import ddim_step, ddpm_step  # noqa: F401
 from .group_norm_act import group_norm_act, group_norm_act_backward  # noqa: F401
+from .attention import attention, attention_backward  # noqa: F401
