@@ -7,8 +7,8 @@ the state of a process:
   permutation drawn from (seed, e); optimizer step s, micro-batch m takes the global positions
   [s·B + m·B/A, ...) (B the global batch, A the accumulation steps), and rank r of W takes the r-th W-th
   of them (as DistributedSampler does, but resumable at any step);
-- timesteps and label drops: drawn for the whole global micro-batch from torch.Generator seeded by
-  (seed, s, m); each rank takes its slice;
+- timesteps and label drops: drawn for the whole global batch of step s from torch.Generator seeded
+  by (seed, s); each micro-batch and rank takes its slice;
 - noise: the q_sample kernel's Philox stream (seed, p) for the sample at stream position p.
 
 So one process with batch B, two with B/2 each, or one with A = 2 see the same samples, timesteps and
@@ -43,6 +43,9 @@ from .logging_utils import JsonlLog, progress_bar, read_jsonl
 TASKS = ("pixel", "vae", "latent", "depth")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 CHECKPOINT_NAME = "checkpoint.pt"
+# what may differ between a run and its resumption
+RESUME_OVERRIDES = ("steps", "quiet", "ckpt_every", "log_every", "sample_every", "num_samples", "sample_steps",
+                    "save_format", "num_workers", "device", "compile")
 LOG_NAME = "log.jsonl"
 
 
@@ -215,12 +218,13 @@ class BatchPlan:
 
 
 def step_randomness(cfg: TrainConfig, layout: Layout, step: int, micro: int, num_timesteps: int):
-    """(t, drop) for this rank's slice of micro-batch (step, micro): drawn for the whole global
-    micro-batch from (seed, step, micro), so that they do not depend on the number of ranks."""
-    g = torch.Generator().manual_seed(mix_seed(cfg.seed, 0x7135, step, micro))
-    t = torch.randint(0, num_timesteps, (layout.micro,), generator=g)
-    drop = torch.rand(layout.micro, generator=g) < cfg.p_uncond
-    lo = layout.rank * layout.local
+    """(t, drop) for this rank's slice of micro-batch (step, micro): drawn for the whole global batch
+    of the step from (seed, step), so that they depend neither on the number of ranks nor on the
+    accumulation steps."""
+    g = torch.Generator().manual_seed(mix_seed(cfg.seed, 0x7135, step))
+    t = torch.randint(0, num_timesteps, (layout.batch_size,), generator=g)
+    drop = torch.rand(layout.batch_size, generator=g) < cfg.p_uncond
+    lo = layout.first_position(step, micro) - step * layout.batch_size
     return t[lo:lo + layout.local], drop[lo:lo + layout.local]
 
 
@@ -339,16 +343,23 @@ class Trainer:
     """One training run. `Trainer(cfg).run()` trains from scratch, or from the checkpoint in cfg.out
     with resume=True (or from the path given as resume)."""
 
-    def __init__(self, cfg: TrainConfig, resume: bool | str = False, log=print):
+    def __init__(self, cfg: TrainConfig, resume: bool | str = False, overrides: dict | None = None, log=print):
         self.log_msg = log
         ckpt = None
         if resume:
             path = resume if isinstance(resume, str) else os.path.join(cfg.out, CHECKPOINT_NAME)
             ckpt = load_checkpoint(path)
-            saved = TrainConfig.from_dict(ckpt["config"])
-            # the run's identity comes from the checkpoint; only the length and the output may change
-            saved.steps, saved.quiet, saved.out = cfg.steps, cfg.quiet, cfg.out
-            cfg = saved
+            # the run's identity (data, model, seeds, optimisation) comes from the checkpoint; only its
+            # length, output and bookkeeping may change (overrides, e.g. the options given on the command line)
+            saved = ckpt["config"]
+            if overrides is None:
+                overrides = {k: getattr(cfg, k) for k in RESUME_OVERRIDES}
+            bad = sorted(k for k, v in overrides.items() if k not in RESUME_OVERRIDES and v != saved.get(k))
+            if bad:
+                raise ValueError(f"train --resume: {', '.join(bad)} differ from the checkpoint {path}; a resumed run "
+                                 f"keeps its configuration (only {', '.join(RESUME_OVERRIDES)} may change)")
+            cfg = TrainConfig.from_dict({**saved, **{k: v for k, v in overrides.items() if k in RESUME_OVERRIDES},
+                                         "out": cfg.out})
         self.cfg = cfg = cfg.validate()
         self.dist = dist_utils.setup((cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")).split(":")[0])
         self.device = dist_utils.device_for(self.dist, cfg.device)
@@ -626,7 +637,10 @@ class Trainer:
         log = JsonlLog(os.path.join(cfg.out, LOG_NAME), resume_step=self.step if self.step else None) if main else None
         loader = torch.utils.data.DataLoader(
             self.dataset, batch_sampler=BatchPlan(self.stream, self.layout, self.step, max(self.step, cfg.steps)),
-            num_workers=cfg.num_workers, pin_memory=self.device.type == "cuda")
+            num_workers=cfg.num_workers, pin_memory=self.device.type == "cuda",
+            # its own generator: making the iterator draws a worker base seed, which must not consume
+            # torch's default generator (dropout's), or a resumed run would be one draw off
+            generator=torch.Generator().manual_seed(mix_seed(cfg.seed, 0x10AD, self.step, self.dist.rank)))
         batches = iter(loader)
         bar = progress_bar(cfg.steps, self.step, main and not cfg.quiet)
         handlers = {}
@@ -704,9 +718,9 @@ def threading_main() -> bool:
     return threading.current_thread() is threading.main_thread()
 
 
-def train(cfg: TrainConfig, resume: bool | str = False, log=print) -> dict:
+def train(cfg: TrainConfig, resume: bool | str = False, overrides: dict | None = None, log=print) -> dict:
     """Builds a Trainer, runs it, tears down the process group; returns a summary."""
-    trainer = Trainer(cfg, resume=resume, log=log)
+    trainer = Trainer(cfg, resume=resume, overrides=overrides, log=log)
     try:
         return trainer.run()
     finally:
