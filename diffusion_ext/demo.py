@@ -16,7 +16,7 @@ import time
 import torch
 
 # Tuned so that training takes ~2 minutes on 2 slow CPU cores at 16×16.
-DEMO_STEPS = {16: 400, 32: 400}
+DEMO_STEPS = {16: 800, 32: 800}
 DEMO_BATCH = 32
 
 
@@ -26,10 +26,10 @@ def demo_config(out: str, image_size: int, steps: int, seed: int, num_samples: i
 
     return TrainConfig(
         task="pixel", data="builtin:shapes", out=out, image_size=image_size, data_size=4096,
-        base_channels=32, channel_mults=(1, 2), num_res_blocks=1, attention_resolutions=(), dropout=0.0,
+        base_channels=32, channel_mults=(1, 2, 2), num_res_blocks=1, attention_resolutions=(), dropout=0.0,
         head_dim=32, num_groups=8, fused=fused,
         num_timesteps=1000, beta_schedule="linear",
-        steps=steps, batch_size=DEMO_BATCH, lr=1e-3, lr_warmup=20, clip_grad=1.0, ema_decay=0.995,
+        steps=steps, batch_size=DEMO_BATCH, lr=2e-3, lr_warmup=50, clip_grad=1.0, ema_decay=0.995,
         seed=seed, device=device, ckpt_every=max(1, steps // 2), log_every=1, sample_every=0,
         num_samples=num_samples, sample_steps=25, quiet=quiet)
 
