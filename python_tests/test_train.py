@@ -143,3 +143,55 @@ def test_ddp_two_processes_equal_one(tmp_path):
     p1, p2 = params(one), ck2["model"]
     for k in p1:
         torch.testing.assert_close(p1[k], p2[k], rtol=1e-4, atol=1e-5)
+
+
+class FakeDepth(torch.utils.data.Dataset):
+    """A stand-in depth data set (kind "depth"): depth is a ramp whose slope depends on the image."""
+    kind, num_classes = "depth", None
+
+    def __init__(self, n=16, size=8):
+        g = torch.Generator().manual_seed(0)
+        self.images = torch.rand(n, 3, size, size, generator=g) * 2 - 1
+        ramp = torch.linspace(-1, 1, size).view(1, 1, size).expand(1, size, size)
+        self.depth = torch.stack([ramp * self.images[i, 0].mean() for i in range(n)])
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, i):
+        d = self.depth[i]
+        return {"image": self.images[i], "depth": d, "depth_m": (d + 1) * 5, "valid": torch.ones_like(d, dtype=torch.bool)}
+
+
+def test_depth_task_trains_and_predicts(tmp_path, monkeypatch):
+    from diffusion_ext import depth_tools, train as train_mod
+    from diffusion_ext.train import load_trained
+
+    monkeypatch.setattr(train_mod, "build_dataset_for", lambda cfg, split="train": FakeDepth())
+    summary = train(tiny(tmp_path, task="depth", data="fake-depth", steps=2), log=lambda *x: None)
+    ck = load_checkpoint(tmp_path / "checkpoint.pt")
+    assert ck["model_config"]["in_channels"] == 4 and ck["model_config"]["out_channels"] == 1
+    assert "depth_mse" in summary and (tmp_path / "samples" / "step_0000002.png").exists()
+    m = load_trained(str(tmp_path / "checkpoint.pt"), fused=FUSED)
+    depth = depth_tools.predict(m, FakeDepth().images[:2], ensemble=3, steps=2)
+    assert depth.shape == (2, 1, 8, 8) and torch.isfinite(depth).all() and (depth >= 0).all()
+    one = depth_tools.predict(m, FakeDepth().images[:2], ensemble=1, steps=2)
+    assert one.shape == (2, 1, 8, 8)
+
+
+def test_latent_task_uses_the_vae_and_its_scale(tmp_path):
+    from diffusion_ext.train import load_trained
+
+    vae_dir, lat_dir = tmp_path / "vae", tmp_path / "latent"
+    train(tiny(vae_dir, task="vae", channel_mults=(1,), steps=2), log=lambda *x: None)
+    train(tiny(lat_dir, task="latent", vae=str(vae_dir / "checkpoint.pt"), channel_mults=(1, 2), base_channels=16,
+               steps=2, scale_batches=2), log=lambda *x: None)
+    ck = load_checkpoint(lat_dir / "checkpoint.pt")
+    assert ck["scale_factor"] > 0 and ck["vae"]["config"]["latent_channels"] == 4
+    assert ck["model_config"]["image_size"] == 4 and ck["model_config"]["in_channels"] == 4
+    m = load_trained(str(lat_dir / "weights.pt"), fused=FUSED)  # exported weights carry the VAE too
+    assert m.latent is not None and m.latent.scale_factor == ck["scale_factor"]
+    images = m.latent.sample(m.model, 2, steps=2, seed=0)
+    assert images.shape == (2, 3, 8, 8)
+    with pytest.raises(Exception, match="--vae needs a checkpoint of --task vae"):
+        train(tiny(tmp_path / "bad", task="latent", vae=str(lat_dir / "checkpoint.pt")), log=lambda *x: None)
