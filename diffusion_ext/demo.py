@@ -15,8 +15,8 @@ import time
 
 import torch
 
-# Tuned so that training takes ~2 minutes on 2 slow CPU cores at 16×16.
-DEMO_STEPS = {16: 800, 32: 800}
+# Tuned so that training takes ~2.5 minutes on one slow CPU core at 16×16 (0.2 s per step of batch 32).
+DEMO_STEPS = {16: 700, 32: 700}
 DEMO_BATCH = 32
 
 
@@ -28,7 +28,9 @@ def demo_config(out: str, image_size: int, steps: int, seed: int, num_samples: i
         task="pixel", data="builtin:shapes", out=out, image_size=image_size, data_size=4096,
         base_channels=32, channel_mults=(1, 2, 2), num_res_blocks=1, attention_resolutions=(), dropout=0.0,
         head_dim=32, num_groups=8, fused=fused,
-        num_timesteps=1000, beta_schedule="linear",
+        # the cosine schedule and v-prediction learn the global layout (one background, one shape) far
+        # faster than linear + ε here: 23 % valid samples after 700 steps against 6 % (ε, cosine) and 0 % (ε, linear)
+        num_timesteps=1000, beta_schedule="cosine", prediction_type="v_prediction",
         steps=steps, batch_size=DEMO_BATCH, lr=2e-3, lr_warmup=50, clip_grad=1.0, ema_decay=0.995,
         seed=seed, device=device, ckpt_every=max(1, steps // 2), log_every=1, sample_every=0,
         num_samples=num_samples, sample_steps=25, quiet=quiet)
