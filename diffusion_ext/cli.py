@@ -1,7 +1,7 @@
 """`python -m diffusion_ext <command>`: the command line of diffusion_ext.
 
 Commands are argparse subcommands, each registered by a small `_add_<name>` function that sets its
-handler with set_defaults(func=...), so that later commands (train, sample, demo) slot in beside `bench`.
+handler with set_defaults(func=...): bench, train, sample, demo, predict-depth, eval-depth.
 Handlers import what they need lazily: `--help` and one command never pay for another's imports.
 """
 from __future__ import annotations
@@ -105,12 +105,317 @@ def _run_bench(args) -> int:
     return 0
 
 
+def _ints(value: str) -> tuple[int, ...]:
+    return tuple(int(v) for v in _csv(value))
+
+
+def _error(cmd: str, msg: str) -> int:
+    print(f"diffusion_ext {cmd}: {msg}", file=sys.stderr)
+    return 2
+
+
+# ----------------------------------------------------------------------------------------------------
+# train
+# ----------------------------------------------------------------------------------------------------
+def _add_train(sub) -> None:
+    p = sub.add_parser(
+        "train",
+        help="train a pixel, VAE, latent or depth diffusion model",
+        description="Trains with Adam, an EMA of the weights (used for sampling), mixed precision on GPU, "
+                    "gradient clipping and accumulation. Writes OUT/checkpoint.pt every --ckpt-every steps and "
+                    "on Ctrl-C (the current step finishes first), OUT/log.jsonl, sample grids OUT/samples/*.png, "
+                    "OUT/loss.png and the EMA weights OUT/weights.{pt,safetensors}. Several GPUs or nodes: "
+                    "torchrun --nproc_per_node=G -m diffusion_ext train ... (DDP; --batch-size is the global batch).",
+        argument_default=argparse.SUPPRESS,  # only the options given reach TrainConfig (and a resumed run)
+    )
+    a = p.add_argument
+    a("--task", choices=("pixel", "vae", "latent", "depth"),
+      help="pixel: DDPM on images; vae: the first stage of latent diffusion; latent: DDPM in a VAE's latent space "
+           "(needs --vae); depth: depth maps conditioned on RGB images")
+    a("--data", metavar="PATH|builtin:NAME", help="builtin:shapes, builtin:depth-scenes, an image folder, NYU Depth V2")
+    a("--out", metavar="DIR", help="output directory (default runs/<task>)")
+    a("--resume", nargs="?", const=True, metavar="CKPT",
+      help="continue from OUT/checkpoint.pt (or CKPT) with its configuration; --steps may extend the run")
+    a("--image-size", dest="image_size", type=int, help="side of the square images (default 64)")
+    a("--data-size", dest="data_size", type=int, help="number of items of a builtin data set")
+    g = p.add_argument_group("model")
+    g.add_argument("--base-channels", dest="base_channels", type=int, help="default 64")
+    g.add_argument("--channel-mults", dest="channel_mults", type=_ints, metavar="M,M,...",
+                   help="UNet default 1,2,2,2; VAE default 1,2,4")
+    g.add_argument("--num-res-blocks", dest="num_res_blocks", type=int, help="default 2")
+    g.add_argument("--attention-resolutions", dest="attention_resolutions", type=_ints, metavar="R,...",
+                   help="default 16 (when it occurs)")
+    g.add_argument("--dropout", type=float, help="default 0.1")
+    g.add_argument("--head-dim", dest="head_dim", type=int, help="default 32")
+    g.add_argument("--num-groups", dest="num_groups", type=int, help="GroupNorm groups, default 32")
+    g.add_argument("--latent-channels", dest="latent_channels", type=int, help="VAE latent channels, default 4")
+    g.add_argument("--class-cond", dest="class_cond", action="store_true",
+                   help="condition on the data set's labels, dropping them with --p-uncond (classifier-free guidance)")
+    g.add_argument("--p-uncond", dest="p_uncond", type=float, help="default 0.1")
+    g.add_argument("--eager", dest="fused", action="store_false", help="build the eager model (fused=False)")
+    g = p.add_argument_group("diffusion")
+    g.add_argument("--num-timesteps", dest="num_timesteps", type=int, help="default 1000")
+    g.add_argument("--beta-schedule", dest="beta_schedule", choices=("linear", "scaled_linear", "cosine"))
+    g.add_argument("--prediction-type", dest="prediction_type", choices=("epsilon", "sample", "v_prediction"))
+    g.add_argument("--vae", metavar="CKPT", help="latent: the trained VAE (a checkpoint of --task vae)")
+    g.add_argument("--kl-weight", dest="kl_weight", type=float, help="vae: β of the KL term, default 1e-3")
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--steps", type=int, help="optimizer steps, default 10000")
+    g.add_argument("--batch-size", dest="batch_size", type=int, help="global batch per step, default 64")
+    g.add_argument("--grad-accum", dest="grad_accum", type=int, help="micro-batches per step, default 1")
+    g.add_argument("--lr", type=float, help="Adam learning rate, default 1e-4")
+    g.add_argument("--lr-warmup", dest="lr_warmup", type=int, help="linear warm-up steps, default 0")
+    g.add_argument("--weight-decay", dest="weight_decay", type=float, help="AdamW weight decay, default 0 (Adam)")
+    g.add_argument("--clip-grad", dest="clip_grad", type=float, help="max grad norm, default 1 (0: off)")
+    g.add_argument("--ema-decay", dest="ema_decay", type=float, help="default 0.9999")
+    g.add_argument("--no-ema-warmup", dest="ema_warmup", action="store_false",
+                   help="constant EMA decay (default: min(decay, (1+n)/(10+n)))")
+    g.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"),
+                   help="auto: bf16 (fp16 with a grad scaler where bf16 is missing) on GPU, fp32 on CPU")
+    g.add_argument("--compile", action="store_true", help="torch.compile the model")
+    g.add_argument("--channels-last", dest="channels_last", action="store_true", help="NHWC memory format")
+    g.add_argument("--seed", type=int, help="default 0")
+    g.add_argument("--device", help="cpu, cuda, cuda:1 (default cuda if available); torchrun: cuda:LOCAL_RANK")
+    g.add_argument("--num-workers", dest="num_workers", type=int, help="DataLoader workers, default 0")
+    g = p.add_argument_group("output")
+    g.add_argument("--ckpt-every", dest="ckpt_every", type=int, help="default 1000")
+    g.add_argument("--log-every", dest="log_every", type=int, help="JSONL record every k steps, default 1")
+    g.add_argument("--sample-every", dest="sample_every", type=int, help="sample grid every N steps, default 1000")
+    g.add_argument("--num-samples", dest="num_samples", type=int, help="images per grid, default 16")
+    g.add_argument("--sample-steps", dest="sample_steps", type=int, help="DDIM steps of the grids, default 50")
+    g.add_argument("--save-format", dest="save_format", choices=("pt", "safetensors"),
+                   help="format of the exported EMA weights, default pt")
+    g.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_run_train)
+
+
+def _run_train(args) -> int:
+    from .checkpoint import CheckpointError
+    from .train import TrainConfig, train
+
+    given = {k: v for k, v in vars(args).items() if k not in ("func", "command", "resume")}
+    resume = getattr(args, "resume", False)
+    if not resume:
+        for name in ("task", "data"):
+            if name not in given:
+                return _error("train", f"--{name} is required (unless --resume)")
+    given.setdefault("out", os.path.join("runs", given.get("task", "train")))
+    try:
+        cfg = TrainConfig(**given)
+        summary = train(cfg, resume=resume, overrides=given if resume else None)
+    except (ValueError, CheckpointError, FileNotFoundError) as e:
+        return _error("train", str(e))
+    if summary.get("loss_curve"):  # rank 0
+        if summary["interrupted"]:
+            print(f"interrupted after step {summary['step']}; checkpoint {summary['checkpoint']}; continue with "
+                  f"--resume --out {summary['out']}")
+        else:
+            extra = "".join(f", {k} {v:.4g}" for k, v in summary.items() if k in ("valid_fraction", "recon_mse"))
+            print(f"trained {summary['step']} steps{extra}; checkpoint {summary['checkpoint']}, weights "
+                  f"{summary['weights']}, samples {summary['samples']}, loss curve {summary['loss_curve']}")
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------------
+# sample
+# ----------------------------------------------------------------------------------------------------
+def _add_sample(sub) -> None:
+    p = sub.add_parser("sample", help="sample images from a trained model (its EMA weights) into a PNG grid",
+                       description="Loads a training checkpoint or exported weights (pixel or latent task) and "
+                                   "writes a grid of samples.")
+    p.add_argument("--checkpoint", required=True, metavar="CKPT")
+    p.add_argument("--num", type=int, default=64, help="number of images (default 64)")
+    p.add_argument("--sampler", choices=("ddpm", "ddim"), default="ddim")
+    p.add_argument("--steps", type=int, default=None, help="sampling steps (default: 50 for ddim, T for ddpm)")
+    p.add_argument("--eta", type=float, default=0.0, help="DDIM η (0: deterministic)")
+    p.add_argument("--guidance", type=float, default=None, metavar="W",
+                   help="classifier-free guidance scale (a class-conditional model, --class-cond)")
+    p.add_argument("--label", type=int, default=None, help="class of every sample (default: cycle through classes)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default=None)
+    p.add_argument("--eager", action="store_true", help="the eager model (fused=False)")
+    p.add_argument("--out", default="samples.png", metavar="GRID.png")
+    p.set_defaults(func=_run_sample)
+
+
+def _run_sample(args) -> int:
+    import torch
+
+    from .checkpoint import CheckpointError
+    from .images import save_grid
+    from .train import load_trained
+
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if args.num < 1:
+        return _error("sample", f"--num must be at least 1, got {args.num}")
+    try:
+        m = load_trained(args.checkpoint, device, fused=not args.eager)
+    except (CheckpointError, ValueError) as e:
+        return _error("sample", str(e))
+    if m.task in ("vae", "depth"):
+        return _error("sample", f"{args.checkpoint} is a {m.task} model; sample takes pixel or latent models "
+                                f"(depth: predict-depth)")
+    n_cls = m.model.num_classes
+    y = None
+    if n_cls is not None:
+        y = torch.arange(args.num, device=device) % n_cls if args.label is None else \
+            torch.full((args.num,), args.label, dtype=torch.long, device=device)
+        if args.label is not None and not 0 <= args.label < n_cls:
+            return _error("sample", f"--label {args.label} is outside 0..{n_cls - 1}")
+    elif args.guidance is not None or args.label is not None:
+        return _error("sample", "--guidance and --label need a class-conditional model (trained with --class-cond)")
+    kw = dict(sampler=args.sampler, steps=args.steps, eta=args.eta, guidance_scale=args.guidance, y=y,
+              seed=args.seed, device=device)
+    try:
+        if m.latent is not None:
+            images = m.latent.sample(m.model, args.num, **kw)
+        else:
+            size = m.model.config["image_size"]
+            images = m.diffusion.sample(m.model, (args.num, m.model.config["out_channels"], size, size), **kw)
+    except ValueError as e:
+        return _error("sample", str(e))
+    save_grid(images.float().cpu(), args.out)
+    print(f"wrote {args.out} ({args.num} samples, {args.sampler}, step {m.meta.get('step')})")
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------------
+# demo
+# ----------------------------------------------------------------------------------------------------
+def _add_demo(sub) -> None:
+    p = sub.add_parser("demo", help="train a tiny DDPM on builtin:shapes on CPU, sample it, time fused vs eager",
+                       description="Trains a small pixel DDPM on builtin:shapes (a few minutes on a laptop CPU), "
+                                   "samples it with DDIM into a PNG grid, prints the fraction of samples the shapes "
+                                   "checker accepts next to that of pure noise, and the time of one training step "
+                                   "and one sampling step of the fused model against the eager one.")
+    p.add_argument("--out", default="runs/demo", metavar="DIR")
+    p.add_argument("--steps", type=int, default=None, help="training steps (default: the demo's budget)")
+    p.add_argument("--image-size", dest="image_size", type=int, choices=(16, 32), default=16)
+    p.add_argument("--num-samples", dest="num_samples", type=int, default=64)
+    p.add_argument("--device", default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=None, metavar="N",
+                   help="torch.set_num_threads(N) (on a busy machine 1 thread can beat 2 fighting for cores)")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=_run_demo)
+
+
+def _run_demo(args) -> int:
+    from . import demo
+
+    return demo.main(args)
+
+
+# ----------------------------------------------------------------------------------------------------
+# predict-depth, eval-depth
+# ----------------------------------------------------------------------------------------------------
+def _add_predict_depth(sub) -> None:
+    p = sub.add_parser("predict-depth", help="predict a depth map for an image with a trained depth model",
+                       description="Samples depth conditioned on the image (DDIM or DDPM); with --ensemble K the "
+                                   "per-pixel median of K samples. Writes a colour-mapped depth PNG.")
+    p.add_argument("--checkpoint", required=True, metavar="CKPT")
+    p.add_argument("--image", required=True, metavar="IMG.png")
+    p.add_argument("--out", default=None, metavar="DEPTH.png", help="default: IMG_depth.png beside the input")
+    p.add_argument("--ensemble", type=int, default=1, metavar="K")
+    p.add_argument("--sampler", choices=("ddpm", "ddim"), default="ddim")
+    p.add_argument("--steps", type=int, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default=None)
+    p.set_defaults(func=_run_predict_depth)
+
+
+def _run_predict_depth(args) -> int:
+    import torch
+
+    from . import depth_tools
+    from .checkpoint import CheckpointError
+    from .images import depth_to_rgb, load_image, make_grid, save_png
+    from .train import load_trained
+
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if args.ensemble < 1:
+        return _error("predict-depth", f"--ensemble must be at least 1, got {args.ensemble}")
+    try:
+        m = load_trained(args.checkpoint, device)
+    except (CheckpointError, ValueError) as e:
+        return _error("predict-depth", str(e))
+    if m.task != "depth":
+        return _error("predict-depth", f"{args.checkpoint} is a {m.task} model, not a depth model (--task depth)")
+    try:
+        image = load_image(args.image, m.model.config["image_size"])
+    except (OSError, ValueError) as e:
+        return _error("predict-depth", f"cannot read --image {args.image}: {e}")
+    depth_m = depth_tools.predict(m, image[None].to(device), ensemble=args.ensemble, sampler=args.sampler,
+                                  steps=args.steps, seed=args.seed)
+    out = args.out or os.path.splitext(args.image)[0] + "_depth.png"
+    save_png(make_grid(depth_to_rgb(depth_m.cpu()), nrow=1, padding=0), out, scale=max(1, 256 // image.shape[-1]))
+    print(f"wrote {out}: depth {float(depth_m.min()):.2f}–{float(depth_m.max()):.2f} m "
+          f"(near is yellow, far is dark), ensemble of {args.ensemble}")
+    return 0
+
+
+def _add_eval_depth(sub) -> None:
+    p = sub.add_parser("eval-depth", help="evaluate a depth model: δ1..3, REL, SqRel, RMS, RMSlog, log10",
+                       description="Predicts depth for a data set's test split and prints the standard metrics "
+                                   "(Eigen et al. 2014), written also as JSON and markdown, with a PNG of "
+                                   "image / ground truth / prediction rows.")
+    p.add_argument("--checkpoint", required=True, metavar="CKPT")
+    p.add_argument("--data", required=True, metavar="PATH|builtin:depth-scenes")
+    p.add_argument("--split", default="test")
+    p.add_argument("--data-size", dest="data_size", type=int, default=None, help="items of a builtin data set")
+    p.add_argument("--limit", type=int, default=None, help="evaluate the first N items only")
+    p.add_argument("--batch-size", dest="batch_size", type=int, default=16)
+    p.add_argument("--eigen-crop", dest="eigen_crop", action="store_true", help="the Eigen crop of NYU")
+    p.add_argument("--pooled", action="store_true", help="pool pixels over the data set (default: mean per image)")
+    p.add_argument("--align", choices=("none", "scale", "scale_shift"), default="none",
+                   help="least-squares alignment of each prediction to the ground truth first")
+    p.add_argument("--ensemble", type=int, default=1, metavar="K")
+    p.add_argument("--sampler", choices=("ddpm", "ddim"), default="ddim")
+    p.add_argument("--steps", type=int, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default=None)
+    p.add_argument("--out", default=None, metavar="DIR", help="default: beside the checkpoint")
+    p.set_defaults(func=_run_eval_depth)
+
+
+def _run_eval_depth(args) -> int:
+    import torch
+
+    from . import depth_tools
+    from .checkpoint import CheckpointError
+    from .train import load_trained
+
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    try:
+        m = load_trained(args.checkpoint, device)
+    except (CheckpointError, ValueError) as e:
+        return _error("eval-depth", str(e))
+    if m.task != "depth":
+        return _error("eval-depth", f"{args.checkpoint} is a {m.task} model, not a depth model (--task depth)")
+    out = args.out or os.path.dirname(os.path.abspath(args.checkpoint))
+    try:
+        result = depth_tools.evaluate(m, args.data, split=args.split, data_size=args.data_size, limit=args.limit,
+                                      batch_size=args.batch_size, eigen_crop=args.eigen_crop, pooled=args.pooled,
+                                      align=args.align, ensemble=args.ensemble, sampler=args.sampler,
+                                      steps=args.steps, seed=args.seed, out_dir=out)
+    except (ValueError, FileNotFoundError) as e:
+        return _error("eval-depth", str(e))
+    print(result["markdown"], end="")
+    print(f"\nwrote {result['json']}, {result['md']}, {result['png']}")
+    return 0
+
+
 # ----------------------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m diffusion_ext",
-                                     description="Fused diffusion ops: benchmarks and tools.")
+                                     description="Fused diffusion ops: benchmarks, training and sampling.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     _add_bench(sub)
+    _add_train(sub)
+    _add_sample(sub)
+    _add_demo(sub)
+    _add_predict_depth(sub)
+    _add_eval_depth(sub)
     return parser
 
 

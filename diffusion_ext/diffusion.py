@@ -1,0 +1,298 @@
+"""Diffusion: the training objective and the samplers of a denoising diffusion model, on top of
+NoiseSchedule's fused ops; LatentDiffusion: the same in the latent space of a trained VAE.
+
+Randomness is reproducible from integer seeds: the training noise is made inside the q_sample kernel from
+(seed, 0), the timesteps and label drops come from torch.Generator().manual_seed(seed); a sample starts
+from Philox stream (seed, 0) and step i of the sampler draws its noise from stream (seed, i + 1), so the
+same seed gives the same image on every backend (DESIGN.md, "Randomness").
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, Iterable
+
+import torch
+import torch.nn.functional as F
+
+from . import reference
+from .schedule import NoiseSchedule
+
+PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
+SAMPLERS = ("ddpm", "ddim")
+DEFAULT_DDIM_STEPS = 50
+
+
+def _call(model, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
+    # A plain callable model(x, t) works too (unconditional models, tests' oracles).
+    return model(x, t) if y is None else model(x, t, y)
+
+
+def _null_class(model, who: str) -> int:
+    n = getattr(model, "num_classes", None)
+    if n is None:
+        raise ValueError(f"{who}: classifier-free guidance and label dropping need a class-conditional model "
+                         f"(num_classes set; its index num_classes is the null class), but the model has none")
+    return n
+
+
+class _eval_mode:
+    """Puts an nn.Module in eval mode (no dropout) for the duration, then restores its mode."""
+
+    def __init__(self, model):
+        self.model = model if isinstance(model, torch.nn.Module) else None
+
+    def __enter__(self):
+        if self.model is not None:
+            self.training = self.model.training
+            self.model.eval()
+
+    def __exit__(self, *exc):
+        if self.model is not None:
+            self.model.train(self.training)
+
+
+class Diffusion:
+    """A diffusion process over a NoiseSchedule whose model predicts ε ("epsilon"), x0 ("sample") or
+    v = √ᾱ·ε − √(1−ᾱ)·x0 ("v_prediction", Salimans & Ho 2022).
+
+    >>> diff = Diffusion(NoiseSchedule(1000))
+    >>> loss = diff.training_loss(unet, x0, seed=step)
+    >>> images = diff.sample(unet, (16, 3, 64, 64), sampler="ddim", steps=50, seed=0)
+    """
+
+    def __init__(self, schedule: NoiseSchedule, prediction_type: str = "epsilon"):
+        if not isinstance(schedule, NoiseSchedule):
+            raise TypeError(f"Diffusion: schedule must be a NoiseSchedule, got {type(schedule).__name__}")
+        if prediction_type not in PREDICTION_TYPES:
+            raise ValueError(f"Diffusion: prediction_type {prediction_type!r} is unknown; expected one of "
+                             f"{PREDICTION_TYPES}")
+        self.schedule, self.prediction_type = schedule, prediction_type
+
+    @property
+    def num_timesteps(self) -> int:
+        return self.schedule.num_timesteps
+
+    def __repr__(self) -> str:
+        return f"Diffusion({self.schedule!r}, prediction_type={self.prediction_type!r})"
+
+    def _on(self, device) -> NoiseSchedule:
+        device = torch.device(device)
+        if self.schedule.device != device:
+            self.schedule.to(device)
+        return self.schedule
+
+    # ------------------------------------------------------------------------------------------------
+    def training_loss(self, model, x0: torch.Tensor, *, y: torch.Tensor | None = None,
+                      cond: torch.Tensor | None = None, seed: int | None = None, p_uncond: float = 0.0) -> torch.Tensor:
+        """The simplified objective L_simple = E_{t, x0, ε} ‖target − model(x_t, t)‖² (Ho et al. 2020, eq. 14),
+        a scalar (the mean over every element).
+
+        t = torch.randint(0, T, (B,), generator=torch.Generator().manual_seed(seed)); then, when p_uncond > 0,
+        drop = torch.rand(B, generator=<the same generator>) < p_uncond; ε is the in-kernel noise of stream
+        (seed, 0) (reference.noise_like(x0, seed)). seed=None draws one from torch's default generator.
+        cond (B, Cc, S, S) is concatenated to x_t on channels (the conditioning image of depth prediction).
+        """
+        if x0.dim() < 2 or x0.shape[0] < 1:
+            raise ValueError(f"Diffusion.training_loss: x0 must be a batch (B, C, ...), got shape {tuple(x0.shape)}")
+        if not 0.0 <= p_uncond <= 1.0:
+            raise ValueError(f"Diffusion.training_loss: p_uncond = {p_uncond}; expected a probability in [0, 1]")
+        B, device = x0.shape[0], x0.device
+        sched = self._on(device)
+        if seed is None:
+            seed = NoiseSchedule._draw_seed()
+        gen = torch.Generator().manual_seed(seed)
+        # 1. t ~ Uniform{0, …, T−1} (Ho et al. 2020, Alg. 1, line 3)
+        t = torch.randint(0, self.num_timesteps, (B,), generator=gen).to(device)
+        # 2. replace the label by the null class with probability p_uncond (Ho & Salimans 2022, Alg. 1)
+        if p_uncond > 0:
+            null = _null_class(model, "Diffusion.training_loss")
+            drop = (torch.rand(B, generator=gen) < p_uncond).to(device)
+            y = torch.where(drop, null, y) if y is not None else None
+        # 3. x_t = √ᾱ_t·x0 + √(1−ᾱ_t)·ε with ε made in the kernel (eq. 4)
+        x_t, eps = sched.q_sample_with_noise(x0, t, seed=seed)
+        # 4. the regression target of the parameterisation
+        if self.prediction_type == "epsilon":
+            target = eps
+        elif self.prediction_type == "sample":
+            target = x0
+        else:  # v = √ᾱ_t·ε − √(1−ᾱ_t)·x0 (Salimans & Ho 2022, §4)
+            a = sched.alphas_cumprod[t].to(torch.float32).view(-1, *([1] * (x0.dim() - 1)))
+            target = a.sqrt() * eps.float() - (1 - a).sqrt() * x0.float()
+        # 5. the model's prediction from x_t (and the conditioning image), then the mean squared error
+        inp = x_t if cond is None else torch.cat([x_t, cond.to(x_t.dtype)], dim=1)
+        out = _call(model, inp, t, y)
+        if out.shape != x0.shape:
+            raise ValueError(f"Diffusion.training_loss: the model returned shape {tuple(out.shape)}; expected x0's "
+                             f"{tuple(x0.shape)}")
+        return F.mse_loss(out.float(), target.float())
+
+    # ------------------------------------------------------------------------------------------------
+    def plan(self, sampler: str = "ddim", steps: int | None = None, spacing: str = "leading") -> list[tuple[int, int]]:
+        """The (t, t_prev) pairs a sampler visits, t_prev = −1 at the clean end. "ddpm" with steps None or
+        T visits every t (t_prev = t − 1); otherwise `steps` timesteps of NoiseSchedule.timesteps."""
+        if sampler not in SAMPLERS:
+            raise ValueError(f"Diffusion.sample: sampler {sampler!r} is unknown; expected one of {SAMPLERS}")
+        T = self.num_timesteps
+        if steps is None:
+            steps = T if sampler == "ddpm" else min(DEFAULT_DDIM_STEPS, T)
+        if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= T:
+            raise ValueError(f"Diffusion.sample: steps = {steps!r}; expected an int in 1..{T}")
+        ts = list(range(T - 1, -1, -1)) if steps == T else self.schedule.timesteps(steps, spacing).tolist()
+        return [(t, ts[i + 1] if i + 1 < len(ts) else -1) for i, t in enumerate(ts)]
+
+    def sample_step(self, model, x: torch.Tensor, t: int, t_prev: int, *, sampler: str = "ddim", eta: float = 0.0,
+                    guidance_scale: float | None = None, y: torch.Tensor | None = None,
+                    cond: torch.Tensor | None = None, seed: int = 0, offset: int = 0,
+                    clip_range: float | None = 1.0) -> torch.Tensor:
+        """One reverse step x_t -> x_{t_prev}: one model call (on the doubled batch [cond; uncond] under
+        guidance) and one fused ddpm_step / ddim_step."""
+        B, sched = x.shape[0], self.schedule
+        tt = torch.full((B,), t, dtype=torch.long, device=x.device)
+        inp = x if cond is None else torch.cat([x, cond.to(x.dtype)], dim=1)
+        # 1. the model's prediction; under classifier-free guidance the conditional and the unconditional
+        #    one from a single call on [x; x] with labels [y; ∅] (Ho & Salimans 2022, eq. 6)
+        uncond = None
+        if guidance_scale is not None:
+            null = torch.full((B,), _null_class(model, "Diffusion.sample"), dtype=torch.long, device=x.device)
+            out = _call(model, torch.cat([inp, inp]), torch.cat([tt, tt]), torch.cat([y, null]))
+            out, uncond = out.chunk(2)
+        else:
+            out = _call(model, inp, tt, y)
+        # 2. x_{t_prev} from the fused step, which applies the guidance ε̃ = ε_∅ + w·(ε_y − ε_∅) itself:
+        #    DDPM's ancestral step (Ho et al. 2020, Alg. 2) when t_prev = t − 1, else DDIM's (Song et al.
+        #    2021, eq. 12), whose η = 1 is DDPM's posterior on the respaced chain (ibid., eq. 16)
+        clip = clip_range is not None
+        common = dict(seed=seed, offset=offset, clip_sample=clip, clip_range=clip_range if clip else 1.0,
+                      prediction_type=self.prediction_type, guidance_scale=guidance_scale, model_output_uncond=uncond)
+        if sampler == "ddpm" and t_prev == t - 1:
+            return sched.ddpm_step(out, tt, x, **common)
+        return sched.ddim_step(out, tt, t_prev, x, 1.0 if sampler == "ddpm" else eta, **common)
+
+    @torch.no_grad()
+    def sample(self, model, shape, *, sampler: str = "ddim", steps: int | None = None, eta: float = 0.0,
+               guidance_scale: float | None = None, y: torch.Tensor | None = None, cond: torch.Tensor | None = None,
+               seed: int = 0, device="cpu", dtype: torch.dtype = torch.float32, progress: bool = False,
+               callback: Callable[[int, int, torch.Tensor], None] | None = None, spacing: str = "leading",
+               clip_range: float | None = 1.0) -> torch.Tensor:
+        """Draws x0 ~ p_θ(x0 | y, cond) of the given shape (B, C, S, S).
+
+        sampler "ddpm": all T steps when steps is None (or T), else `steps` timesteps with DDIM η = 1;
+        "ddim": `steps` timesteps (50 when None) with the given eta. guidance_scale w (None: no guidance)
+        needs labels y and a class-conditional model. clip_range: x̂0 is clipped to [−r, r] at every step
+        and so is the result (the data range: 1 for images in [−1, 1]; None for latents, which are
+        unbounded). callback(i, t, x_{t_prev}) runs after step i.
+        """
+        shape = tuple(int(s) for s in shape)
+        if len(shape) < 2 or shape[0] < 1:
+            raise ValueError(f"Diffusion.sample: shape must be (B, C, ...) with B >= 1, got {shape}")
+        if guidance_scale is not None and y is None:
+            raise ValueError("Diffusion.sample: guidance_scale needs class labels y (guidance contrasts y with the "
+                             "null class)")
+        if y is not None and y.shape != (shape[0],):
+            raise ValueError(f"Diffusion.sample: y must have shape ({shape[0]},), got {tuple(y.shape)}")
+        if cond is not None and (cond.shape[0] != shape[0] or cond.shape[2:] != shape[2:]):
+            raise ValueError(f"Diffusion.sample: cond must be (B, Cc, ...) matching shape {shape}, got "
+                             f"{tuple(cond.shape)}")
+        if not eta >= 0:
+            raise ValueError(f"Diffusion.sample: eta = {eta}; expected eta >= 0")
+        plan = self.plan(sampler, steps, spacing)
+        device = torch.device(device)
+        self._on(device)
+        y = None if y is None else y.to(device)
+        cond = None if cond is None else cond.to(device)
+        # 1. x_T ~ N(0, I): Philox stream (seed, 0), the generator of the kernels
+        x = reference.philox_normal(math.prod(shape), seed, 0, dtype, device).view(shape)
+        steps_iter = enumerate(plan)
+        if progress:
+            from tqdm.auto import tqdm
+
+            steps_iter = tqdm(steps_iter, total=len(plan), desc=f"{sampler} sampling")
+        # 2. the reverse chain x_T -> … -> x_0, step i drawing its noise from stream (seed, i + 1)
+        with _eval_mode(model):
+            for i, (t, t_prev) in steps_iter:
+                x = self.sample_step(model, x, t, t_prev, sampler=sampler, eta=eta, guidance_scale=guidance_scale,
+                                     y=y, cond=cond, seed=seed, offset=i + 1, clip_range=clip_range)
+                if callback is not None:
+                    callback(i, t, x)
+        # 3. the data range
+        return x if clip_range is None else x.clamp(-clip_range, clip_range)
+
+
+# ----------------------------------------------------------------------------------------------------
+def _images(batch) -> torch.Tensor:
+    if isinstance(batch, dict):
+        return batch["image"]
+    if isinstance(batch, (list, tuple)):
+        return batch[0]
+    return batch
+
+
+@torch.no_grad()
+def measure_scale_factor(vae, batches: Iterable) -> float:
+    """1 / std of the VAE's reparameterised latents over the given batches (tensors, or dicts with "image"),
+    the factor that gives the diffusion model unit-variance inputs (Rombach et al. 2022, §4.3.2 and
+    App. G; their 0.18215 for Stable Diffusion's VAE is this number). Store it with the checkpoint."""
+    p = next(iter(vae.parameters()))
+    n, s, s2 = 0, 0.0, 0.0
+    with _eval_mode(vae):
+        for batch in batches:
+            x = _images(batch).to(p.device, p.dtype)
+            mu, logvar = vae.encode(x)
+            z = vae.reparameterize(mu, logvar).double()
+            n, s, s2 = n + z.numel(), s + z.sum().item(), s2 + z.square().sum().item()
+    if n < 2:
+        raise ValueError("measure_scale_factor: batches held no images")
+    var = (s2 - s * s / n) / (n - 1)
+    if not var > 0:
+        raise ValueError(f"measure_scale_factor: the latents have variance {var}; the VAE collapsed")
+    return 1.0 / math.sqrt(var)
+
+
+class LatentDiffusion:
+    """Diffusion in the latent space of a trained, frozen VAE (Rombach et al. 2022): z = scale_factor·(μ +
+    σ·ε) of the encoder, diffused like an image, decoded by the VAE after sampling."""
+
+    measure_scale_factor = staticmethod(measure_scale_factor)
+
+    def __init__(self, vae, diffusion: Diffusion, scale_factor: float):
+        if not isinstance(diffusion, Diffusion):
+            raise TypeError(f"LatentDiffusion: diffusion must be a Diffusion, got {type(diffusion).__name__}")
+        if isinstance(scale_factor, bool) or not isinstance(scale_factor, (int, float)) or \
+                not math.isfinite(scale_factor) or scale_factor <= 0:
+            raise ValueError(f"LatentDiffusion: scale_factor = {scale_factor!r}; expected a finite number > 0 "
+                             f"(measure it with measure_scale_factor)")
+        self.vae, self.diffusion, self.scale_factor = vae, diffusion, float(scale_factor)
+
+    @torch.no_grad()
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """Images (B, C, S, S) -> scaled latents scale_factor·z, z = μ + σ·ε (reparameterised)."""
+        mu, logvar = self.vae.encode(x)
+        return self.vae.reparameterize(mu, logvar) * self.scale_factor
+
+    @torch.no_grad()
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """Scaled latents -> images in (−1, 1)."""
+        return self.vae.decode(z / self.scale_factor)
+
+    def training_loss(self, model, x0: torch.Tensor, **kw) -> torch.Tensor:
+        """Diffusion.training_loss on the scaled latents of the images x0."""
+        return self.diffusion.training_loss(model, self.encode(x0), **kw)
+
+    def latent_shape(self, model, num: int, image_size: int | None = None) -> tuple[int, int, int, int]:
+        """(num, latent_channels, s, s): s = image_size / the VAE's downsampling, or the denoiser's
+        config["image_size"] when image_size is None."""
+        if image_size is None:
+            s = model.config["image_size"]
+        else:
+            f = self.vae.downsample_factor
+            if image_size % f:
+                raise ValueError(f"LatentDiffusion.sample: image_size = {image_size} is not divisible by the VAE's "
+                                 f"downsampling factor {f}")
+            s = image_size // f
+        return (num, self.vae.latent_channels, s, s)
+
+    def sample(self, model, num: int, *, image_size: int | None = None, **kw) -> torch.Tensor:
+        """num images: Diffusion.sample in latent space (no clipping: latents are unbounded), then decode."""
+        kw.setdefault("clip_range", None)
+        z = self.diffusion.sample(model, self.latent_shape(model, num, image_size), **kw)
+        return self.decode(z)

@@ -1,0 +1,778 @@
+"""The trainer: pixel, VAE, latent and depth diffusion models, on one process or many (DDP).
+
+Reproducibility is the organising rule. Everything random in a step comes from integers, not from
+the state of a process:
+
+- data order: position p of the sample stream is item perm_e[p mod N] of epoch e = p // N, perm_e a
+  permutation drawn from (seed, e); optimizer step s, micro-batch m takes the global positions
+  [s·B + m·B/A, ...) (B the global batch, A the accumulation steps), and rank r of W takes the r-th W-th
+  of them (as DistributedSampler does, but resumable at any step);
+- timesteps and label drops: drawn for the whole global batch of step s from torch.Generator seeded
+  by (seed, s); each micro-batch and rank takes its slice;
+- noise: the q_sample kernel's Philox stream (seed, p) for the sample at stream position p.
+
+So one process with batch B, two with B/2 each, or one with A = 2 see the same samples, timesteps and
+noise, and their parameters agree to rounding; and a run resumed at step s continues exactly as the
+uninterrupted run (on CPU; cuDNN/cuBLAS may be non-deterministic on GPU). Only dropout and the VAE's
+reparameterisation draw from torch's generator, whose state (per rank) the checkpoint keeps.
+
+This is why the pixel/latent/depth loss is computed here (`diffusion_loss`), not by
+Diffusion.training_loss: that one draws t and ε for the batch it is given, from one seed, so its noise
+depends on how the global batch is split across ranks. The objective is the same (Ho et al. 2020, eq. 14).
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+import random
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from . import distributed as dist_utils
+from .checkpoint import CheckpointError, export_weights, load_any, load_checkpoint, save_checkpoint, VAE_PREFIX
+from .ema import EMA
+from .logging_utils import JsonlLog, progress_bar, read_jsonl
+
+TASKS = ("pixel", "vae", "latent", "depth")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+CHECKPOINT_NAME = "checkpoint.pt"
+# what may differ between a run and its resumption
+RESUME_OVERRIDES = ("steps", "quiet", "ckpt_every", "log_every", "sample_every", "num_samples", "sample_steps",
+                    "save_format", "num_workers", "device", "compile")
+LOG_NAME = "log.jsonl"
+
+
+@dataclass
+class TrainConfig:
+    task: str = "pixel"
+    data: str = "builtin:shapes"
+    out: str = "runs/train"
+    image_size: int = 64
+    data_size: int | None = None         # number of items of a builtin data set (None: its default)
+    # model (None: the task's default)
+    base_channels: int = 64
+    channel_mults: tuple | None = None   # UNet (1, 2, 2, 2); VAE (1, 2, 4)
+    num_res_blocks: int = 2
+    attention_resolutions: tuple | None = None  # UNet: (16,) when that resolution occurs, else none
+    dropout: float = 0.1
+    head_dim: int = 32
+    num_groups: int = 32
+    latent_channels: int = 4             # vae
+    class_cond: bool = False             # condition on the data set's labels (classifier-free guidance)
+    p_uncond: float = 0.1                # label drop probability when class_cond
+    fused: bool = True
+    # diffusion
+    num_timesteps: int = 1000
+    beta_schedule: str = "linear"
+    beta_start: float = 1e-4
+    beta_end: float = 0.02
+    prediction_type: str = "epsilon"
+    kl_weight: float = 1e-3              # vae
+    vae: str | None = None               # latent: the trained VAE checkpoint
+    scale_batches: int = 8               # latent: batches of `batch_size` for the scale factor
+    # optimisation
+    steps: int = 10_000
+    batch_size: int = 64                 # global batch per optimizer step (all ranks, all micro-batches)
+    grad_accum: int = 1
+    lr: float = 1e-4
+    lr_warmup: int = 0                   # linear warm-up steps
+    weight_decay: float = 0.0
+    adam_betas: tuple = (0.9, 0.999)
+    clip_grad: float = 1.0               # max global grad norm (0: no clipping)
+    ema_decay: float = 0.9999
+    ema_warmup: bool = True
+    precision: str = "auto"              # auto: bf16 on a GPU that has it, else fp16 on GPU, fp32 on CPU
+    compile: bool = False
+    channels_last: bool = False
+    seed: int = 0
+    device: str | None = None
+    num_workers: int = 0
+    # output
+    ckpt_every: int = 1000
+    log_every: int = 1
+    sample_every: int = 1000             # 0: only at the end
+    num_samples: int = 16
+    sample_steps: int = 50               # DDIM steps of the sample grids
+    save_format: str = "pt"              # exported EMA weights: pt or safetensors
+    quiet: bool = False
+
+    def validate(self) -> "TrainConfig":
+        def bad(msg):
+            raise ValueError(f"TrainConfig: {msg}")
+
+        if self.task not in TASKS:
+            bad(f"task {self.task!r} is unknown; expected one of {TASKS}")
+        if self.precision not in PRECISIONS:
+            bad(f"precision {self.precision!r} is unknown; expected one of {PRECISIONS}")
+        if self.save_format not in ("pt", "safetensors"):
+            bad(f"save_format {self.save_format!r}; expected 'pt' or 'safetensors'")
+        for name in ("steps", "batch_size", "grad_accum", "ckpt_every", "log_every", "image_size", "num_samples",
+                     "sample_steps", "num_timesteps"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                bad(f"{name} = {v!r}; expected an int >= 1")
+        if self.sample_every < 0:
+            bad(f"sample_every = {self.sample_every}; expected >= 0")
+        if self.batch_size % self.grad_accum:
+            bad(f"batch_size = {self.batch_size} is not divisible by grad_accum = {self.grad_accum}")
+        if not self.lr > 0:
+            bad(f"lr = {self.lr}; expected > 0")
+        if self.task == "latent" and not self.vae:
+            bad("task 'latent' needs vae: the path of a trained VAE checkpoint (--vae CKPT, from train --task vae)")
+        if self.channel_mults is not None:
+            self.channel_mults = tuple(self.channel_mults)
+        if self.attention_resolutions is not None:
+            self.attention_resolutions = tuple(self.attention_resolutions)
+        self.adam_betas = tuple(self.adam_betas)
+        return self
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
+# ----------------------------------------------------------------------------------------------------
+# determinism helpers
+# ----------------------------------------------------------------------------------------------------
+def mix_seed(*values: int) -> int:
+    """A 63-bit seed from integers (splitmix64 finaliser over each value): distinct inputs, distinct
+    generators, independent of process and rank."""
+    h = 0x9E3779B97F4A7C15
+    for v in values:
+        h = (h ^ (int(v) & 0xFFFFFFFFFFFFFFFF)) & 0xFFFFFFFFFFFFFFFF
+        h = ((h ^ (h >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
+        h = ((h ^ (h >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
+        h ^= h >> 31
+    return h & 0x7FFFFFFFFFFFFFFF
+
+
+class SampleStream:
+    """Item index of each position of the endless sample stream: epoch e = p // N is a permutation drawn
+    from (seed, e). Random access, so a resumed run starts at any position."""
+
+    def __init__(self, num_items: int, seed: int):
+        if num_items < 1:
+            raise ValueError("SampleStream: the data set is empty")
+        self.n, self.seed = num_items, seed
+        self._perms: dict[int, list[int]] = {}
+
+    def perm(self, epoch: int) -> list[int]:
+        p = self._perms.get(epoch)
+        if p is None:
+            if len(self._perms) > 2:
+                self._perms.clear()
+            g = torch.Generator().manual_seed(mix_seed(self.seed, 0xDA7A, epoch))
+            p = self._perms[epoch] = torch.randperm(self.n, generator=g).tolist()
+        return p
+
+    def indices(self, start: int, count: int) -> list[int]:
+        return [self.perm(q // self.n)[q % self.n] for q in range(start, start + count)]
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How a global batch is cut: micro-batches (accumulation) and ranks."""
+    batch_size: int
+    grad_accum: int
+    world_size: int
+    rank: int
+
+    @property
+    def micro(self) -> int:
+        return self.batch_size // self.grad_accum
+
+    @property
+    def local(self) -> int:
+        return self.micro // self.world_size
+
+    def first_position(self, step: int, micro: int) -> int:
+        """Stream position of this rank's first sample of micro-batch `micro` of optimizer step `step`."""
+        return step * self.batch_size + micro * self.micro + self.rank * self.local
+
+
+class BatchPlan:
+    """The local batches of this rank from optimizer step `start` on, as a DataLoader batch_sampler."""
+
+    def __init__(self, stream: SampleStream, layout: Layout, start: int, stop: int):
+        self.stream, self.layout, self.start, self.stop = stream, layout, start, stop
+
+    def __iter__(self):
+        L = self.layout
+        for s in range(self.start, self.stop):
+            for m in range(L.grad_accum):
+                yield self.stream.indices(L.first_position(s, m), L.local)
+
+    def __len__(self) -> int:
+        return (self.stop - self.start) * self.layout.grad_accum
+
+
+def step_randomness(cfg: TrainConfig, layout: Layout, step: int, micro: int, num_timesteps: int):
+    """(t, drop) for this rank's slice of micro-batch (step, micro): drawn for the whole global batch
+    of the step from (seed, step), so that they depend neither on the number of ranks nor on the
+    accumulation steps."""
+    g = torch.Generator().manual_seed(mix_seed(cfg.seed, 0x7135, step))
+    t = torch.randint(0, num_timesteps, (layout.batch_size,), generator=g)
+    drop = torch.rand(layout.batch_size, generator=g) < cfg.p_uncond
+    lo = layout.first_position(step, micro) - step * layout.batch_size
+    return t[lo:lo + layout.local], drop[lo:lo + layout.local]
+
+
+def diffusion_loss(diffusion, model, x0: torch.Tensor, t: torch.Tensor, positions: list[int], noise_seed: int, *,
+                   y: torch.Tensor | None = None, cond: torch.Tensor | None = None) -> torch.Tensor:
+    """L_simple (Ho et al. 2020, eq. 14) with the noise of sample i from the Philox stream
+    (noise_seed, positions[i]) — the same noise whichever batch or rank the sample lands in."""
+    sched = diffusion.schedule
+    # 1. x_t = √ᾱ_t·x0 + √(1−ᾱ_t)·ε, ε made in the kernel, one stream per sample (eq. 4)
+    parts = [sched.q_sample_with_noise(x0[i:i + 1], t[i:i + 1], seed=noise_seed, offset=p)
+             for i, p in enumerate(positions)]
+    x_t = torch.cat([p[0] for p in parts])
+    eps = torch.cat([p[1] for p in parts])
+    # 2. the target of the parameterisation
+    if diffusion.prediction_type == "epsilon":
+        target = eps
+    elif diffusion.prediction_type == "sample":
+        target = x0
+    else:  # v = √ᾱ_t·ε − √(1−ᾱ_t)·x0 (Salimans & Ho 2022, §4)
+        a = sched.alphas_cumprod[t].to(torch.float32).view(-1, *([1] * (x0.dim() - 1)))
+        target = a.sqrt() * eps.float() - (1 - a).sqrt() * x0.float()
+    # 3. prediction from x_t (with the conditioning image on channels, as Diffusion.sample does)
+    inp = x_t if cond is None else torch.cat([x_t, cond.to(x_t.dtype)], dim=1)
+    out = model(inp, t) if y is None else model(inp, t, y)
+    return F.mse_loss(out.float(), target.float())
+
+
+# ----------------------------------------------------------------------------------------------------
+# building blocks from a config
+# ----------------------------------------------------------------------------------------------------
+def build_dataset_for(cfg: TrainConfig, split: str = "train"):
+    from .data import build_dataset
+
+    kw = {}
+    if cfg.data_size is not None and cfg.data.startswith("builtin:"):
+        kw["size"] = cfg.data_size
+    ds = build_dataset(cfg.data, image_size=cfg.image_size, split=split, seed=cfg.seed, **kw)
+    want = "depth" if cfg.task == "depth" else "image"
+    if getattr(ds, "kind", "image") != want:
+        raise ValueError(f"train --task {cfg.task}: data {cfg.data!r} is a {ds.kind!r} data set; the task needs "
+                         f"a {want!r} one (depth: builtin:depth-scenes or NYU Depth V2)")
+    return ds
+
+
+def model_spec(cfg: TrainConfig, num_classes: int | None, vae_config: dict | None = None) -> tuple[str, dict]:
+    """(model kind, model config) for the task."""
+    if cfg.task == "vae":
+        return "vae", dict(in_channels=3, latent_channels=cfg.latent_channels, base_channels=cfg.base_channels,
+                           channel_mults=list(cfg.channel_mults or (1, 2, 4)), num_groups=cfg.num_groups)
+    size, cin, cout = cfg.image_size, 3, 3
+    if cfg.task == "latent":
+        f = 2 ** len(vae_config["channel_mults"])
+        if size % f:
+            raise ValueError(f"train --task latent: image_size = {size} is not divisible by the VAE's downsampling {f}")
+        size, cin, cout = size // f, vae_config["latent_channels"], vae_config["latent_channels"]
+    elif cfg.task == "depth":
+        cin, cout = 4, 1  # RGB conditioning image + noisy depth in, depth ε out
+    mults = tuple(cfg.channel_mults or (1, 2, 2, 2))
+    resolutions = [size // 2 ** i for i in range(len(mults))]
+    attn = cfg.attention_resolutions
+    if attn is None:
+        attn = (16,) if 16 in resolutions else ()
+    return "unet", dict(in_channels=cin, out_channels=cout, base_channels=cfg.base_channels, channel_mults=list(mults),
+                        num_res_blocks=cfg.num_res_blocks, attention_resolutions=list(attn), image_size=size,
+                        dropout=cfg.dropout, head_dim=cfg.head_dim, num_groups=cfg.num_groups,
+                        num_classes=num_classes if cfg.class_cond else None)
+
+
+def build_diffusion(config: dict, device):
+    from . import NoiseSchedule
+    from .diffusion import Diffusion
+
+    sched = NoiseSchedule(config["num_timesteps"], config["beta_schedule"], config["beta_start"],
+                          config["beta_end"]).to(device)
+    return Diffusion(sched, config["prediction_type"])
+
+
+def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype (None: fp32, no autocast)."""
+    if precision == "auto":
+        if device.type != "cuda":
+            return None
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if precision == "fp16" and device.type != "cuda":
+        raise ValueError("train: --precision fp16 needs a CUDA device (use bf16 or fp32 on CPU)")
+    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
+def rng_state() -> dict:
+    import numpy as np
+
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    return {"torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "python": random.getstate(),
+            "numpy": {"keys": torch.from_numpy(keys.astype("int64")), "pos": int(pos), "has_gauss": int(has_gauss),
+                      "cached": float(cached)}}
+
+
+def set_rng_state(state: dict) -> None:
+    import numpy as np
+
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    v, internal, gauss = state["python"]
+    random.setstate((v, tuple(internal), gauss))
+    n = state["numpy"]
+    np.random.set_state(("MT19937", n["keys"].numpy().astype("uint32"), n["pos"], n["has_gauss"], n["cached"]))
+
+
+# ----------------------------------------------------------------------------------------------------
+# the trainer
+# ----------------------------------------------------------------------------------------------------
+class Trainer:
+    """One training run. `Trainer(cfg).run()` trains from scratch, or from the checkpoint in cfg.out
+    with resume=True (or from the path given as resume)."""
+
+    def __init__(self, cfg: TrainConfig, resume: bool | str = False, overrides: dict | None = None, log=print):
+        self.log_msg = log
+        ckpt = None
+        if resume:
+            path = resume if isinstance(resume, str) else os.path.join(cfg.out, CHECKPOINT_NAME)
+            ckpt = load_checkpoint(path)
+            # the run's identity (data, model, seeds, optimisation) comes from the checkpoint; only its
+            # length, output and bookkeeping may change (overrides, e.g. the options given on the command line)
+            saved = ckpt["config"]
+            if overrides is None:
+                overrides = {k: getattr(cfg, k) for k in RESUME_OVERRIDES}
+            bad = sorted(k for k, v in overrides.items() if k not in RESUME_OVERRIDES and v != saved.get(k))
+            if bad:
+                raise ValueError(f"train --resume: {', '.join(bad)} differ from the checkpoint {path}; a resumed run "
+                                 f"keeps its configuration (only {', '.join(RESUME_OVERRIDES)} may change)")
+            cfg = TrainConfig.from_dict({**saved, **{k: v for k, v in overrides.items() if k in RESUME_OVERRIDES},
+                                         "out": cfg.out})
+        self.cfg = cfg = cfg.validate()
+        self.dist = dist_utils.setup((cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")).split(":")[0])
+        self.device = dist_utils.device_for(self.dist, cfg.device)
+        W = self.dist.world_size
+        if (cfg.batch_size // cfg.grad_accum) % W:
+            raise ValueError(f"train: the micro-batch batch_size / grad_accum = {cfg.batch_size // cfg.grad_accum} is "
+                             f"not divisible by the {W} processes")
+        self.layout = Layout(cfg.batch_size, cfg.grad_accum, W, self.dist.rank)
+        self.autocast_dtype = resolve_precision(cfg.precision, self.device)
+        torch.manual_seed(mix_seed(cfg.seed, 0x1417, self.dist.rank))  # init is rank-independent below
+
+        # data
+        self.dataset = build_dataset_for(cfg)
+        self.num_classes = getattr(self.dataset, "num_classes", None)
+        if cfg.class_cond and not self.num_classes:
+            raise ValueError(f"train: --class-cond, but data {cfg.data!r} has no classes")
+        self.stream = SampleStream(len(self.dataset), cfg.seed)
+
+        # latent: the frozen VAE (its EMA weights) and the latent scale factor
+        self.vae, self.vae_record, self.scale_factor = None, None, None
+        if cfg.task == "latent":
+            self._setup_vae(ckpt)
+
+        # model (same initial weights on every rank: seeded from cfg.seed alone), EMA, optimizer
+        from .models import build_model
+
+        self.model_kind, self.model_config = model_spec(cfg, self.num_classes,
+                                                        self.vae_record["config"] if self.vae_record else None)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(mix_seed(cfg.seed, 0x1A17))
+            model = build_model(self.model_kind, self.model_config, fused=cfg.fused)
+        self.model = model.to(self.device)
+        if cfg.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self.ema = EMA(self.model, cfg.ema_decay, cfg.ema_warmup)
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, betas=cfg.adam_betas,
+                                           weight_decay=cfg.weight_decay) if cfg.weight_decay else \
+            torch.optim.Adam(self.model.parameters(), lr=cfg.lr, betas=cfg.adam_betas)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.autocast_dtype == torch.float16)
+        self.diffusion = build_diffusion(cfg.to_dict(), self.device) if cfg.task != "vae" else None
+        self.noise_seed = mix_seed(cfg.seed, 0x9015E)
+
+        self.step = 0
+        if ckpt is not None:
+            self._load_state(ckpt)
+
+        # the module that runs forward: DDP, then torch.compile, around the bare model
+        net = self.model
+        if self.dist.enabled:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+
+            net = DDP(net, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        if cfg.compile:
+            net = torch.compile(net)
+        self.net = net
+        self._stop = False
+
+    # -- set-up ------------------------------------------------------------------------------------------
+    def _setup_vae(self, ckpt: dict | None) -> None:
+        from .diffusion import measure_scale_factor
+        from .models import build_model
+
+        if ckpt is not None:  # resume: the VAE and its scale factor are in the checkpoint
+            rec = ckpt["vae"]
+            self.scale_factor = float(ckpt["scale_factor"])
+        else:
+            info = load_any(self.cfg.vae)
+            if info["meta"]["task"] != "vae":
+                raise CheckpointError(f"checkpoint {self.cfg.vae}: --vae needs a checkpoint of --task vae, but this "
+                                      f"one was trained with --task {info['meta']['task']}")
+            rec = {"path": os.path.abspath(self.cfg.vae), "config": info["meta"]["model_config"],
+                   "state_dict": info["weights"]}
+        vae = build_model("vae", rec["config"], fused=self.cfg.fused)
+        vae.load_state_dict(rec["state_dict"])
+        self.vae = vae.to(self.device).eval().requires_grad_(False)
+        self.vae_record = rec
+        if self.scale_factor is None:
+            # 1/std of the latents of the first scale_batches·batch_size items (the same on every rank)
+            n = min(len(self.dataset), self.cfg.scale_batches * self.cfg.batch_size)
+            bs = self.cfg.batch_size
+            collate = torch.utils.data.default_collate
+
+            def batches():
+                for i in range(0, n, bs):
+                    yield collate([self.dataset[j] for j in range(i, min(n, i + bs))])["image"]
+
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(mix_seed(self.cfg.seed, 0x5CA1E))
+                self.scale_factor = measure_scale_factor(self.vae, batches())
+            self.log_msg(f"latent scale factor {self.scale_factor:.5f} (1/std of the VAE latents over {n} images)")
+
+    def _load_state(self, ckpt: dict) -> None:
+        self.model.load_state_dict(ckpt["model"])
+        self.ema.load_state_dict(ckpt["ema"])
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        if ckpt.get("scaler"):
+            self.scaler.load_state_dict(ckpt["scaler"])
+        self.step = int(ckpt["step"])
+        states = ckpt["rng"]
+        if len(states) != self.dist.world_size and self.dist.is_main:
+            self.log_msg(f"note: the checkpoint was written by {len(states)} processes, this run has "
+                         f"{self.dist.world_size}; data, timesteps and noise are unaffected, dropout streams differ")
+        set_rng_state(states[self.dist.rank % len(states)])
+
+    # -- one step ----------------------------------------------------------------------------------------
+    def micro_loss(self, batch: dict, micro: int) -> tuple[torch.Tensor, dict]:
+        """The loss of this rank's part of micro-batch `micro` of the current step."""
+        cfg, dev = self.cfg, self.device
+        mf = torch.channels_last if cfg.channels_last else torch.contiguous_format
+        image = batch["image"].to(dev, non_blocking=True).contiguous(memory_format=mf)
+        if cfg.task == "vae":
+            return self._vae_loss(image)
+        t, drop = step_randomness(cfg, self.layout, self.step, micro, self.diffusion.num_timesteps)
+        t = t.to(dev)
+        first = self.layout.first_position(self.step, micro)
+        positions = list(range(first, first + t.shape[0]))
+        y = cond = None
+        if cfg.class_cond:
+            y = torch.where(drop, self.num_classes, batch["label"]).to(dev)
+        if cfg.task == "pixel":
+            x0 = image
+        elif cfg.task == "latent":
+            with torch.no_grad():
+                mu, logvar = self.vae.encode(image)
+                x0 = (self.vae.reparameterize(mu, logvar) * self.scale_factor).contiguous(memory_format=mf)
+        else:  # depth: denoise the depth map, conditioned on the RGB image
+            x0 = batch["depth"].to(dev, non_blocking=True).contiguous(memory_format=mf)
+            cond = image
+        loss = diffusion_loss(self.diffusion, self.net, x0, t, positions, self.noise_seed, y=y, cond=cond)
+        return loss, {}
+
+    def _vae_loss(self, image):
+        # through self.net (DDP/compile) so that gradients are synchronised: the VAE's loss, spelled out
+        x_hat, mu, logvar = self.net(image, sample=True)
+        recon = F.mse_loss(x_hat.float(), image.float())
+        mu, logvar = mu.float(), logvar.float()
+        kl = 0.5 * (mu.square() + logvar.exp() - logvar - 1).mean()
+        return recon + self.cfg.kl_weight * kl, {"recon": recon.detach(), "kl": kl.detach()}
+
+    def lr_at(self, step: int) -> float:
+        if self.cfg.lr_warmup and step < self.cfg.lr_warmup:
+            return self.cfg.lr * (step + 1) / self.cfg.lr_warmup
+        return self.cfg.lr
+
+    def train_step(self, batches) -> dict:
+        """One optimizer step (grad_accum micro-batches): returns the step's mean loss (this rank's,
+        a tensor), its grad norm and extra terms."""
+        cfg = self.cfg
+        self.model.train()
+        for g in self.optimizer.param_groups:
+            g["lr"] = self.lr_at(self.step)
+        self.optimizer.zero_grad(set_to_none=True)
+        total, extras = torch.zeros((), device=self.device), {}
+        for m in range(cfg.grad_accum):
+            batch = next(batches)
+            sync = m == cfg.grad_accum - 1 or not self.dist.enabled
+            ctx = contextlib.nullcontext() if sync else self._ddp().no_sync()
+            with ctx:
+                with torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.float32,
+                                    enabled=self.autocast_dtype is not None):
+                    loss, parts = self.micro_loss(batch, m)
+                # the mean over the global batch: 1/A here, 1/W from DDP's gradient averaging
+                self.scaler.scale(loss / cfg.grad_accum).backward()
+            total += loss.detach() / cfg.grad_accum
+            for k, v in parts.items():
+                extras[k] = extras.get(k, 0) + v / cfg.grad_accum
+        self.scaler.unscale_(self.optimizer)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(),
+                                                   cfg.clip_grad if cfg.clip_grad > 0 else float("inf"))
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.ema.update(self.model)
+        self.step += 1
+        return {"loss": total, "grad_norm": grad_norm, **extras}
+
+    def _ddp(self):
+        net = self.net
+        return getattr(net, "_orig_mod", net)
+
+    # -- sampling hooks and evaluation ---------------------------------------------------------------------
+    @torch.no_grad()
+    def sample_grid(self, path: str) -> dict:
+        """The EMA model's samples (pixel, latent), reconstructions (vae) or depth predictions (depth) as a
+        PNG grid; returns evaluation numbers where the data set has a checker (shapes)."""
+        from .images import depth_to_rgb, save_grid
+
+        cfg, n, ema = self.cfg, self.cfg.num_samples, self.ema.module
+        stats = {}
+        if cfg.task == "vae":
+            x = torch.utils.data.default_collate([self.dataset[i] for i in range(min(n, len(self.dataset)))])["image"]
+            x = x.to(self.device)
+            x_hat = ema(x, sample=False)[0].float()
+            stats["recon_mse"] = float(F.mse_loss(x_hat, x))
+            grid = torch.cat([x, x_hat])  # first rows the inputs, then their reconstructions
+            save_grid(grid, path, nrow=min(n, 8) if n > 8 else n)
+            return stats
+        kw = dict(sampler="ddim", steps=min(cfg.sample_steps, cfg.num_timesteps), seed=cfg.seed,
+                  device=self.device)
+        if cfg.task == "depth":
+            items = [self.dataset[i] for i in range(min(n, len(self.dataset)))]
+            b = torch.utils.data.default_collate(items)
+            img = b["image"].to(self.device)
+            pred = self.diffusion.sample(ema, (img.shape[0], 1, *img.shape[2:]), cond=img, **kw)
+            gt = b["depth"].to(self.device)
+            colour = depth_to_rgb(torch.cat([gt, pred]).cpu(), -1.0, 1.0)
+            rows = torch.stack([img.cpu(), colour[:len(gt)], colour[len(gt):]], 1).flatten(0, 1)
+            save_grid(rows, path, nrow=3)  # image | ground truth | prediction per row
+            stats["depth_mse"] = float(F.mse_loss(pred.float(), gt.float()))
+            return stats
+        y = None
+        if cfg.class_cond:
+            y = torch.arange(n, device=self.device) % self.num_classes
+        if cfg.task == "latent":
+            from .diffusion import LatentDiffusion
+
+            images = LatentDiffusion(self.vae, self.diffusion, self.scale_factor).sample(ema, n, y=y, **kw)
+        else:
+            images = self.diffusion.sample(ema, (n, 3, cfg.image_size, cfg.image_size), y=y, **kw)
+        save_grid(images.float().cpu(), path)
+        if cfg.data == "builtin:shapes":
+            from .data.shapes import valid_fraction
+
+            stats["valid_fraction"] = float(valid_fraction(images.float().cpu()))
+        return stats
+
+    # -- checkpoints ---------------------------------------------------------------------------------------
+    def state(self, rng_states: list) -> dict:
+        vae = self.vae_record
+        return {"step": self.step, "model": self.model.state_dict(), "ema": self.ema.state_dict(),
+                "optimizer": self.optimizer.state_dict(),
+                "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
+                "rng": rng_states, "config": self.cfg.to_dict(), "model_kind": self.model_kind,
+                "model_config": self.model_config, "num_classes": self.num_classes,
+                "scale_factor": self.scale_factor, "world_size": self.dist.world_size,
+                "vae": None if vae is None else {"path": vae["path"], "config": vae["config"],
+                                                 "state_dict": vae["state_dict"]}}
+
+    def save(self) -> str | None:
+        """Every rank calls this (the RNG states are gathered); rank 0 writes."""
+        states = dist_utils.gather_objects(rng_state(), self.dist)
+        path = os.path.join(self.cfg.out, CHECKPOINT_NAME)
+        if self.dist.is_main:
+            save_checkpoint(path, self.state(states))
+        dist_utils.barrier(self.dist)
+        return path
+
+    def export(self) -> str:
+        """The EMA weights (+ the VAE's for latent) as weights.pt or weights.safetensors."""
+        from .checkpoint import checkpoint_meta
+
+        meta = checkpoint_meta(self.state([]))
+        sd = dict(self.ema.module.state_dict())
+        if self.vae_record is not None:
+            sd.update({VAE_PREFIX + k: v for k, v in self.vae_record["state_dict"].items()})
+        path = os.path.join(self.cfg.out, "weights." + self.cfg.save_format)
+        export_weights(path, sd, meta, self.cfg.save_format)
+        return path
+
+    # -- the loop ------------------------------------------------------------------------------------------
+    def _on_signal(self, signum, frame):
+        if self._stop:  # a second Ctrl-C: stop now, losing the current step
+            raise KeyboardInterrupt
+        self._stop = True
+        print(f"\n{signal.Signals(signum).name}: finishing step {self.step + 1}, then saving a checkpoint "
+              "(press Ctrl-C again to abort without saving)", file=sys.stderr, flush=True)
+
+    def run(self) -> dict:
+        cfg, main = self.cfg, self.dist.is_main
+        os.makedirs(cfg.out, exist_ok=True)
+        resumed_from = self.step
+        if main:
+            with open(os.path.join(cfg.out, "config.json"), "w") as f:
+                json.dump({**cfg.to_dict(), "model_kind": self.model_kind, "model_config": self.model_config,
+                           "world_size": self.dist.world_size, "scale_factor": self.scale_factor}, f, indent=1)
+        log = JsonlLog(os.path.join(cfg.out, LOG_NAME), resume_step=self.step if self.step else None) if main else None
+        loader = torch.utils.data.DataLoader(
+            self.dataset, batch_sampler=BatchPlan(self.stream, self.layout, self.step, max(self.step, cfg.steps)),
+            num_workers=cfg.num_workers, pin_memory=self.device.type == "cuda",
+            # its own generator: making the iterator draws a worker base seed, which must not consume
+            # torch's default generator (dropout's), or a resumed run would be one draw off
+            generator=torch.Generator().manual_seed(mix_seed(cfg.seed, 0x10AD, self.step, self.dist.rank)))
+        batches = iter(loader)
+        bar = progress_bar(cfg.steps, self.step, main and not cfg.quiet)
+        handlers = {}
+        if threading_main():
+            for s in (signal.SIGINT, signal.SIGTERM):
+                handlers[s] = signal.signal(s, self._on_signal)
+        interrupted = False
+        try:
+            while self.step < cfg.steps:
+                t0 = time.perf_counter()
+                out = self.train_step(batches)
+                step = self.step
+                log_now = step % cfg.log_every == 0 or step == cfg.steps
+                if log_now:
+                    loss = dist_utils.all_reduce_mean(out["loss"], self.dist)
+                    loss_v = float(loss)  # synchronises the device: step_time is honest
+                    dt = time.perf_counter() - t0
+                    if main:
+                        rec = {"step": step, "loss": loss_v, "lr": self.lr_at(step - 1), "step_time": dt,
+                               "grad_norm": float(out["grad_norm"]), "ema_decay": self.ema.decay if not
+                               self.ema.warmup else min(self.ema.decay, (1 + step) / (10 + step))}
+                        rec.update({k: float(v) for k, v in out.items() if k not in ("loss", "grad_norm")})
+                        if self.scaler.is_enabled():
+                            rec["grad_scale"] = float(self.scaler.get_scale())
+                        log.write(rec)
+                        bar.set_postfix(loss=f"{loss_v:.4f}")
+                bar.update(1)
+                if cfg.sample_every and step % cfg.sample_every == 0 and step != cfg.steps:
+                    self._sample_hook(log)
+                stop = dist_utils.any_rank(self._stop, self.dist, self.device)
+                if step % cfg.ckpt_every == 0 or step == cfg.steps or stop:
+                    self.save()
+                if stop:
+                    interrupted = True
+                    break
+        finally:
+            for s, h in handlers.items():
+                signal.signal(s, h)
+            bar.close()
+        summary = {"step": self.step, "interrupted": interrupted, "out": cfg.out, "resumed_from": resumed_from}
+        if main:
+            if not interrupted:
+                summary.update(self._sample_hook(log))
+                summary["weights"] = self.export()
+            summary["loss_curve"] = self.loss_curve()
+            log.close()
+            summary["checkpoint"] = os.path.join(cfg.out, CHECKPOINT_NAME)
+        return summary
+
+    def _sample_hook(self, log) -> dict:
+        if not self.dist.is_main:
+            return {}
+        path = os.path.join(self.cfg.out, "samples", f"step_{self.step:07d}.png")
+        stats = self.sample_grid(path)
+        if log is not None:
+            log.write({"step": self.step, "event": "samples", "path": path, **stats})
+        return {"samples": path, **stats}
+
+    def loss_curve(self) -> str:
+        from .images import save_loss_curve
+
+        recs = [r for r in read_jsonl(os.path.join(self.cfg.out, LOG_NAME)) if "loss" in r]
+        path = os.path.join(self.cfg.out, "loss.png")
+        save_loss_curve([r["step"] for r in recs], [r["loss"] for r in recs], path,
+                        title=f"{self.cfg.task} training loss ({self.cfg.data})")
+        return path
+
+    def close(self) -> None:
+        dist_utils.teardown(self.dist)
+
+
+def threading_main() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
+def train(cfg: TrainConfig, resume: bool | str = False, overrides: dict | None = None, log=print) -> dict:
+    """Builds a Trainer, runs it, tears down the process group; returns a summary."""
+    trainer = Trainer(cfg, resume=resume, overrides=overrides, log=log)
+    try:
+        return trainer.run()
+    finally:
+        trainer.close()
+
+
+# ----------------------------------------------------------------------------------------------------
+# inference from a checkpoint or exported weights
+# ----------------------------------------------------------------------------------------------------
+@dataclass
+class Trained:
+    task: str
+    model: torch.nn.Module        # the EMA weights
+    diffusion: object | None
+    latent: object | None         # LatentDiffusion for task latent
+    meta: dict = field(default_factory=dict)
+
+    @property
+    def config(self) -> dict:
+        return self.meta["config"]
+
+
+def load_trained(path: str, device="cpu", fused: bool = True) -> Trained:
+    """The EMA model of a training checkpoint or of exported weights, ready to sample."""
+    from .models import build_model
+
+    info = load_any(path)
+    meta = info["meta"]
+    model = build_model(meta["model_kind"], meta["model_config"], fused=fused)
+    try:
+        model.load_state_dict(info["weights"])
+    except RuntimeError as e:
+        raise CheckpointError(f"checkpoint {path}: its weights do not fit its model config: "
+                              f"{str(e).splitlines()[0]}") from None
+    model = model.to(device).eval().requires_grad_(False)
+    diffusion = latent = None
+    if meta["task"] != "vae":
+        diffusion = build_diffusion(meta["config"], device)
+    if meta["task"] == "latent":
+        from .diffusion import LatentDiffusion
+
+        vae = build_model("vae", info["vae"]["config"], fused=fused)
+        vae.load_state_dict(info["vae"]["state_dict"])
+        latent = LatentDiffusion(vae.to(device).eval().requires_grad_(False), diffusion, meta["scale_factor"])
+    return Trained(meta["task"], model, diffusion, latent, meta)
+
+
+def summarize_loss(log_path: str) -> tuple[float, float]:
+    """(mean loss of the first 10 %, of the last 10 %) of a JSONL log."""
+    losses = [r["loss"] for r in read_jsonl(log_path) if "loss" in r]
+    k = max(1, len(losses) // 10)
+    return sum(losses[:k]) / k, sum(losses[-k:]) / k
+
+
+__all__ = ["TrainConfig", "Trainer", "train", "load_trained", "diffusion_loss", "SampleStream", "Layout", "mix_seed"]

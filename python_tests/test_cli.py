@@ -1,0 +1,111 @@
+"""`python -m diffusion_ext train | sample`: the files a run writes, sampling from a checkpoint or exported
+weights, clear errors, and Ctrl-C (finish the step, save, exit cleanly; --resume continues)."""
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from PIL import Image
+
+import diffusion_ext
+from diffusion_ext.checkpoint import load_checkpoint
+from diffusion_ext.cli import main
+from diffusion_ext.demo import fused_available
+from diffusion_ext.logging_utils import read_jsonl
+
+FUSED = fused_available(torch.device("cpu"))[0]
+TINY = ["--task", "pixel", "--data", "builtin:shapes", "--image-size", "8", "--data-size", "40",
+        "--base-channels", "16", "--channel-mults", "1,2", "--num-res-blocks", "1", "--attention-resolutions", "",
+        "--dropout", "0", "--head-dim", "16", "--num-groups", "4", "--num-timesteps", "100", "--batch-size", "8",
+        "--lr", "1e-3", "--num-samples", "4", "--sample-steps", "3", "--quiet"] + ([] if FUSED else ["--eager"])
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("cli") / "run"
+    rc = main(["train", *TINY, "--out", str(out), "--steps", "4", "--ckpt-every", "2", "--sample-every", "2",
+               "--save-format", "safetensors"])
+    assert rc == 0
+    return out
+
+
+def _png(path):
+    with Image.open(path) as im:
+        im.load()
+        return im.size
+
+
+def test_train_writes_checkpoint_log_samples_and_curve(run_dir):
+    ck = load_checkpoint(run_dir / "checkpoint.pt")
+    assert ck["step"] == 4 and ck["config"]["task"] == "pixel" and ck["model_kind"] == "unet"
+    assert torch.load(run_dir / "checkpoint.pt", weights_only=True)["step"] == 4
+    recs = read_jsonl(run_dir / "log.jsonl")
+    train_recs = [r for r in recs if "loss" in r]
+    assert [r["step"] for r in train_recs] == [1, 2, 3, 4]
+    assert all(r["step_time"] > 0 and r["lr"] == 1e-3 for r in train_recs)
+    assert [r["step"] for r in recs if r.get("event") == "samples"] == [2, 4]
+    for s in (2, 4):
+        w, h = _png(run_dir / "samples" / f"step_{s:07d}.png")
+        assert w >= 64 and h >= 64
+    assert _png(run_dir / "loss.png") == (640, 400)
+    assert (run_dir / "weights.safetensors").exists() and (run_dir / "config.json").exists()
+
+
+@pytest.mark.parametrize("source", ["checkpoint.pt", "weights.safetensors"])
+def test_sample_writes_a_grid(run_dir, tmp_path, source, capsys):
+    out = tmp_path / "grid.png"
+    rc = main(["sample", "--checkpoint", str(run_dir / source), "--num", "4", "--steps", "3", "--out", str(out)]
+              + ([] if FUSED else ["--eager"]))
+    assert rc == 0, capsys.readouterr().err
+    assert _png(out) == ((2 + 2 * (8 + 2)) * 8,) * 2  # a 2×2 grid of 8×8 images, upscaled 8× to be seen
+
+
+def test_sample_from_checkpoint_and_weights_agree(run_dir, tmp_path):
+    a, b = tmp_path / "a.png", tmp_path / "b.png"
+    eager = [] if FUSED else ["--eager"]
+    main(["sample", "--checkpoint", str(run_dir / "checkpoint.pt"), "--num", "2", "--steps", "2", "--out", str(a)] + eager)
+    main(["sample", "--checkpoint", str(run_dir / "weights.safetensors"), "--num", "2", "--steps", "2", "--out",
+          str(b)] + eager)
+    assert a.read_bytes() == b.read_bytes()  # the exported weights are the checkpoint's EMA weights
+
+
+def test_clear_errors(tmp_path, capsys):
+    foreign = tmp_path / "foreign.pt"
+    torch.save({"weights": torch.zeros(2)}, foreign)
+    assert main(["sample", "--checkpoint", str(foreign), "--out", str(tmp_path / "x.png")]) == 2
+    err = capsys.readouterr().err
+    assert "foreign.pt" in err and "not a diffusion_ext file" in err
+    assert main(["train", "--data", "builtin:shapes", "--out", str(tmp_path / "r")]) == 2
+    assert "--task is required" in capsys.readouterr().err
+    assert main(["train", "--task", "latent", "--data", "builtin:shapes", "--out", str(tmp_path / "r")]) == 2
+    assert "needs vae" in capsys.readouterr().err
+    assert main(["train", "--resume", "--out", str(tmp_path / "none")]) == 2
+    assert "checkpoint.pt: no such file" in capsys.readouterr().err
+
+
+def test_ctrl_c_saves_and_resume_continues(tmp_path):
+    out = tmp_path / "run"
+    env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(diffusion_ext.__file__)),
+               OMP_NUM_THREADS="1")
+    proc = subprocess.Popen([sys.executable, "-m", "diffusion_ext", "train", *TINY, "--out", str(out),
+                             "--steps", "100000", "--ckpt-every", "100000", "--sample-every", "0"],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    log = out / "log.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (log.exists() and len(read_jsonl(log)) >= 2):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 0, stderr[-2000:]
+    assert "interrupted after step" in stdout and "--resume" in stdout
+    done = [r["step"] for r in read_jsonl(log) if "loss" in r]
+    ck = load_checkpoint(out / "checkpoint.pt")
+    assert ck["step"] == done[-1] >= 2 and done == list(range(1, done[-1] + 1))  # no step lost
+    # --resume picks up from there, keeping the configuration
+    assert main(["train", "--resume", "--out", str(out), "--steps", str(done[-1] + 2)]) == 0
+    steps = [r["step"] for r in read_jsonl(log) if "loss" in r]
+    assert steps == list(range(1, done[-1] + 3))
+    assert load_checkpoint(out / "checkpoint.pt")["step"] == done[-1] + 2

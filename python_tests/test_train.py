@@ -1,0 +1,197 @@
+"""The trainer: exact resumption on CPU, DDP (gloo, 2 processes) == 1 process, layout-invariant data,
+timesteps and noise, gradient accumulation."""
+import dataclasses
+import os
+import socket
+
+import pytest
+import torch
+
+from diffusion_ext.checkpoint import load_checkpoint
+from diffusion_ext.demo import fused_available
+from diffusion_ext.logging_utils import read_jsonl
+from diffusion_ext.train import (Layout, SampleStream, TrainConfig, Trainer, build_diffusion, diffusion_loss,
+                                 step_randomness, train)
+
+# The fused model where every kernel it needs is built here, else the eager one (same parameters).
+FUSED = fused_available(torch.device("cpu"))[0]
+
+
+def tiny(out, **kw) -> TrainConfig:
+    base = dict(task="pixel", data="builtin:shapes", out=str(out), image_size=8, data_size=40, base_channels=16,
+                channel_mults=(1, 2), num_res_blocks=1, attention_resolutions=(), dropout=0.0, head_dim=16,
+                num_groups=4, num_timesteps=100, steps=6, batch_size=8, lr=1e-3, ckpt_every=3, sample_every=0,
+                num_samples=4, sample_steps=3, quiet=True, fused=FUSED, ema_decay=0.9)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def losses(out):
+    return [(r["step"], r["loss"]) for r in read_jsonl(os.path.join(out, "log.jsonl")) if "loss" in r]
+
+
+def params(out):
+    return load_checkpoint(os.path.join(out, "checkpoint.pt"))["model"]
+
+
+def test_resume_reproduces_the_uninterrupted_run(tmp_path):
+    # dropout on: the resumed run must also restore torch's generator
+    a, b = tmp_path / "a", tmp_path / "b"
+    train(tiny(a, dropout=0.1), log=lambda *x: None)
+    train(tiny(b, dropout=0.1, steps=3), log=lambda *x: None)
+    assert load_checkpoint(b / "checkpoint.pt")["step"] == 3
+    summary = train(tiny(b, dropout=0.1, steps=6), resume=True, log=lambda *x: None)
+    assert summary["resumed_from"] == 3 and summary["step"] == 6
+    la, lb = losses(a), losses(b)
+    assert [s for s, _ in la] == [1, 2, 3, 4, 5, 6] and la == lb  # exactly the same trajectory
+    pa, pb = params(a), params(b)
+    for k in pa:
+        assert torch.equal(pa[k], pb[k]), k
+    ea = load_checkpoint(a / "checkpoint.pt")["ema"]
+    eb = load_checkpoint(b / "checkpoint.pt")["ema"]
+    assert ea["num_updates"] == eb["num_updates"] == 6
+    for k in ea["module"]:
+        assert torch.equal(ea["module"][k], eb["module"][k]), k
+
+
+def test_resume_refuses_a_changed_configuration(tmp_path):
+    train(tiny(tmp_path, steps=3), log=lambda *x: None)
+    with pytest.raises(ValueError, match=r"lr differ from the checkpoint"):
+        Trainer(tiny(tmp_path), resume=True, overrides={"lr": 0.5, "steps": 6})
+
+
+def test_data_order_is_an_even_split_of_the_global_batch():
+    stream = SampleStream(10, seed=3)
+    epoch0 = stream.indices(0, 10)
+    assert sorted(epoch0) == list(range(10)) and sorted(stream.indices(10, 10)) == list(range(10))
+    assert epoch0 != stream.indices(10, 10)  # a new permutation each epoch
+    cfg = tiny("unused", batch_size=8, grad_accum=2)
+    full = Layout(8, 1, 1, 0)
+    for step in range(3):
+        for m in range(2):
+            one = Layout(8, 2, 1, 0)
+            ranks = [Layout(8, 2, 2, r) for r in range(2)]
+            whole = stream.indices(one.first_position(step, m), one.local)
+            parts = [stream.indices(L.first_position(step, m), L.local) for L in ranks]
+            assert parts[0] + parts[1] == whole
+            t1, d1 = step_randomness(cfg, one, step, m, 100)
+            t2 = [step_randomness(cfg, L, step, m, 100) for L in ranks]
+            assert torch.equal(torch.cat([t2[0][0], t2[1][0]]), t1)
+            assert torch.equal(torch.cat([t2[0][1], t2[1][1]]), d1)
+        # and the two micro-batches of one step together are the step's batch without accumulation
+        ts = [step_randomness(cfg, Layout(8, 2, 1, 0), step, m, 100)[0] for m in range(2)]
+        assert torch.equal(torch.cat(ts), step_randomness(cfg, full, step, 0, 100)[0])
+
+
+def test_noise_does_not_depend_on_the_batch_split():
+    """diffusion_loss over a batch = mean of its losses over any split (same per-sample noise)."""
+    torch.manual_seed(0)
+    diff = build_diffusion(dataclasses.asdict(tiny("x")), "cpu")
+    seen = []
+
+    def model(x, t):
+        seen.append(x.clone())
+        return x * 0.5
+
+    x0 = torch.rand(6, 3, 8, 8) * 2 - 1
+    t = torch.randint(0, 100, (6,))
+    whole = diffusion_loss(diff, model, x0, t, list(range(10, 16)), noise_seed=7)
+    a = diffusion_loss(diff, model, x0[:2], t[:2], [10, 11], noise_seed=7)
+    b = diffusion_loss(diff, model, x0[2:], t[2:], list(range(12, 16)), noise_seed=7)
+    torch.testing.assert_close(whole, (2 * a + 4 * b) / 6)
+    torch.testing.assert_close(seen[0], torch.cat([seen[1], seen[2]]))
+
+
+def test_grad_accumulation_matches_the_full_batch(tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    train(tiny(a, steps=3), log=lambda *x: None)
+    train(tiny(b, steps=3, grad_accum=2), log=lambda *x: None)
+    for (sa, la), (sb, lb) in zip(losses(a), losses(b)):
+        assert sa == sb and la == pytest.approx(lb, rel=1e-5, abs=1e-6)
+    pa, pb = params(a), params(b)
+    for k in pa:
+        torch.testing.assert_close(pa[k], pb[k], rtol=1e-4, atol=1e-5)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ddp_worker(rank: int, world: int, port: int, cfg: TrainConfig) -> None:
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    train(cfg, log=lambda *x: None)
+
+
+def test_ddp_two_processes_equal_one(tmp_path):
+    """torch.distributed with gloo: 2 processes × 4 samples == 1 process × 8 (parameters after 3 steps)."""
+    import torch.multiprocessing as mp
+
+    one, two = tmp_path / "one", tmp_path / "two"
+    cfg2 = tiny(two, steps=3)
+    mp.spawn(_ddp_worker, args=(2, _free_port(), cfg2), nprocs=2, join=True)
+    train(tiny(one, steps=3), log=lambda *x: None)
+    ck2 = load_checkpoint(two / "checkpoint.pt")
+    assert ck2["world_size"] == 2 and len(ck2["rng"]) == 2  # every rank's generator state is kept
+    l1, l2 = losses(one), losses(two)
+    assert [s for s, _ in l1] == [s for s, _ in l2] == [1, 2, 3]
+    for (_, a), (_, b) in zip(l1, l2):
+        assert a == pytest.approx(b, rel=1e-5, abs=1e-6)
+    p1, p2 = params(one), ck2["model"]
+    for k in p1:
+        torch.testing.assert_close(p1[k], p2[k], rtol=1e-4, atol=1e-5)
+
+
+class FakeDepth(torch.utils.data.Dataset):
+    """A stand-in depth data set (kind "depth"): depth is a ramp whose slope depends on the image."""
+    kind, num_classes = "depth", None
+
+    def __init__(self, n=16, size=8):
+        g = torch.Generator().manual_seed(0)
+        self.images = torch.rand(n, 3, size, size, generator=g) * 2 - 1
+        ramp = torch.linspace(-1, 1, size).view(1, 1, size).expand(1, size, size)
+        self.depth = torch.stack([ramp * self.images[i, 0].mean() for i in range(n)])
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, i):
+        d = self.depth[i]
+        return {"image": self.images[i], "depth": d, "depth_m": (d + 1) * 5, "valid": torch.ones_like(d, dtype=torch.bool)}
+
+
+def test_depth_task_trains_and_predicts(tmp_path, monkeypatch):
+    from diffusion_ext import depth_tools, train as train_mod
+    from diffusion_ext.train import load_trained
+
+    monkeypatch.setattr(train_mod, "build_dataset_for", lambda cfg, split="train": FakeDepth())
+    summary = train(tiny(tmp_path, task="depth", data="fake-depth", steps=2), log=lambda *x: None)
+    ck = load_checkpoint(tmp_path / "checkpoint.pt")
+    assert ck["model_config"]["in_channels"] == 4 and ck["model_config"]["out_channels"] == 1
+    assert "depth_mse" in summary and (tmp_path / "samples" / "step_0000002.png").exists()
+    m = load_trained(str(tmp_path / "checkpoint.pt"), fused=FUSED)
+    depth = depth_tools.predict(m, FakeDepth().images[:2], ensemble=3, steps=2)
+    assert depth.shape == (2, 1, 8, 8) and torch.isfinite(depth).all() and (depth >= 0).all()
+    one = depth_tools.predict(m, FakeDepth().images[:2], ensemble=1, steps=2)
+    assert one.shape == (2, 1, 8, 8)
+
+
+def test_latent_task_uses_the_vae_and_its_scale(tmp_path):
+    from diffusion_ext.train import load_trained
+
+    vae_dir, lat_dir = tmp_path / "vae", tmp_path / "latent"
+    train(tiny(vae_dir, task="vae", channel_mults=(1,), steps=2), log=lambda *x: None)
+    train(tiny(lat_dir, task="latent", vae=str(vae_dir / "checkpoint.pt"), channel_mults=(1, 2), base_channels=16,
+               steps=2, scale_batches=2), log=lambda *x: None)
+    ck = load_checkpoint(lat_dir / "checkpoint.pt")
+    assert ck["scale_factor"] > 0 and ck["vae"]["config"]["latent_channels"] == 4
+    assert ck["model_config"]["image_size"] == 4 and ck["model_config"]["in_channels"] == 4
+    m = load_trained(str(lat_dir / "weights.pt"), fused=FUSED)  # exported weights carry the VAE too
+    assert m.latent is not None and m.latent.scale_factor == ck["scale_factor"]
+    images = m.latent.sample(m.model, 2, steps=2, seed=0)
+    assert images.shape == (2, 3, 8, 8)
+    with pytest.raises(Exception, match="--vae needs a checkpoint of --task vae"):
+        train(tiny(tmp_path / "bad", task="latent", vae=str(lat_dir / "checkpoint.pt")), log=lambda *x: None)
