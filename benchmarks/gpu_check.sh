@@ -153,6 +153,15 @@ GN_RC=$?
 set -e
 [ "$GN_RC" = 0 ] || FAILED+=("bench_group_norm_act (exit $GN_RC)")
 
+log "python benchmarks/bench_attention.py cuda"
+ATTN_MD="$LOG_DIR/bench-attention.md"
+rm -f "$ATTN_MD"
+set +e
+"$PY" benchmarks/bench_attention.py cuda > "$ATTN_MD" 2> "$LOG_DIR/bench-attention.log"
+ATTN_RC=$?
+set -e
+[ "$ATTN_RC" = 0 ] || FAILED+=("bench_attention (exit $ATTN_RC)")
+
 # ---------------------------------------------------------------------------------------------------
 # 6. the results file
 # ---------------------------------------------------------------------------------------------------
@@ -197,6 +206,14 @@ if [ -n "$(git status --porcelain --untracked-files=no 2>/dev/null || true)" ]; 
     cat "$GN_MD"
   else
     echo "no table: exit $GN_RC; see $LOG_DIR/bench-group-norm-act.log"
+  fi
+  echo
+  echo "## Benchmark: \`python benchmarks/bench_attention.py cuda\` (eager, compile, every SDPA backend, cuda, triton)"
+  echo
+  if [ -s "$ATTN_MD" ]; then
+    cat "$ATTN_MD"
+  else
+    echo "no table: exit $ATTN_RC; see $LOG_DIR/bench-attention.log"
   fi
 } > "$RESULT"
 log "wrote $RESULT"

@@ -28,6 +28,20 @@ D = "diffusion_ext.ddim_step"
 G = "diffusion_ext.group_norm_act"
 GB = "diffusion_ext.group_norm_act_backward"
 _C6 = torch.ones(6)
+A = "diffusion_ext.attention"
+AB = "diffusion_ext.attention_backward"
+
+
+def _qkv(B=2, H=3, L=5, D=32, **kw):
+    return torch.randn(B, H, L, D, **kw)
+
+
+def _attn_backward(**kw):
+    q = _qkv()
+    args = dict(grad_out=torch.randn_like(q), q=q, k=q, v=q, out=torch.randn_like(q), lse=torch.zeros(2, 3, 5),
+                scale=0.5)
+    args.update(kw)
+    return torch.ops.diffusion_ext.attention_backward(*args.values())
 
 
 def _gn_backward(**kw):
@@ -97,6 +111,24 @@ CASES = [
     ("gnb_stats_shape", lambda: _gn_backward(mean=torch.zeros(2, 2)), RuntimeError, [GB, "mean"]),
     ("gnb_stats_dtype", lambda: _gn_backward(rstd=torch.ones(2, 3, dtype=torch.float64)), RuntimeError, [GB, "rstd"]),
     ("gnb_grad_shape", lambda: _gn_backward(grad_y=torch.randn(2, 6, 3, 4)), RuntimeError, [GB, "grad_y", "shape"]),
+    ("attn_rank", lambda: ops.attention(_qkv()[0], _qkv()[0], _qkv()[0]), ValueError, [A, "q", "4 dims"]),
+    ("attn_batch", lambda: ops.attention(_qkv(), _qkv(B=3), _qkv(B=3)), ValueError, [A, "batch"]),
+    ("attn_heads", lambda: ops.attention(_qkv(), _qkv(H=2), _qkv()), ValueError, [A, "head counts"]),
+    ("attn_head_dim_mismatch", lambda: ops.attention(_qkv(), _qkv(), _qkv(D=40)), ValueError, [A, "head dims"]),
+    ("attn_value_length", lambda: ops.attention(_qkv(), _qkv(L=7), _qkv(L=6)), ValueError, [A, "v has length"]),
+    ("attn_head_dim", lambda: ops.attention(_qkv(D=36), _qkv(D=36), _qkv(D=36)), ValueError,
+     [A, "head dim 36", "multiple of 8"]),
+    ("attn_head_dim_large", lambda: ops.attention(_qkv(D=264), _qkv(D=264), _qkv(D=264)), ValueError,
+     [A, "head dim 264"]),
+    ("attn_dtype", lambda: ops.attention(_qkv(), _qkv(dtype=torch.float64), _qkv()), TypeError, [A, "k", "dtype"]),
+    ("attn_int", lambda: ops.attention(*(torch.ones(1, 1, 2, 8, dtype=torch.long),) * 3, scale=1.0), TypeError,
+     [A, "q", "dtype"]),
+    ("attn_scale_zero", lambda: ops.attention(_qkv(), _qkv(), _qkv(), scale=0.0), ValueError, [A, "scale"]),
+    ("attn_scale_nan", lambda: ops.attention(_qkv(), _qkv(), _qkv(), scale=float("nan")), ValueError, [A, "scale"]),
+    ("attnb_lse", lambda: _attn_backward(lse=torch.zeros(2, 3, 4)), RuntimeError, [AB, "lse"]),
+    ("attnb_lse_dtype", lambda: _attn_backward(lse=torch.zeros(2, 3, 5, dtype=torch.float64)), RuntimeError,
+     [AB, "lse"]),
+    ("attnb_grad_shape", lambda: _attn_backward(grad_out=torch.randn(2, 3, 5, 16)), ValueError, [AB, "grad_out"]),
 ]
 
 
@@ -122,6 +154,8 @@ def test_device_mismatch_is_rejected():
         ops.q_sample(_x().cuda(), T2, _x().cuda(), _table().cuda())
     with pytest.raises(RuntimeError, match="alphas_cumprod"):
         ops.q_sample(_x().cuda(), T2.cuda(), _x().cuda(), _table())
+    with pytest.raises(RuntimeError, match="diffusion_ext.attention: k is on"):
+        ops.attention(_qkv().cuda(), _qkv(), _qkv().cuda())
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -23,7 +23,8 @@ def test_build_info():
 
 
 def test_ops_are_registered_with_the_dispatcher():
-    for name in ("q_sample", "q_sample_with_noise", "ddpm_step", "ddim_step", "group_norm_act", "group_norm_act_backward"):
+    for name in ("q_sample", "q_sample_with_noise", "ddpm_step", "ddim_step", "group_norm_act", "group_norm_act_backward",
+                 "attention", "attention_backward"):
         op = getattr(torch.ops.diffusion_ext, name).default
         assert torch._C._dispatch_has_kernel_for_dispatch_key(op.name(), "CPU")
 

@@ -152,3 +152,33 @@ def test_fuzz_group_norm_act(data):
     if x.numel() and x[0].numel() // max(C, 1) == 0:
         return  # empty groups: PyTorch gives NaN statistics, the kernels a defined 0 (see the op's docs)
     assert _close(out, ref.to(out.dtype))
+
+
+@SETTINGS
+@given(st.data())
+def test_fuzz_attention(data):
+    draw = data.draw
+    B, H = draw(st.integers(0, 2)), draw(st.integers(0, 2))
+    Lq, Lk = draw(st.integers(0, 9)), draw(st.integers(0, 9))
+    D = draw(st.sampled_from([8, 16, 40] * 4 + [12, 0, 264]))
+    dtype = draw(st.sampled_from(FLOATS * 3 + [torch.int64]))
+    device = draw(st.sampled_from(DEVICES))
+
+    def qkv_like(L):
+        if one_in(draw, 12):  # a wrong rank, batch, heads, length or head dim
+            return draw(tensors(dtype=dtype, device=device))
+        return draw(tensors(shape=(B, H, L, D), dtype=draw(st.sampled_from([dtype] * 11 + [torch.float64])),
+                            device=device))
+
+    q, k = qkv_like(Lq), qkv_like(Lk)
+    v = qkv_like(Lk if not one_in(draw, 12) else Lk + 1)
+    scale = draw(st.sampled_from([None] * 6 + [0.5, 0.0, -1.0, float("nan"), float("inf")]))
+    with dx.use_backend(_backend_for(device, draw)):
+        try:
+            out = ops.attention(q, k, v, scale)
+        except CLEAN_ERRORS as e:
+            event(f"rejected: {type(e).__name__}")
+            return
+    event("computed")
+    ref = reference.attention(q.double(), k.double(), v.double(), scale)
+    assert _close(out, ref.to(out.dtype))
