@@ -98,13 +98,7 @@ def test_attention(benchmark, provider, device, shape, dtype, mode):
     fn = make_fn(mode, provider, shape, dtype, device)
     if fn is None:
         pytest.skip(f"{provider} does not support this case")
-    if device.type == "cuda":
-        inner = fn
-
-        def fn():
-            out = inner()
-            torch.cuda.synchronize(device)
-            return out
+    fn = bench.synced(fn, device)
 
     benchmark.group = f"attention {mode} {bench.shape_name(shape)} {bench.dtype_name(dtype)}"
     assert benchmark(fn) is not None

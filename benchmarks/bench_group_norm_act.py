@@ -83,13 +83,7 @@ def test_group_norm_act(benchmark, provider, device, shape, layout, dtype, mode)
     if device.type == "cpu":
         bench.steady_cpu_allocator()
     fn = make_fn(mode, provider, shape, layout, dtype, device)
-    if device.type == "cuda":
-        inner = fn
-
-        def fn():
-            out = inner()
-            torch.cuda.synchronize(device)
-            return out
+    fn = bench.synced(fn, device)
 
     fn()
     benchmark.group = f"group_norm_act {mode} {bench.shape_name(shape)} {layout} {bench.dtype_name(dtype)}"

@@ -39,13 +39,7 @@ def _run(benchmark, op, provider, shape, dtype, device):
         benchmark.extra_info["malloc"] = bench.steady_cpu_allocator() or "not tuned"  # see diffusion_ext.bench
     case = bench.make_case(op, provider, shape, dtype, device)
     fn = case.fn
-    if device.type == "cuda":
-        inner = fn
-
-        def fn():
-            out = inner()
-            torch.cuda.synchronize(device)
-            return out
+    fn = bench.synced(fn, device)
 
     fn()  # first call outside the timer: torch.compile compiles, kernels load
     benchmark.group = f"{op} {bench.shape_name(shape)} {bench.dtype_name(dtype)} {device.type}"

@@ -82,13 +82,7 @@ def test_unet(benchmark, device, mode, provider):
         bench.steady_cpu_allocator()
     fn = make_fn(mode, provider, device, batch_for(device))
     fn()  # warm-up (and compilation)
-    if device.type == "cuda":
-        inner = fn
-
-        def fn():
-            out = inner()
-            torch.cuda.synchronize(device)
-            return out
+    fn = bench.synced(fn, device)
 
     benchmark.group = f"unet {mode} batch {batch_for(device)}"
     benchmark.pedantic(fn, rounds=5, warmup_rounds=1)

@@ -312,6 +312,22 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def synced(fn: Callable[[], object], device) -> Callable[[], object]:
+    """fn followed by a device synchronisation on CUDA (kernels are asynchronous: a timer around a bare
+    launch measures the launch), fn itself elsewhere. For timers that are not measure(), e.g.
+    pytest-benchmark's."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return fn
+
+    def call():
+        out = fn()
+        _sync(device)
+        return out
+
+    return call
+
+
 def measure(fn: Callable[[], object], device, options: TimingOptions | None = None) -> tuple[float, int]:
     """(median seconds per call, number of timed calls) of fn on device (options: default_options(device))."""
     device = torch.device(device)

@@ -25,17 +25,18 @@ def _triton():
     return dx_triton
 
 
-_triton_group_norm_ready = False
+_triton_autograd_ready: set[str] = set()
 
 
-def _triton_group_norm():
-    """The Triton group_norm_act op, with its autograd (the Triton backward) registered on first use."""
-    global _triton_group_norm_ready
+def _triton_differentiable(name: str):
+    """The Triton op `name`, with its autograd (the Triton `name`_backward, through the same
+    _register_<name>_autograd as the C++ op) registered on first use: Triton is imported only when chosen."""
     dx_triton = _triton()
-    if not _triton_group_norm_ready:
-        _register_group_norm_autograd(dx_triton.group_norm_act, dx_triton.group_norm_act_backward)
-        _triton_group_norm_ready = True
-    return dx_triton.group_norm_act
+    if name not in _triton_autograd_ready:
+        register = {"group_norm_act": _register_group_norm_autograd, "attention": _register_attention_autograd}[name]
+        register(getattr(dx_triton, name), getattr(dx_triton, name + "_backward"))
+        _triton_autograd_ready.add(name)
+    return getattr(dx_triton, name)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -169,18 +170,6 @@ def _register_attention_autograd(forward_op, backward_op):
 
 _register_attention_autograd("diffusion_ext::attention", _ops.attention_backward)
 
-_triton_attention_ready = False
-
-
-def _triton_attention():
-    """The Triton attention op, with its autograd (the Triton backward) registered on first use."""
-    global _triton_attention_ready
-    dx_triton = _triton()
-    if not _triton_attention_ready:
-        _register_attention_autograd(dx_triton.attention, dx_triton.attention_backward)
-        _triton_attention_ready = True
-    return dx_triton.attention
-
 
 # ----------------------------------------------------------------------------------------------------
 # public wrappers
@@ -245,7 +234,7 @@ def group_norm_act(x: torch.Tensor, num_groups: int, weight: torch.Tensor | None
     if backend == "torch":
         return reference.group_norm_act(x, num_groups, weight, bias, eps, activation)
     if backend == "triton":
-        return _triton_group_norm()(x, num_groups, weight, bias, float(eps), activation)[0]
+        return _triton_differentiable("group_norm_act")(x, num_groups, weight, bias, float(eps), activation)[0]
     return _ops.group_norm_act(x, num_groups, weight, bias, float(eps), activation)[0]
 
 
@@ -260,5 +249,5 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | 
     if backend == "torch":
         return reference.attention(q, k, v, scale)
     if backend == "triton":
-        return _triton_attention()(q, k, v, float(scale))[0]
+        return _triton_differentiable("attention")(q, k, v, float(scale))[0]
     return _ops.attention(q, k, v, float(scale))[0]
