@@ -210,7 +210,8 @@ def _run_train(args) -> int:
             print(f"interrupted after step {summary['step']}; checkpoint {summary['checkpoint']}; continue with "
                   f"--resume --out {summary['out']}")
         else:
-            extra = "".join(f", {k} {v:.4g}" for k, v in summary.items() if k in ("valid_fraction", "recon_mse"))
+            extra = "".join(f", {k} {v:.4g}" for k, v in summary.items()
+                            if k in ("valid_fraction", "recon_mse", "depth_mse"))
             print(f"trained {summary['step']} steps{extra}; checkpoint {summary['checkpoint']}, weights "
                   f"{summary['weights']}, samples {summary['samples']}, loss curve {summary['loss_curve']}")
     return 0
