@@ -61,7 +61,7 @@ def test_train_depth_writes_a_conditional_unet(run_dir, capsys):
 def test_predict_depth_writes_a_png_beside_the_input(run_dir, tmp_path, capsys):
     img = _write_png(tmp_path / "room.png")
     rc = main(["predict-depth", "--checkpoint", str(run_dir / "checkpoint.pt"), "--image", str(img),
-               "--ensemble", "3", "--steps", "2"])
+               "--ensemble", "3", "--steps", "2", *EAGER])
     assert rc == 0, capsys.readouterr().err
     assert "ensemble of 3" in capsys.readouterr().out
     out = tmp_path / "room_depth.png"
@@ -71,7 +71,7 @@ def test_predict_depth_writes_a_png_beside_the_input(run_dir, tmp_path, capsys):
     # DDPM (every step of the 100) from the exported weights, to an explicit path
     other = tmp_path / "sub_depth.png"
     rc = main(["predict-depth", "--checkpoint", str(run_dir / "weights.pt"), "--image", str(img), "--sampler", "ddpm",
-               "--out", str(other)])
+               "--out", str(other), *EAGER])
     assert rc == 0, capsys.readouterr().err
     assert other.exists()
 
@@ -93,7 +93,7 @@ def test_ensemble_is_the_per_pixel_median_of_its_samples(run_dir):
 def test_eval_depth_table_files_and_numbers(run_dir, tmp_path, capsys):
     out = tmp_path / "eval"
     rc = main(["eval-depth", "--checkpoint", str(run_dir / "checkpoint.pt"), "--data", "builtin:depth-scenes",
-               "--data-size", "3", "--steps", "2", "--out", str(out)])
+               "--data-size", "3", "--steps", "2", "--out", str(out), *EAGER])
     assert rc == 0, capsys.readouterr().err
     printed = capsys.readouterr().out
     for label in ("δ1 ↑", "δ2 ↑", "δ3 ↑", "REL ↓", "SqRel ↓", "RMS ↓", "RMSlog ↓", "log10 ↓"):
@@ -105,7 +105,7 @@ def test_eval_depth_table_files_and_numbers(run_dir, tmp_path, capsys):
     w, h = _png_size(out / "eval_depth.png")
     assert w == h and w % (2 + 3 * (SIZE + 2)) == 0
     # the numbers are depth_metrics of the predictions (one batch: seed 0) on the held-out split
-    m = load_trained(str(run_dir / "checkpoint.pt"))
+    m = load_trained(str(run_dir / "checkpoint.pt"), fused=FUSED)
     ds = build_dataset("builtin:depth-scenes", image_size=SIZE, split="test", size=3)
     b = torch.utils.data.default_collate([ds[i] for i in range(3)])
     pred = depth_tools.predict(m, b["image"], steps=2, seed=0)
@@ -117,14 +117,14 @@ def test_eval_depth_table_files_and_numbers(run_dir, tmp_path, capsys):
 
 def test_eval_depth_options_are_applied(run_dir, tmp_path, capsys):
     base = ["eval-depth", "--checkpoint", str(run_dir / "checkpoint.pt"), "--data", "builtin:depth-scenes",
-            "--data-size", "3", "--steps", "2"]
+            "--data-size", "3", "--steps", "2", *EAGER]
     results = {}
     for name, extra in {"plain": [], "aligned": ["--align", "scale_shift", "--pooled", "--eigen-crop"]}.items():
         assert main(base + ["--out", str(tmp_path / name)] + extra) == 0, capsys.readouterr().err
         results[name] = json.loads((tmp_path / name / "eval_depth.json").read_text())
     a = results["aligned"]
     assert a["align"] == "scale_shift" and a["pooled"] and a["eigen_crop"]
-    m = load_trained(str(run_dir / "checkpoint.pt"))
+    m = load_trained(str(run_dir / "checkpoint.pt"), fused=FUSED)
     ds = build_dataset("builtin:depth-scenes", image_size=SIZE, split="test", size=3)
     b = torch.utils.data.default_collate([ds[i] for i in range(3)])
     pred = depth_tools.predict(m, b["image"], steps=2, seed=0)
@@ -140,7 +140,7 @@ def test_eval_depth_on_nyu_csv_folder_and_mat(run_dir, tmp_path, capsys):
     for name, data in (("csv", folder), ("mat", mat)):
         out = tmp_path / f"eval_{name}"
         rc = main(["eval-depth", "--checkpoint", str(run_dir / "checkpoint.pt"), "--data", str(data), "--steps", "2",
-                   "--eigen-crop", "--out", str(out)])
+                   "--eigen-crop", "--out", str(out), *EAGER])
         assert rc == 0, capsys.readouterr().err
         rec = json.loads((out / "eval_depth.json").read_text())
         n = len(build_dataset(str(data), image_size=SIZE, split="test"))
@@ -167,3 +167,23 @@ def test_clear_errors(run_dir, tmp_path, capsys):
         assert "is a pixel model, not a depth model" in capsys.readouterr().err
     assert main(["train", *TINY[2:], "--task", "depth", "--data", "builtin:shapes", "--out", str(tmp_path / "r")]) == 2
     assert "the task needs a 'depth' one" in capsys.readouterr().err
+
+
+def test_depth_runs_resume_exactly_and_accumulate(tmp_path):
+    # the trainer's features on the depth task: exact --resume, gradient accumulation with channels_last
+    def losses(out):
+        return [r["loss"] for r in map(json.loads, (out / "log.jsonl").read_text().splitlines()) if "loss" in r]
+
+    a, b, c = tmp_path / "a", tmp_path / "b", tmp_path / "c"
+    common = [*TINY, "--steps", "3", "--num-samples", "1", "--dropout", "0.1"]
+    assert main(["train", *common, "--out", str(a)]) == 0
+    assert main(["train", *TINY, "--steps", "2", "--num-samples", "1", "--dropout", "0.1", "--out", str(b)]) == 0
+    assert main(["train", "--resume", "--out", str(b), "--steps", "3", "--quiet"]) == 0
+    assert losses(a) == losses(b) and len(losses(a)) == 3
+    pa, pb = load_checkpoint(a / "checkpoint.pt")["model"], load_checkpoint(b / "checkpoint.pt")["model"]
+    assert all(torch.equal(pa[k], pb[k]) for k in pa)
+    assert main(["train", *TINY, "--steps", "3", "--num-samples", "1", "--grad-accum", "2", "--channels-last",
+                 "--out", str(c)]) == 0
+    plain = tmp_path / "plain"
+    assert main(["train", *TINY, "--steps", "3", "--num-samples", "1", "--out", str(plain)]) == 0
+    assert losses(c) == pytest.approx(losses(plain), rel=1e-4, abs=1e-6)
