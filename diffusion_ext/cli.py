@@ -210,7 +210,8 @@ def _run_train(args) -> int:
             print(f"interrupted after step {summary['step']}; checkpoint {summary['checkpoint']}; continue with "
                   f"--resume --out {summary['out']}")
         else:
-            extra = "".join(f", {k} {v:.4g}" for k, v in summary.items() if k in ("valid_fraction", "recon_mse"))
+            extra = "".join(f", {k} {v:.4g}" for k, v in summary.items()
+                            if k in ("valid_fraction", "recon_mse", "depth_mse"))
             print(f"trained {summary['step']} steps{extra}; checkpoint {summary['checkpoint']}, weights "
                   f"{summary['weights']}, samples {summary['samples']}, loss curve {summary['loss_curve']}")
     return 0
@@ -321,6 +322,7 @@ def _add_predict_depth(sub) -> None:
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None)
+    p.add_argument("--eager", action="store_true", help="the eager model (fused=False)")
     p.set_defaults(func=_run_predict_depth)
 
 
@@ -336,7 +338,7 @@ def _run_predict_depth(args) -> int:
     if args.ensemble < 1:
         return _error("predict-depth", f"--ensemble must be at least 1, got {args.ensemble}")
     try:
-        m = load_trained(args.checkpoint, device)
+        m = load_trained(args.checkpoint, device, fused=not args.eager)
     except (CheckpointError, ValueError) as e:
         return _error("predict-depth", str(e))
     if m.task != "depth":
@@ -375,6 +377,7 @@ def _add_eval_depth(sub) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None)
     p.add_argument("--out", default=None, metavar="DIR", help="default: beside the checkpoint")
+    p.add_argument("--eager", action="store_true", help="the eager model (fused=False)")
     p.set_defaults(func=_run_eval_depth)
 
 
@@ -387,7 +390,7 @@ def _run_eval_depth(args) -> int:
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     try:
-        m = load_trained(args.checkpoint, device)
+        m = load_trained(args.checkpoint, device, fused=not args.eager)
     except (CheckpointError, ValueError) as e:
         return _error("eval-depth", str(e))
     if m.task != "depth":
