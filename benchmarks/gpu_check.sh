@@ -162,6 +162,15 @@ ATTN_RC=$?
 set -e
 [ "$ATTN_RC" = 0 ] || FAILED+=("bench_attention (exit $ATTN_RC)")
 
+log "python benchmarks/bench_unet.py cuda; python benchmarks/profile_unet_step.py cuda"
+UNET_MD="$LOG_DIR/bench-unet.md"
+rm -f "$UNET_MD"
+set +e
+{ "$PY" benchmarks/bench_unet.py cuda && echo && (cd benchmarks && "$PY" profile_unet_step.py cuda); } > "$UNET_MD" 2> "$LOG_DIR/bench-unet.log"
+UNET_RC=$?
+set -e
+[ "$UNET_RC" = 0 ] || FAILED+=("bench_unet (exit $UNET_RC)")
+
 # ---------------------------------------------------------------------------------------------------
 # 6. the results file
 # ---------------------------------------------------------------------------------------------------
@@ -214,6 +223,14 @@ if [ -n "$(git status --porcelain --untracked-files=no 2>/dev/null || true)" ]; 
     cat "$ATTN_MD"
   else
     echo "no table: exit $ATTN_RC; see $LOG_DIR/bench-attention.log"
+  fi
+  echo
+  echo "## Benchmark: \`python benchmarks/bench_unet.py cuda\` (UNet train and sampling step, bf16 autocast, batch 64) and its profile"
+  echo
+  if [ -s "$UNET_MD" ]; then
+    cat "$UNET_MD"
+  else
+    echo "no table: exit $UNET_RC; see $LOG_DIR/bench-unet.log"
   fi
 } > "$RESULT"
 log "wrote $RESULT"
