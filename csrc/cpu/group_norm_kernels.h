@@ -2,6 +2,15 @@
 // The inner loops of group_norm_act on the CPU, over one contiguous run of elements: shifted sums for the
 // statistics, the fused normalise + activate, and the backward's per-element terms. Each has a scalar
 // form for every dtype and an AVX2 form for float (at::vec, with the sums kept in double lanes).
+//
+// at::vec is AVX-512 here when the compiler targets it (setup.py: -march=native): the normalise +
+// activate loop is bound by SiLU's exp and division, which 16 lanes halve. Each capability lives in its
+// own inline namespace of at::vec, so this unit mixes with the AVX2 units of the other kernels.
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512DQ__) && defined(__AVX512VL__) && \
+    !defined(CPU_CAPABILITY)
+#define CPU_CAPABILITY AVX512
+#define CPU_CAPABILITY_AVX512
+#endif
 #include "vec_capability.h"
 
 #include <cstdint>

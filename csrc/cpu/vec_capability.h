@@ -8,7 +8,9 @@
 #endif
 #include <ATen/cpu/vec/vec.h>
 
-#if defined(CPU_CAPABILITY_AVX2)
+// Raw AVX2 + FMA intrinsics (the hand-written loops of normal_fill.h and group_norm_kernels.h) are
+// available whenever the compiler targets them, whichever at::vec capability the unit selected.
+#if defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
 #define DIFFUSION_EXT_AVX2 1
 #endif
