@@ -144,36 +144,39 @@ BENCH_RC=${PIPESTATUS[0]}
 set -e
 [ "$BENCH_RC" = 0 ] || FAILED+=("bench (exit $BENCH_RC)")
 
-log "python benchmarks/bench_group_norm_act.py cuda"
-GN_MD="$LOG_DIR/bench-group-norm-act.md"
-rm -f "$GN_MD"
-set +e
-"$PY" benchmarks/bench_group_norm_act.py cuda > "$GN_MD" 2> "$LOG_DIR/bench-group-norm-act.log"
-GN_RC=$?
-set -e
-[ "$GN_RC" = 0 ] || FAILED+=("bench_group_norm_act (exit $GN_RC)")
-
-log "python benchmarks/bench_attention.py cuda"
-ATTN_MD="$LOG_DIR/bench-attention.md"
-rm -f "$ATTN_MD"
-set +e
-"$PY" benchmarks/bench_attention.py cuda > "$ATTN_MD" 2> "$LOG_DIR/bench-attention.log"
-ATTN_RC=$?
-set -e
-[ "$ATTN_RC" = 0 ] || FAILED+=("bench_attention (exit $ATTN_RC)")
-
-log "python benchmarks/bench_unet.py cuda; python benchmarks/profile_unet_step.py cuda"
-UNET_MD="$LOG_DIR/bench-unet.md"
-rm -f "$UNET_MD"
-set +e
-{ "$PY" benchmarks/bench_unet.py cuda && echo && (cd benchmarks && "$PY" profile_unet_step.py cuda); } > "$UNET_MD" 2> "$LOG_DIR/bench-unet.log"
-UNET_RC=$?
-set -e
-[ "$UNET_RC" = 0 ] || FAILED+=("bench_unet (exit $UNET_RC)")
+# One markdown table per benchmark script: bench_table NAME COMMAND... writes $LOG_DIR/bench-NAME.md (stdout)
+# and .log (stderr), records a failure without stopping the others, and leaves the exit code in NAME_RC.
+bench_table() {
+  local name=$1; shift
+  log "$*"
+  rm -f "$LOG_DIR/bench-$name.md"
+  set +e
+  "$@" > "$LOG_DIR/bench-$name.md" 2> "$LOG_DIR/bench-$name.log"
+  local rc=$?
+  set -e
+  [ "$rc" = 0 ] || FAILED+=("bench-$name (exit $rc)")
+  printf -v "${name//-/_}_RC" '%s' "$rc"
+}
+unet_tables() { "$PY" benchmarks/bench_unet.py cuda && echo && (cd benchmarks && "$PY" profile_unet_step.py cuda); }
+bench_table group-norm-act "$PY" benchmarks/bench_group_norm_act.py cuda
+bench_table attention "$PY" benchmarks/bench_attention.py cuda
+bench_table unet unet_tables
 
 # ---------------------------------------------------------------------------------------------------
 # 6. the results file
 # ---------------------------------------------------------------------------------------------------
+table_section() {  # NAME TITLE: the table bench_table wrote, or why there is none
+  local rc_var="${1//-/_}_RC"
+  echo
+  echo "## Benchmark: $2"
+  echo
+  if [ -s "$LOG_DIR/bench-$1.md" ]; then
+    cat "$LOG_DIR/bench-$1.md"
+  else
+    echo "no table: exit ${!rc_var}; see $LOG_DIR/bench-$1.log"
+  fi
+}
+
 COMMIT="$(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
 if [ -n "$(git status --porcelain --untracked-files=no 2>/dev/null || true)" ]; then COMMIT="$COMMIT (with local changes)"; fi
 {
@@ -209,29 +212,9 @@ if [ -n "$(git status --porcelain --untracked-files=no 2>/dev/null || true)" ]; 
     echo "no table: the benchmark exited with $BENCH_RC; see $LOG_DIR/bench.log"
   fi
   echo
-  echo "## Benchmark: \`python benchmarks/bench_group_norm_act.py cuda\` (32 groups, SiLU; eager, compile, cuda, triton)"
-  echo
-  if [ -s "$GN_MD" ]; then
-    cat "$GN_MD"
-  else
-    echo "no table: exit $GN_RC; see $LOG_DIR/bench-group-norm-act.log"
-  fi
-  echo
-  echo "## Benchmark: \`python benchmarks/bench_attention.py cuda\` (eager, compile, every SDPA backend, cuda, triton)"
-  echo
-  if [ -s "$ATTN_MD" ]; then
-    cat "$ATTN_MD"
-  else
-    echo "no table: exit $ATTN_RC; see $LOG_DIR/bench-attention.log"
-  fi
-  echo
-  echo "## Benchmark: \`python benchmarks/bench_unet.py cuda\` (UNet train and sampling step, bf16 autocast, batch 64) and its profile"
-  echo
-  if [ -s "$UNET_MD" ]; then
-    cat "$UNET_MD"
-  else
-    echo "no table: exit $UNET_RC; see $LOG_DIR/bench-unet.log"
-  fi
+  table_section "group-norm-act" "\`python benchmarks/bench_group_norm_act.py cuda\` (32 groups, SiLU; eager, compile, cuda, triton)"
+  table_section "attention" "\`python benchmarks/bench_attention.py cuda\` (eager, compile, every SDPA backend, cuda, triton)"
+  table_section "unet" "\`python benchmarks/bench_unet.py cuda\` (UNet train and sampling step, bf16 autocast, batch 64) and \`profile_unet_step.py cuda\`"
 } > "$RESULT"
 log "wrote $RESULT"
 

@@ -114,6 +114,27 @@ def _error(cmd: str, msg: str) -> int:
     return 2
 
 
+def _device(args):
+    import torch
+
+    return torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
+def _load_trained(cmd: str, args, task: str | None = None):
+    """The model of --checkpoint on --device (eager with --eager), or an exit code after a clear error
+    (unreadable or foreign checkpoint, or a model of another task than `task`)."""
+    from .checkpoint import CheckpointError
+    from .train import load_trained
+
+    try:
+        m = load_trained(args.checkpoint, _device(args), fused=not args.eager)
+    except (CheckpointError, ValueError) as e:
+        return _error(cmd, str(e))
+    if task is not None and m.task != task:
+        return _error(cmd, f"{args.checkpoint} is a {m.task} model, not a {task} model (--task {task})")
+    return m
+
+
 # ----------------------------------------------------------------------------------------------------
 # train
 # ----------------------------------------------------------------------------------------------------
@@ -242,17 +263,14 @@ def _add_sample(sub) -> None:
 def _run_sample(args) -> int:
     import torch
 
-    from .checkpoint import CheckpointError
     from .images import save_grid
-    from .train import load_trained
 
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = _device(args)
     if args.num < 1:
         return _error("sample", f"--num must be at least 1, got {args.num}")
-    try:
-        m = load_trained(args.checkpoint, device, fused=not args.eager)
-    except (CheckpointError, ValueError) as e:
-        return _error("sample", str(e))
+    m = _load_trained("sample", args)
+    if isinstance(m, int):
+        return m
     if m.task in ("vae", "depth"):
         return _error("sample", f"{args.checkpoint} is a {m.task} model; sample takes pixel or latent models "
                                 f"(depth: predict-depth)")
@@ -330,19 +348,14 @@ def _run_predict_depth(args) -> int:
     import torch
 
     from . import depth_tools
-    from .checkpoint import CheckpointError
     from .images import depth_to_rgb, load_image, make_grid, save_png
-    from .train import load_trained
 
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = _device(args)
     if args.ensemble < 1:
         return _error("predict-depth", f"--ensemble must be at least 1, got {args.ensemble}")
-    try:
-        m = load_trained(args.checkpoint, device, fused=not args.eager)
-    except (CheckpointError, ValueError) as e:
-        return _error("predict-depth", str(e))
-    if m.task != "depth":
-        return _error("predict-depth", f"{args.checkpoint} is a {m.task} model, not a depth model (--task depth)")
+    m = _load_trained("predict-depth", args, task="depth")
+    if isinstance(m, int):
+        return m
     try:
         image = load_image(args.image, m.model.config["image_size"])
     except (OSError, ValueError) as e:
@@ -385,16 +398,11 @@ def _run_eval_depth(args) -> int:
     import torch
 
     from . import depth_tools
-    from .checkpoint import CheckpointError
-    from .train import load_trained
 
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    try:
-        m = load_trained(args.checkpoint, device, fused=not args.eager)
-    except (CheckpointError, ValueError) as e:
-        return _error("eval-depth", str(e))
-    if m.task != "depth":
-        return _error("eval-depth", f"{args.checkpoint} is a {m.task} model, not a depth model (--task depth)")
+    device = _device(args)
+    m = _load_trained("eval-depth", args, task="depth")
+    if isinstance(m, int):
+        return m
     out = args.out or os.path.dirname(os.path.abspath(args.checkpoint))
     try:
         result = depth_tools.evaluate(m, args.data, split=args.split, data_size=args.data_size, limit=args.limit,
