@@ -256,6 +256,8 @@ def _add_sample(sub) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None)
     p.add_argument("--eager", action="store_true", help="the eager model (fused=False)")
+    p.add_argument("--cuda-graph", dest="cuda_graph", action="store_true",
+                   help="CUDA: capture the sampling step in a CUDA graph and replay it for every step")
     p.add_argument("--out", default="samples.png", metavar="GRID.png")
     p.set_defaults(func=_run_sample)
 
@@ -284,7 +286,7 @@ def _run_sample(args) -> int:
     elif args.guidance is not None or args.label is not None:
         return _error("sample", "--guidance and --label need a class-conditional model (trained with --class-cond)")
     kw = dict(sampler=args.sampler, steps=args.steps, eta=args.eta, guidance_scale=args.guidance, y=y,
-              seed=args.seed, device=device)
+              seed=args.seed, device=device, cuda_graph=args.cuda_graph)
     try:
         if m.latent is not None:
             images = m.latent.sample(m.model, args.num, **kw)

@@ -35,6 +35,23 @@ def _null_class(model, who: str) -> int:
     return n
 
 
+def check_sample_args(who: str, shape, eta: float, guidance_scale: float | None, y: torch.Tensor | None,
+                      cond: torch.Tensor | None) -> tuple[int, ...]:
+    """The sample shape as a tuple of ints, after checking the arguments a sampler shares."""
+    shape = tuple(int(s) for s in shape)
+    if len(shape) < 2 or shape[0] < 1:
+        raise ValueError(f"{who}: shape must be (B, C, ...) with B >= 1, got {shape}")
+    if guidance_scale is not None and y is None:
+        raise ValueError(f"{who}: guidance_scale needs class labels y (guidance contrasts y with the null class)")
+    if y is not None and y.shape != (shape[0],):
+        raise ValueError(f"{who}: y must have shape ({shape[0]},), got {tuple(y.shape)}")
+    if cond is not None and (cond.dim() != len(shape) or cond.shape[0] != shape[0] or cond.shape[2:] != shape[2:]):
+        raise ValueError(f"{who}: cond must be (B, Cc, ...) matching shape {shape}, got {tuple(cond.shape)}")
+    if not eta >= 0:
+        raise ValueError(f"{who}: eta = {eta}; expected eta >= 0")
+    return shape
+
+
 class _eval_mode:
     """Puts an nn.Module in eval mode (no dropout) for the duration, then restores its mode."""
 
@@ -140,63 +157,80 @@ class Diffusion:
         ts = list(range(T - 1, -1, -1)) if steps == T else self.schedule.timesteps(steps, spacing).tolist()
         return [(t, ts[i + 1] if i + 1 < len(ts) else -1) for i, t in enumerate(ts)]
 
+    @staticmethod
+    def update_kind(sampler: str, t: int, t_prev: int) -> str:
+        """The fused update of step t -> t_prev: DDPM's ancestral step (Ho et al. 2020, Alg. 2) when the
+        ddpm sampler visits t_prev = t − 1, else DDIM's (Song et al. 2021, eq. 12), whose η = 1 is
+        DDPM's posterior on the respaced chain (ibid., eq. 16)."""
+        return "ddpm" if sampler == "ddpm" and t_prev == t - 1 else "ddim"
+
     def sample_step(self, model, x: torch.Tensor, t: int, t_prev: int, *, sampler: str = "ddim", eta: float = 0.0,
                     guidance_scale: float | None = None, y: torch.Tensor | None = None,
                     cond: torch.Tensor | None = None, seed: int = 0, offset: int = 0,
                     clip_range: float | None = 1.0) -> torch.Tensor:
         """One reverse step x_t -> x_{t_prev}: one model call (on the doubled batch [cond; uncond] under
-        guidance) and one fused ddpm_step / ddim_step."""
-        B, sched = x.shape[0], self.schedule
+        guidance) and one fused ddpm_step / ddim_step, its noise from Philox stream (seed, offset)."""
+        B = x.shape[0]
         tt = torch.full((B,), t, dtype=torch.long, device=x.device)
+        tp = torch.full((B,), t_prev, dtype=torch.long, device=x.device)
+        return self.reverse_step(model, x, tt, tp, kind=self.update_kind(sampler, t, t_prev),
+                                 eta=1.0 if sampler == "ddpm" else eta, guidance_scale=guidance_scale, y=y, cond=cond,
+                                 seed=seed, offset=offset, clip_range=clip_range)
+
+    def reverse_step(self, model, x: torch.Tensor, t: torch.Tensor, t_prev: torch.Tensor, *, kind: str, eta: float,
+                     guidance_scale: float | None, y: torch.Tensor | None, cond: torch.Tensor | None,
+                     noise: torch.Tensor | None = None, seed: int = 0, offset: int = 0,
+                     clip_range: float | None = 1.0) -> torch.Tensor:
+        """sample_step on timestep tensors t, t_prev (B,) and a given update kind, with the noise given
+        or made from (seed, offset). Nothing here reads a device value on the host, so a CUDA graph can
+        capture it (graphed_sampling.py)."""
+        sched = self.schedule
         inp = x if cond is None else torch.cat([x, cond.to(x.dtype)], dim=1)
         # 1. the model's prediction; under classifier-free guidance the conditional and the unconditional
         #    one from a single call on [x; x] with labels [y; ∅] (Ho & Salimans 2022, eq. 6)
         uncond = None
         if guidance_scale is not None:
-            null = torch.full((B,), _null_class(model, "Diffusion.sample"), dtype=torch.long, device=x.device)
-            out = _call(model, torch.cat([inp, inp]), torch.cat([tt, tt]), torch.cat([y, null]))
+            null = torch.full_like(y, _null_class(model, "Diffusion.sample"))
+            out = _call(model, torch.cat([inp, inp]), torch.cat([t, t]), torch.cat([y, null]))
             out, uncond = out.chunk(2)
         else:
-            out = _call(model, inp, tt, y)
-        # 2. x_{t_prev} from the fused step, which applies the guidance ε̃ = ε_∅ + w·(ε_y − ε_∅) itself:
-        #    DDPM's ancestral step (Ho et al. 2020, Alg. 2) when t_prev = t − 1, else DDIM's (Song et al.
-        #    2021, eq. 12), whose η = 1 is DDPM's posterior on the respaced chain (ibid., eq. 16)
+            out = _call(model, inp, t, y)
+        # 2. x_{t_prev} from the fused step, which applies the guidance ε̃ = ε_∅ + w·(ε_y − ε_∅) itself
         clip = clip_range is not None
         common = dict(seed=seed, offset=offset, clip_sample=clip, clip_range=clip_range if clip else 1.0,
                       prediction_type=self.prediction_type, guidance_scale=guidance_scale, model_output_uncond=uncond)
-        if sampler == "ddpm" and t_prev == t - 1:
-            return sched.ddpm_step(out, tt, x, **common)
-        return sched.ddim_step(out, tt, t_prev, x, 1.0 if sampler == "ddpm" else eta, **common)
+        if kind == "ddpm":
+            return sched.ddpm_step(out, t, x, noise, **common)
+        return sched.ddim_step(out, t, t_prev, x, eta, noise, **common)
 
     @torch.no_grad()
     def sample(self, model, shape, *, sampler: str = "ddim", steps: int | None = None, eta: float = 0.0,
                guidance_scale: float | None = None, y: torch.Tensor | None = None, cond: torch.Tensor | None = None,
                seed: int = 0, device="cpu", dtype: torch.dtype = torch.float32, progress: bool = False,
                callback: Callable[[int, int, torch.Tensor], None] | None = None, spacing: str = "leading",
-               clip_range: float | None = 1.0) -> torch.Tensor:
+               clip_range: float | None = 1.0, cuda_graph: bool = False) -> torch.Tensor:
         """Draws x0 ~ p_θ(x0 | y, cond) of the given shape (B, C, S, S).
 
         sampler "ddpm": all T steps when steps is None (or T), else `steps` timesteps with DDIM η = 1;
         "ddim": `steps` timesteps (50 when None) with the given eta. guidance_scale w (None: no guidance)
         needs labels y and a class-conditional model. clip_range: x̂0 is clipped to [−r, r] at every step
         and so is the result (the data range: 1 for images in [−1, 1]; None for latents, which are
-        unbounded). callback(i, t, x_{t_prev}) runs after step i.
+        unbounded). callback(i, t, x_{t_prev}) runs after step i. cuda_graph (CUDA only): the step is
+        captured once and replayed (graphed_sampling.GraphedSampler; the same x_T, noise from torch's
+        CUDA generator instead of the kernels' Philox streams).
         """
-        shape = tuple(int(s) for s in shape)
-        if len(shape) < 2 or shape[0] < 1:
-            raise ValueError(f"Diffusion.sample: shape must be (B, C, ...) with B >= 1, got {shape}")
-        if guidance_scale is not None and y is None:
-            raise ValueError("Diffusion.sample: guidance_scale needs class labels y (guidance contrasts y with the "
-                             "null class)")
-        if y is not None and y.shape != (shape[0],):
-            raise ValueError(f"Diffusion.sample: y must have shape ({shape[0]},), got {tuple(y.shape)}")
-        if cond is not None and (cond.shape[0] != shape[0] or cond.shape[2:] != shape[2:]):
-            raise ValueError(f"Diffusion.sample: cond must be (B, Cc, ...) matching shape {shape}, got "
-                             f"{tuple(cond.shape)}")
-        if not eta >= 0:
-            raise ValueError(f"Diffusion.sample: eta = {eta}; expected eta >= 0")
+        shape = check_sample_args("Diffusion.sample", shape, eta, guidance_scale, y, cond)
         plan = self.plan(sampler, steps, spacing)
         device = torch.device(device)
+        if cuda_graph:
+            if device.type != "cuda" or progress or callback is not None:
+                raise ValueError(f"Diffusion.sample: cuda_graph=True needs a CUDA device (got {device}) and runs "
+                                 f"the chain without progress bar or callback")
+            from .graphed_sampling import GraphedSampler
+
+            return GraphedSampler(self, model, shape, sampler=sampler, steps=steps, eta=eta,
+                                  guidance_scale=guidance_scale, y=y, cond=cond, clip_range=clip_range,
+                                  spacing=spacing, dtype=dtype, device=device)(seed)
         self._on(device)
         y = None if y is None else y.to(device)
         cond = None if cond is None else cond.to(device)

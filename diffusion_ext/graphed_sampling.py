@@ -1,0 +1,146 @@
+"""Sampling with the reverse step captured once in a CUDA graph and replayed for every step.
+
+Why: a U-Net step is a few hundred small kernels. At sampling batch sizes the GPU runs them faster than
+Python and the dispatcher can launch them, so an eager loop leaves the GPU idle between kernels; a CUDA
+graph launches the whole step with one call (CUDA C++ Programming Guide, "CUDA Graphs").
+
+What makes one graph serve every step of the chain:
+- every input of a step lives in a static buffer: x, the labels, the conditioning image, and the step
+  index, a device scalar. The step gathers its t and t_prev from per-step tables by that index and
+  increments it, all on the device, so no value of a step is frozen into the graph;
+- nothing reads a device value on the host (Diffusion.reverse_step is written that way);
+- the noise of DDPM (and of DDIM with η > 0) is drawn by torch.randn inside the graph. The fused kernels'
+  (seed, offset) are ints and would be frozen into the graph, giving every step the same noise;
+  torch's CUDA generator is graph-safe (each replay advances its Philox offset). So a graphed sample
+  has the distribution of Diffusion.sample's but not the same draws; torch.cuda.manual_seed after the
+  construction (whose warm-up and capture draw from that generator too) makes it reproducible. x_T is Philox stream (seed, 0), as in Diffusion.sample, so DDIM with η = 0, whose chain
+  draws no noise, gives Diffusion.sample's images.
+
+At most two graphs: one per update kind the plan uses (a respaced "ddpm" chain may mix DDPM steps,
+t_prev = t − 1, with DDIM η = 1 steps). With capture=False the same step runs eagerly, on any device:
+that is how the CPU tests check it against Diffusion.sample.
+
+>>> sampler = GraphedSampler(diffusion, unet, (16, 3, 64, 64), sampler="ddpm", device="cuda")
+>>> images = sampler(seed=0)       # 1000 graph replays
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+
+import torch
+
+from . import reference
+from .diffusion import Diffusion, _eval_mode, check_sample_args
+
+
+class GraphedSampler:
+    """The reverse chain of Diffusion.sample for one shape, sampler and step count, its step captured in
+    a CUDA graph (capture=None: when the device is CUDA). autocast_dtype runs the model under autocast
+    (the autocast weight cache is off, as graph capture requires)."""
+
+    def __init__(self, diffusion: Diffusion, model, shape, *, sampler: str = "ddpm", steps: int | None = None,
+                 eta: float = 0.0, guidance_scale: float | None = None, y: torch.Tensor | None = None,
+                 cond: torch.Tensor | None = None, clip_range: float | None = 1.0, spacing: str = "leading",
+                 dtype: torch.dtype = torch.float32, device="cuda", capture: bool | None = None,
+                 autocast_dtype: torch.dtype | None = None, warmup: int = 2):
+        who = "GraphedSampler"
+        if not isinstance(diffusion, Diffusion):
+            raise TypeError(f"{who}: diffusion must be a Diffusion, got {type(diffusion).__name__}")
+        self.shape = check_sample_args(who, shape, eta, guidance_scale, y, cond)
+        self.device = torch.device(device)
+        self.capture = self.device.type == "cuda" if capture is None else bool(capture)
+        if self.capture and self.device.type != "cuda":
+            raise ValueError(f"{who}: capture=True needs a CUDA device, got {self.device}")
+        if self.capture and not torch.cuda.is_available():
+            raise RuntimeError(f"{who}: capture=True but torch sees no CUDA device")
+        plan = diffusion.plan(sampler, steps, spacing)
+        self.diffusion, self.model = diffusion, model
+        self.guidance_scale, self.clip_range, self.dtype = guidance_scale, clip_range, dtype
+        self.autocast_dtype = autocast_dtype
+        self.eta = 1.0 if sampler == "ddpm" else float(eta)
+        self.kinds = [Diffusion.update_kind(sampler, t, t_prev) for t, t_prev in plan]
+        diffusion._on(self.device)
+        B = self.shape[0]
+        # the static buffers: what a replay reads and writes
+        self.x = torch.zeros(self.shape, dtype=dtype, device=self.device)
+        self.index = torch.zeros(1, dtype=torch.long, device=self.device)  # 1-D: index_select never syncs
+        self.t_table = torch.tensor([t for t, _ in plan], dtype=torch.long).repeat_interleave(B).view(-1, B).to(self.device)
+        self.t_prev_table = torch.tensor([tp for _, tp in plan], dtype=torch.long).repeat_interleave(B).view(-1, B)
+        self.t_prev_table = self.t_prev_table.to(self.device)
+        self.y = None if y is None else y.to(self.device, torch.long).clone()
+        self.cond = None if cond is None else cond.to(self.device, dtype).clone()
+        self.graphs: dict[str, torch.cuda.CUDAGraph] = {}
+        if self.capture:
+            self._capture(max(1, warmup))
+
+    # ------------------------------------------------------------------------------------------------
+    def _autocast(self):
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype, cache_enabled=False)
+
+    def _step(self, kind: str) -> None:
+        """Step `index` of the chain on the static buffers: x ← reverse_step(x), index ← index + 1."""
+        t = self.t_table.index_select(0, self.index).view(-1)  # gathered on the device
+        t_prev = self.t_prev_table.index_select(0, self.index).view(-1)
+        needs_noise = kind == "ddpm" or self.eta > 0
+        noise = torch.randn(self.shape, dtype=self.dtype, device=self.device) if needs_noise else None
+        with self._autocast():
+            x = self.diffusion.reverse_step(self.model, self.x, t, t_prev, kind=kind, eta=self.eta,
+                                            guidance_scale=self.guidance_scale, y=self.y, cond=self.cond,
+                                            noise=noise, clip_range=self.clip_range)
+        self.x.copy_(x)
+        self.index.add_(1)
+
+    @torch.no_grad()
+    def _capture(self, warmup: int) -> None:
+        # Warm-up on a side stream (PyTorch's rule for capture): loads the kernels, compiles Triton, sizes
+        # cuBLAS workspaces and the schedule's cached tables, none of which may happen during capture.
+        self.x.normal_()
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with _eval_mode(self.model), torch.cuda.stream(side):
+            for _ in range(warmup):
+                for kind in sorted(set(self.kinds)):
+                    self.index.zero_()
+                    self._step(kind)
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        pool = torch.cuda.graph_pool_handle()
+        with _eval_mode(self.model):
+            for kind in sorted(set(self.kinds)):
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=pool):
+                    self._step(kind)
+                self.graphs[kind] = graph
+        self.index.zero_()
+
+    # ------------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def __call__(self, seed: int = 0, *, x_T: torch.Tensor | None = None, y: torch.Tensor | None = None,
+                 cond: torch.Tensor | None = None) -> torch.Tensor:
+        """Runs the chain from x_T (default: Philox stream (seed, 0), as Diffusion.sample) and returns x_0.
+        y and cond replace the labels and the conditioning image of the construction (same shapes)."""
+        who = "GraphedSampler"
+        for name, new, static in (("y", y, self.y), ("cond", cond, self.cond)):
+            if new is None:
+                continue
+            if static is None or new.shape != static.shape:
+                raise ValueError(f"{who}: {name} must have the shape given at construction "
+                                 f"{None if static is None else tuple(static.shape)}, got {tuple(new.shape)}")
+            static.copy_(new)
+        if x_T is None:
+            x_T = reference.philox_normal(math.prod(self.shape), seed, 0, self.dtype, self.device).view(self.shape)
+        elif tuple(x_T.shape) != self.shape:
+            raise ValueError(f"{who}: x_T must have shape {self.shape}, got {tuple(x_T.shape)}")
+        self.x.copy_(x_T)
+        self.index.zero_()
+        if self.capture:
+            for kind in self.kinds:
+                self.graphs[kind].replay()
+        else:
+            with _eval_mode(self.model):
+                for kind in self.kinds:
+                    self._step(kind)
+        x = self.x.clone()
+        return x if self.clip_range is None else x.clamp(-self.clip_range, self.clip_range)
