@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # GPU check: build diffusion_ext with its CUDA kernels, run every test (the gpu-marked ones too), run the
-# CUDA op tests again under compute-sanitizer memcheck, run the schedule-op benchmark, and write
+# CUDA op tests again under compute-sanitizer memcheck, run the benchmarks (ops, UNet steps, sampling loop), and write
 #   benchmarks/results/<device-name>-<YYYY-MM-DD>.md
 # with the device, the versions, the build, the test and sanitizer summaries and the benchmark table.
 # Every number in that file comes from this run.
@@ -161,6 +161,7 @@ unet_tables() { "$PY" benchmarks/bench_unet.py cuda && echo && (cd benchmarks &&
 bench_table group-norm-act "$PY" benchmarks/bench_group_norm_act.py cuda
 bench_table attention "$PY" benchmarks/bench_attention.py cuda
 bench_table unet unet_tables
+bench_table sampling-loop "$PY" benchmarks/bench_sampling_loop.py cuda
 
 # ---------------------------------------------------------------------------------------------------
 # 6. the results file
@@ -215,6 +216,7 @@ if [ -n "$(git status --porcelain --untracked-files=no 2>/dev/null || true)" ]; 
   table_section "group-norm-act" "\`python benchmarks/bench_group_norm_act.py cuda\` (32 groups, SiLU; eager, compile, cuda, triton)"
   table_section "attention" "\`python benchmarks/bench_attention.py cuda\` (eager, compile, every SDPA backend, cuda, triton)"
   table_section "unet" "\`python benchmarks/bench_unet.py cuda\` (UNet train and sampling step, bf16 autocast, batch 64) and \`profile_unet_step.py cuda\`"
+  table_section "sampling-loop" "\`python benchmarks/bench_sampling_loop.py cuda\` (1000-step DDPM loop: eager, fused, CUDA graph)"
 } > "$RESULT"
 log "wrote $RESULT"
 
