@@ -110,6 +110,8 @@ def _ints(value: str) -> tuple[int, ...]:
 
 
 def _error(cmd: str, msg: str) -> int:
+    # the library's messages may name the command already ("train: ..."): say it once
+    msg = msg[len(cmd) + 2:] if msg.startswith(f"{cmd}: ") else msg
     print(f"diffusion_ext {cmd}: {msg}", file=sys.stderr)
     return 2
 

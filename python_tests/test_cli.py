@@ -84,6 +84,9 @@ def test_clear_errors(tmp_path, capsys):
     assert "needs vae" in capsys.readouterr().err
     assert main(["train", "--resume", "--out", str(tmp_path / "none")]) == 2
     assert "checkpoint.pt: no such file" in capsys.readouterr().err
+    assert main(["train", "--task", "pixel", "--data", "builtin:shapes", "--precision", "fp16", "--device", "cpu",
+                 "--out", str(tmp_path / "r")]) == 2
+    assert "diffusion_ext train: --precision fp16 needs a CUDA device" in capsys.readouterr().err  # named once
 
 
 def test_ctrl_c_saves_and_resume_continues(tmp_path):
