@@ -10,6 +10,10 @@ from .blocks import AttentionBlock, Downsample, ResBlock, TimestepSequential, Up
 from .embeddings import TimestepEmbedding
 from ..nn import GroupNormAct
 
+# The head dims diffusion_ext.attention accepts: multiples of 8 from 8 to this (kAttentionMaxHeadDim in
+# csrc/attention_args.h).
+ATTENTION_MAX_HEAD_DIM = 256
+
 
 class UNet(torch.nn.Module):
     """A U-Net over (B, in_channels, S, S) images conditioned on the timestep t and, optionally, a class y.
@@ -59,11 +63,19 @@ class UNet(torch.nn.Module):
         divisible_by_groups(c, "base_channels", base_channels, num_groups)
         for i, m in enumerate(mults):
             divisible_by_groups(c, f"base_channels × channel_mults[{i}]", base_channels * m, num_groups)
-        if head_dim is not None:
-            for i, m in enumerate(mults):
-                if (resolutions[i] in attn_res or i == levels - 1) and (base_channels * m) % head_dim:
-                    raise ValueError(f"{c}: base_channels × channel_mults[{i}] = {base_channels * m} channels of an "
-                                     f"attention block are not divisible by head_dim = {head_dim}")
+        for i, m in enumerate(mults):
+            if not (resolutions[i] in attn_res or i == levels - 1):
+                continue
+            width = base_channels * m
+            if head_dim is not None and width % head_dim:
+                raise ValueError(f"{c}: base_channels × channel_mults[{i}] = {width} channels of an "
+                                 f"attention block are not divisible by head_dim = {head_dim}")
+            d = width if head_dim is None else head_dim  # head_dim=None: one head over all channels
+            if d % 8 or not 8 <= d <= ATTENTION_MAX_HEAD_DIM:
+                raise ValueError(f"{c}: the attention block over base_channels × channel_mults[{i}] = {width} channels "
+                                 f"has head dim {d} (head_dim = {head_dim}); the fused attention kernel needs a "
+                                 f"multiple of 8 from 8 to {ATTENTION_MAX_HEAD_DIM}, and the eager model is held to "
+                                 f"it too so that its checkpoints load into the fused one")
 
         self.config = dict(in_channels=in_channels, out_channels=out_channels, base_channels=base_channels,
                            channel_mults=mults, num_res_blocks=num_res_blocks, attention_resolutions=attn_res,
@@ -138,6 +150,11 @@ class UNet(torch.nn.Module):
             if y.shape != (B,) or y.dtype != torch.long:
                 raise ValueError(f"UNet.forward: y must be an int64 tensor of shape ({B},), got {y.dtype} "
                                  f"{tuple(y.shape)}")
+            # an out-of-range index is a device-side assert on CUDA (fatal to the process): check it here, at the
+            # cost of one sync; a torch.compile trace skips it rather than break the graph on a data-dependent branch
+            if B and not torch.compiler.is_compiling() and bool(((y < 0) | (y > self.num_classes)).any()):
+                raise ValueError(f"UNet.forward: y holds labels outside 0..num_classes = {self.num_classes} (the "
+                                 f"index num_classes is the null class): min {int(y.min())}, max {int(y.max())}")
         return t
 
     def forward(self, x: torch.Tensor, t, y: torch.Tensor | None = None) -> torch.Tensor:

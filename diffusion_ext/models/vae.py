@@ -31,6 +31,7 @@ class VAE(torch.nn.Module):
                         ("base_channels", base_channels), ("num_groups", num_groups)):
             positive_int(c, name, v)
         mults = int_list(c, "channel_mults", channel_mults)
+        divisible_by_groups(c, "base_channels", base_channels, num_groups)  # the decoder's last block is this wide
         for i, m in enumerate(mults):
             divisible_by_groups(c, f"base_channels × channel_mults[{i}]", base_channels * m, num_groups)
         self.config = dict(in_channels=in_channels, latent_channels=latent_channels, base_channels=base_channels,
