@@ -14,7 +14,7 @@ namespace diffusion_ext {
                             const at::Tensor& alphas_cumprod);                                              \
   std::tuple<at::Tensor, at::Tensor> q_sample_with_noise_##dev(                                             \
       const at::Tensor& x0, const at::Tensor& t, const at::Tensor& alphas_cumprod, int64_t seed,           \
-      int64_t offset);                                                                                      \
+      int64_t offset, bool per_sample_streams);                                                             \
   at::Tensor ddpm_step_##dev(const at::Tensor& model_output, const at::Tensor& t, const at::Tensor& x_t,   \
                              const at::Tensor& alphas_cumprod, const std::optional<at::Tensor>& noise,     \
                              int64_t seed, int64_t offset, bool clip_sample, double clip_range,            \

@@ -23,6 +23,10 @@ struct QSampleArgs {
   at::Tensor out;
   bool make_noise = false;
   uint64_t seed = 0, offset = 0;
+  // false: element e of the flat tensor is element e of stream (seed, offset); true: element j of
+  // sample b is element j of stream (seed, offset + b), the noise of q_sample_with_noise(x0[b:b+1], ...,
+  // offset + b), whatever the batch the sample is in
+  bool per_sample_streams = false;
   int64_t num_timesteps = 0;
   FlatBatch shape;
 };

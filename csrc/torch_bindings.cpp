@@ -21,8 +21,8 @@
 TORCH_LIBRARY(diffusion_ext, m) {
   m.def("q_sample(Tensor x0, Tensor t, Tensor noise, Tensor alphas_cumprod) -> Tensor");
   m.def(
-      "q_sample_with_noise(Tensor x0, Tensor t, Tensor alphas_cumprod, int seed, int offset)"
-      " -> (Tensor, Tensor)");
+      "q_sample_with_noise(Tensor x0, Tensor t, Tensor alphas_cumprod, int seed, int offset,"
+      " bool per_sample_streams=False) -> (Tensor, Tensor)");
   m.def(
       "ddpm_step(Tensor model_output, Tensor t, Tensor x_t, Tensor alphas_cumprod, Tensor? noise,"
       " int seed, int offset, bool clip_sample, float clip_range, str variance, str prediction_type,"

@@ -48,7 +48,7 @@ def _q_sample_fake(x0, t, noise, alphas_cumprod):
 
 
 @torch.library.register_fake("diffusion_ext::q_sample_with_noise")
-def _q_sample_with_noise_fake(x0, t, alphas_cumprod, seed, offset):
+def _q_sample_with_noise_fake(x0, t, alphas_cumprod, seed, offset, per_sample_streams=False):
     return flat_batch_empty_like(x0), flat_batch_empty_like(x0)
 
 
@@ -88,7 +88,7 @@ def _q_sample_backward(ctx, grad):
 def _q_sample_with_noise_backward(ctx, grad, grad_noise_out):
     t, table = ctx.saved_tensors
     g_x0 = grad * _per_sample(table, t, grad).sqrt() if ctx.needs_input_grad[0] else None
-    return g_x0, None, None, None, None
+    return g_x0, None, None, None, None, None
 
 
 torch.library.register_autograd("diffusion_ext::q_sample", _q_sample_backward, setup_context=_q_sample_setup)
@@ -185,14 +185,16 @@ def q_sample(x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, alphas_cump
 
 
 def q_sample_with_noise(x0: torch.Tensor, t: torch.Tensor, alphas_cumprod: torch.Tensor, seed: int,
-                        offset: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """q_sample with ε ~ N(0, I) made inside the kernel from (seed, offset); returns (x_t, ε)."""
+                        offset: int = 0, per_sample_streams: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """q_sample with ε ~ N(0, I) made inside the kernel from (seed, offset); returns (x_t, ε).
+    per_sample_streams: sample b's ε is stream (seed, offset + b), as if each sample were alone."""
+    args = (x0, t, alphas_cumprod, seed, offset, bool(per_sample_streams))
     backend = resolve("q_sample_with_noise", x0.device)
     if backend == "torch":
-        return reference.q_sample_with_noise(x0, t, alphas_cumprod, seed, offset)
+        return reference.q_sample_with_noise(*args)
     if backend == "triton":
-        return _triton().q_sample_with_noise(x0, t, alphas_cumprod, seed, offset)
-    return _ops.q_sample_with_noise(x0, t, alphas_cumprod, seed, offset)
+        return _triton().q_sample_with_noise(*args)
+    return _ops.q_sample_with_noise(*args)
 
 
 def ddpm_step(model_output: torch.Tensor, t: torch.Tensor, x_t: torch.Tensor, alphas_cumprod: torch.Tensor,

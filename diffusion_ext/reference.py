@@ -80,8 +80,12 @@ def q_sample(x0, t, noise, alphas_cumprod):
     return _el(a.sqrt(), x0) * x0 + _el((1 - a).sqrt(), x0) * noise
 
 
-def q_sample_with_noise(x0, t, alphas_cumprod, seed, offset=0):
-    noise = noise_like(x0, seed, offset)
+def q_sample_with_noise(x0, t, alphas_cumprod, seed, offset=0, per_sample_streams=False):
+    if per_sample_streams:  # sample b alone, from stream (seed, offset + b)
+        noise = torch.cat([noise_like(x0[b:b + 1], seed, offset + b) for b in range(x0.shape[0])]) \
+            if x0.shape[0] else torch.empty_like(x0)
+    else:
+        noise = noise_like(x0, seed, offset)
     return q_sample(x0, t, noise, alphas_cumprod), noise
 
 

@@ -136,10 +136,14 @@ class NoiseSchedule:
         """x_t = √ᾱ_t·x0 + √(1−ᾱ_t)·noise; t a LongTensor [B] or an int for the whole batch."""
         return ops.q_sample(x0, self._timesteps("q_sample", "t", t, x0), noise, self._table(x0))
 
-    def q_sample_with_noise(self, x0: torch.Tensor, t, seed: int, offset: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-        """q_sample with the noise made in the kernel from (seed, offset); returns (x_t, noise)."""
+    def q_sample_with_noise(self, x0: torch.Tensor, t, seed: int, offset: int = 0,
+                            per_sample_streams: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """q_sample with the noise made in the kernel from (seed, offset); returns (x_t, noise).
+        per_sample_streams: sample b's noise is stream (seed, offset + b), the noise it would get alone
+        (the trainer's rule: a sample's noise does not depend on the batch or rank it lands in)."""
         t = self._timesteps("q_sample_with_noise", "t", t, x0)
-        return ops.q_sample_with_noise(x0, t, self._table(x0), _as_int("seed", seed), _as_int("offset", offset))
+        return ops.q_sample_with_noise(x0, t, self._table(x0), _as_int("seed", seed), _as_int("offset", offset),
+                                       bool(per_sample_streams))
 
     def ddpm_step(self, model_output: torch.Tensor, t, x_t: torch.Tensor, noise: torch.Tensor | None = None, *,
                   seed: int | None = None, offset: int = 0, clip_sample: bool = True, clip_range: float = 1.0,

@@ -228,16 +228,14 @@ def step_randomness(cfg: TrainConfig, layout: Layout, step: int, micro: int, num
     return t[lo:lo + layout.local], drop[lo:lo + layout.local]
 
 
-def diffusion_loss(diffusion, model, x0: torch.Tensor, t: torch.Tensor, positions: list[int], noise_seed: int, *,
+def diffusion_loss(diffusion, model, x0: torch.Tensor, t: torch.Tensor, first_position: int, noise_seed: int, *,
                    y: torch.Tensor | None = None, cond: torch.Tensor | None = None) -> torch.Tensor:
-    """L_simple (Ho et al. 2020, eq. 14) with the noise of sample i from the Philox stream
-    (noise_seed, positions[i]) — the same noise whichever batch or rank the sample lands in."""
+    """L_simple (Ho et al. 2020, eq. 14) for the samples at stream positions first_position + i, the noise
+    of sample i from the Philox stream (noise_seed, first_position + i) — the same noise whichever batch
+    or rank the sample lands in."""
     sched = diffusion.schedule
-    # 1. x_t = √ᾱ_t·x0 + √(1−ᾱ_t)·ε, ε made in the kernel, one stream per sample (eq. 4)
-    parts = [sched.q_sample_with_noise(x0[i:i + 1], t[i:i + 1], seed=noise_seed, offset=p)
-             for i, p in enumerate(positions)]
-    x_t = torch.cat([p[0] for p in parts])
-    eps = torch.cat([p[1] for p in parts])
+    # 1. x_t = √ᾱ_t·x0 + √(1−ᾱ_t)·ε, ε made in the kernel, one stream per sample, one launch (eq. 4)
+    x_t, eps = sched.q_sample_with_noise(x0, t, seed=noise_seed, offset=first_position, per_sample_streams=True)
     # 2. the target of the parameterisation
     if diffusion.prediction_type == "epsilon":
         target = eps
@@ -474,8 +472,7 @@ class Trainer:
             return self._vae_loss(image)
         t, drop = step_randomness(cfg, self.layout, self.step, micro, self.diffusion.num_timesteps)
         t = t.to(dev)
-        first = self.layout.first_position(self.step, micro)
-        positions = list(range(first, first + t.shape[0]))
+        first = self.layout.first_position(self.step, micro)  # this rank's samples are first, first + 1, ...
         y = cond = None
         if cfg.class_cond:
             y = torch.where(drop, self.num_classes, batch["label"]).to(dev)
@@ -488,7 +485,7 @@ class Trainer:
         else:  # depth: denoise the depth map, conditioned on the RGB image
             x0 = batch["depth"].to(dev, non_blocking=True).contiguous(memory_format=mf)
             cond = image
-        loss = diffusion_loss(self.diffusion, self.net, x0, t, positions, self.noise_seed, y=y, cond=cond)
+        loss = diffusion_loss(self.diffusion, self.net, x0, t, first, self.noise_seed, y=y, cond=cond)
         return loss, {}
 
     def _vae_loss(self, image):

@@ -57,6 +57,28 @@ def test_q_sample_with_noise_matches_reference(backend_device, sched, shape, lay
                           reference.q_sample(x0.double(), t, noise.double(), sched.alphas_cumprod))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("shape,layout", [((4, 3, 8, 8), "contiguous"), ((4, 3, 8, 8), "channels_last"),
+                                          ((5, 3, 3, 3), "contiguous"), ((3, 2, 5, 5), "channels_last"),
+                                          ((7, 1, 1, 1), "contiguous"), ((2, 3, 2), "contiguous")])
+@pytest.mark.parametrize("offset", [5, 2**32 - 2])  # the second: sample 2's stream carries into the high word
+def test_per_sample_streams_give_each_sample_its_own_noise(backend_device, sched, shape, layout, dtype, offset):
+    """per_sample_streams: one launch gives sample b the noise it gets alone from stream (seed, offset + b),
+    also when a Philox block of four elements straddles two samples (27, 50 and 1 elements per sample)."""
+    _, device = backend_device
+    sched.to(device)
+    x0 = make(shape, layout, dtype, device, torch.Generator().manual_seed(2))
+    t = _timesteps(shape[0], device)
+    out, noise = sched.q_sample_with_noise(x0, t, seed=99, offset=offset, per_sample_streams=True)
+    for b in range(shape[0]):
+        alone = sched.q_sample_with_noise(x0[b:b + 1], t[b:b + 1], seed=99, offset=offset + b)[1]
+        assert_matches_oracle(noise[b:b + 1], alone, reference.noise_like(x0[b:b + 1].double(), 99, offset + b))
+    ref64 = reference.q_sample_with_noise(x0.double(), t, sched.alphas_cumprod, 99, offset, True)
+    assert_matches_oracle(out, reference.q_sample(x0, t, noise, sched.alphas_cumprod),
+                          reference.q_sample(x0.double(), t, ref64[1], sched.alphas_cumprod))
+    assert not torch.equal(noise[0], noise[1])  # distinct streams
+
+
 def test_int_timestep_means_whole_batch(backend_device, sched):
     _, device = backend_device
     sched.to(device)
@@ -97,6 +119,7 @@ def _opcheck_cases(device):
         (torch.ops.diffusion_ext.q_sample.default, (x, t, torch.randn_like(x), table32)),
         (torch.ops.diffusion_ext.q_sample.default, (cl, t, torch.randn_like(cl), table32)),
         (torch.ops.diffusion_ext.q_sample_with_noise.default, (x, t, table32, 5, 2)),
+        (torch.ops.diffusion_ext.q_sample_with_noise.default, (cl, t, table32, 5, 2, True)),
     ]
 
 
@@ -122,6 +145,7 @@ def test_opcheck_triton():
     table = torch.linspace(0.99, 0.01, 50)
     torch.library.opcheck(dx_triton.q_sample, (x, t, torch.randn_like(x), table))
     torch.library.opcheck(dx_triton.q_sample_with_noise, (x, t, table, 5, 2))
+    torch.library.opcheck(dx_triton.q_sample_with_noise, (x, t, table, 5, 2, True))
 
 
 def test_compile_fullgraph(backend_device, sched):

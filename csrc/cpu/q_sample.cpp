@@ -35,7 +35,11 @@ void q_sample_kernel(const QSampleArgs& a) {
     const auto c = coef(b);
     acc_t z[kCpuTile];
     const int64_t n = end - begin;
-    fill_normals<acc_t>(a.seed, a.offset, begin, n, z);
+    if (a.per_sample_streams) {  // a tile lies in one sample: element begin − b·per_sample of stream offset + b
+      fill_normals<acc_t>(a.seed, a.offset + static_cast<uint64_t>(b), begin - b * a.shape.per_sample, n, z);
+    } else {
+      fill_normals<acc_t>(a.seed, a.offset, begin, n, z);
+    }
     for (int64_t k = 0; k < n; ++k) {
       const int64_t i = begin + k;
       noise[i] = static_cast<scalar_t>(z[k]);
@@ -60,9 +64,10 @@ at::Tensor q_sample_cpu(const at::Tensor& x0, const at::Tensor& t, const at::Ten
 
 std::tuple<at::Tensor, at::Tensor> q_sample_with_noise_cpu(const at::Tensor& x0, const at::Tensor& t,
                                                            const at::Tensor& alphas_cumprod, int64_t seed,
-                                                           int64_t offset) {
+                                                           int64_t offset, bool per_sample_streams) {
   auto a = prepare_q_sample("diffusion_ext.q_sample_with_noise", x0, t, std::nullopt, alphas_cumprod, seed,
                             offset);
+  a.per_sample_streams = per_sample_streams;
   launch(a);
   return {a.out, a.noise};
 }

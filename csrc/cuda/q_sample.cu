@@ -25,6 +25,29 @@ __device__ __forceinline__ QSampleCoef<acc_t> coef_of_sample(const QSampleCoefFn
   return f(b);
 }
 
+// z[j] for the elements e .. e + n − 1 under per-sample streams: element k of sample b is lane k % 4 of
+// Philox block k / 4 of stream offset + b. With per_sample % 4 == 0 (3·64·64, 4·8·8, ...) the group is
+// one block of one stream and this is one normal4 call; otherwise a group straddling two samples (or,
+// for per_sample < 4, several) needs one call per block it touches.
+template <typename acc_t, typename index_t>
+__device__ __forceinline__ void per_sample_normals(index_t e, int n, index_t per_sample, uint64_t offset,
+                                                   uint64_t seed, acc_t z[4]) {
+  acc_t block[4];
+  uint64_t have_block = ~uint64_t{0}, have_stream = ~uint64_t{0};
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+    if (j >= n) break;
+    const index_t b = (e + j) / per_sample, k = e + j - b * per_sample;
+    const uint64_t blk = static_cast<uint64_t>(k) >> 2, stream = offset + static_cast<uint64_t>(b);
+    if (blk != have_block || stream != have_stream) {
+      normal4<acc_t>(blk, stream, seed, block);
+      have_block = blk;
+      have_stream = stream;
+    }
+    z[j] = block[k & 3];
+  }
+}
+
 template <typename scalar_t, typename index_t>
 __global__ void q_sample_kernel(
     scalar_t* __restrict__ out,             // [numel] x_t, flat in the layout shared by every tensor here
@@ -36,7 +59,8 @@ __global__ void q_sample_kernel(
     const index_t per_sample,               // elements of one sample: element i is in sample i / per_sample
     const bool vec,                         // all pointers Vec4-aligned: whole groups move as one vector
     const uint64_t seed,                    // Philox key
-    const uint64_t offset) {                // Philox counter words 2-3: one stream per offset
+    const uint64_t offset,                  // Philox counter words 2-3: one stream per offset
+    const bool per_sample_streams) {        // sample b draws from stream offset + b (QSampleArgs)
   using acc_t = at::opmath_type<scalar_t>;
   const index_t groups = num_groups(numel);
   const index_t stride = static_cast<index_t>(gridDim.x) * blockDim.x;
@@ -48,8 +72,10 @@ __global__ void q_sample_kernel(
     load4(x0, e, n, v, x);
     if (noise_in != nullptr) {
       load4(noise_in, e, n, v, z);
-    } else {
+    } else if (!per_sample_streams) {
       normal4<acc_t>(static_cast<uint64_t>(g), offset, seed, z);  // lane j is element 4g + j
+    } else {
+      per_sample_normals(e, n, per_sample, offset, seed, z);
     }
     // The group lies in one sample unless per_sample % 4 != 0; then move to the next sample at its
     // first element (per_sample >= 1, so one step per element suffices; sample_end <= numel).
@@ -87,7 +113,7 @@ void launch(const QSampleArgs& a) {
       using index_t = decltype(index);
       q_sample_kernel<scalar_t, index_t><<<grid_for(a.shape.numel), kGroupThreads, 0, stream>>>(
           out, noise_out, x0, noise_in, coef, static_cast<index_t>(a.shape.numel),
-          static_cast<index_t>(a.shape.per_sample), vec, a.seed, a.offset);
+          static_cast<index_t>(a.shape.per_sample), vec, a.seed, a.offset, a.per_sample_streams);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   });
@@ -104,9 +130,10 @@ at::Tensor q_sample_cuda(const at::Tensor& x0, const at::Tensor& t, const at::Te
 
 std::tuple<at::Tensor, at::Tensor> q_sample_with_noise_cuda(const at::Tensor& x0, const at::Tensor& t,
                                                             const at::Tensor& alphas_cumprod, int64_t seed,
-                                                            int64_t offset) {
+                                                            int64_t offset, bool per_sample_streams) {
   auto a = prepare_q_sample("diffusion_ext.q_sample_with_noise", x0, t, std::nullopt, alphas_cumprod, seed,
                             offset);
+  a.per_sample_streams = per_sample_streams;
   launch(a);
   return {a.out, a.noise};
 }

@@ -15,6 +15,10 @@ from ..nn import GroupNormAct
 ATTENTION_MAX_HEAD_DIM = 256
 
 
+def _capturing(y: torch.Tensor) -> bool:
+    return y.is_cuda and torch.cuda.is_current_stream_capturing()
+
+
 class UNet(torch.nn.Module):
     """A U-Net over (B, in_channels, S, S) images conditioned on the timestep t and, optionally, a class y.
 
@@ -151,8 +155,10 @@ class UNet(torch.nn.Module):
                 raise ValueError(f"UNet.forward: y must be an int64 tensor of shape ({B},), got {y.dtype} "
                                  f"{tuple(y.shape)}")
             # an out-of-range index is a device-side assert on CUDA (fatal to the process): check it here, at the
-            # cost of one sync; a torch.compile trace skips it rather than break the graph on a data-dependent branch
-            if B and not torch.compiler.is_compiling() and bool(((y < 0) | (y > self.num_classes)).any()):
+            # cost of one sync; a torch.compile trace skips it rather than break the graph on a data-dependent
+            # branch, and so does a CUDA graph capture (graphed_sampling.py), where a sync is an error
+            if B and not torch.compiler.is_compiling() and not _capturing(y) and \
+                    bool(((y < 0) | (y > self.num_classes)).any()):
                 raise ValueError(f"UNet.forward: y holds labels outside 0..num_classes = {self.num_classes} (the "
                                  f"index num_classes is the null class): min {int(y.min())}, max {int(y.max())}")
         return t

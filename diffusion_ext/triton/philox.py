@@ -59,6 +59,26 @@ def normals_for_block(start, seed_lo, seed_hi, off_lo, off_hi, BLOCK: tl.constex
     return tl.reshape(z, [BLOCK])
 
 
+@triton.jit
+def normals_per_element(k, stream_lo, stream_hi, seed_lo, seed_hi, ACC: tl.constexpr):
+    """The normal of element k (int64 tensor) of stream (stream_lo, stream_hi) (uint32 tensors of k's
+    shape): lane k % 4 of block k // 4. One Philox call per element, for the elements of a block that
+    spans several streams (per-sample streams); normals_for_block shares a call between four."""
+    c0 = ((k // 4) & 0xFFFFFFFF).to(tl.uint32)
+    c1 = ((k // 4) >> 32).to(tl.uint32)
+    zero = tl.zeros(k.shape, dtype=tl.uint32)
+    r0, r1, r2, r3 = philox4x32_10(c0, c1, stream_lo, stream_hi, zero + seed_lo.to(tl.uint32),
+                                   zero + seed_hi.to(tl.uint32))
+    lane = k % 4
+    # lanes 0 and 1: Box-Muller of (r0, r1); lanes 2 and 3: of (r2, r3); cos for even lanes, sin for odd
+    u_rad = tl.where(lane < 2, r0, r2)
+    u_th = tl.where(lane < 2, r1, r3)
+    two_pi = tl.full([], 6.283185307179586, ACC)
+    radius = tl.sqrt(-2.0 * tl.log(_uniform(u_rad, ACC)))
+    theta = two_pi * _uniform(u_th, ACC)
+    return tl.where(lane % 2 == 0, radius * tl.cos(theta), radius * tl.sin(theta))
+
+
 def split64(v: int) -> tuple[int, int]:
     """(lo, hi) 32-bit words of a 64-bit value, as the C++ kernels cast int64 seeds to uint64."""
     v &= (1 << 64) - 1

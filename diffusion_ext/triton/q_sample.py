@@ -5,7 +5,7 @@ import triton.language as tl
 
 from .._loader import _C
 from .._meta import flat_batch_empty_like, share_flat_batch_layout
-from .philox import normals_for_block, split64
+from .philox import normals_for_block, normals_per_element, split64
 
 BLOCK = 1024
 
@@ -22,6 +22,7 @@ def _q_sample_kernel(
     num_timesteps,
     seed_lo, seed_hi, off_lo, off_hi,  # 32-bit words of the Philox key and offset
     MAKE_NOISE: tl.constexpr,
+    PER_SAMPLE_STREAMS: tl.constexpr,  # sample b draws from stream offset + b (csrc/schedule_args.h)
     ACC: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
@@ -32,7 +33,13 @@ def _q_sample_kernel(
     valid = (t >= 0) & (t < num_timesteps)  # out of range: NaN, never a read outside the table
     ab = tl.load(table_ptr + t, mask=mask & valid, other=float("nan")).to(ACC)
     x0 = tl.load(x0_ptr + e, mask=mask, other=0).to(ACC)
-    if MAKE_NOISE:
+    if MAKE_NOISE and PER_SAMPLE_STREAMS:
+        b = e // per_sample
+        stream = ((off_hi.to(tl.uint64) << 32) | off_lo.to(tl.uint64)) + b.to(tl.uint64)
+        z = normals_per_element(e - b * per_sample, (stream & 0xFFFFFFFF).to(tl.uint32), (stream >> 32).to(tl.uint32),
+                                seed_lo, seed_hi, ACC)
+        tl.store(noise_ptr + e, z.to(noise_ptr.dtype.element_ty), mask=mask)
+    elif MAKE_NOISE:
         z = normals_for_block(start, seed_lo, seed_hi, off_lo, off_hi, BLOCK, ACC)
         tl.store(noise_ptr + e, z.to(noise_ptr.dtype.element_ty), mask=mask)
     else:
@@ -52,7 +59,7 @@ def _flat(*tensors):
     return tuple(None if t is None else t.contiguous() for t in tensors)
 
 
-def launch_q_sample(x0, t, noise, table, seed=0, offset=0, make_noise=False):
+def launch_q_sample(x0, t, noise, table, seed=0, offset=0, make_noise=False, per_sample_streams=False):
     op = "diffusion_ext.q_sample_with_noise" if make_noise else "diffusion_ext.q_sample"
     _C.check_q_sample(op, x0, t, noise, table, seed, offset)
     table = table.to(torch.float64 if x0.dtype == torch.float64 else torch.float32).contiguous()
@@ -68,7 +75,8 @@ def launch_q_sample(x0, t, noise, table, seed=0, offset=0, make_noise=False):
         o_lo, o_hi = split64(offset)
         _q_sample_kernel[(triton.cdiv(numel, BLOCK),)](
             x0, noise, out, t.contiguous(), table, numel, numel // x0.shape[0], table.numel(),
-            s_lo, s_hi, o_lo, o_hi, MAKE_NOISE=make_noise, ACC=_acc(x0), BLOCK=BLOCK)
+            s_lo, s_hi, o_lo, o_hi, MAKE_NOISE=make_noise, PER_SAMPLE_STREAMS=per_sample_streams, ACC=_acc(x0),
+            BLOCK=BLOCK)
     return out, noise
 
 
@@ -79,8 +87,9 @@ def q_sample(x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, alphas_cump
 
 @torch.library.custom_op("diffusion_ext_triton::q_sample_with_noise", mutates_args=())
 def q_sample_with_noise(x0: torch.Tensor, t: torch.Tensor, alphas_cumprod: torch.Tensor, seed: int,
-                        offset: int) -> tuple[torch.Tensor, torch.Tensor]:
-    return launch_q_sample(x0, t, None, alphas_cumprod, seed, offset, make_noise=True)
+                        offset: int, per_sample_streams: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    return launch_q_sample(x0, t, None, alphas_cumprod, seed, offset, make_noise=True,
+                           per_sample_streams=per_sample_streams)
 
 
 @q_sample.register_fake
@@ -89,5 +98,5 @@ def _(x0, t, noise, alphas_cumprod):
 
 
 @q_sample_with_noise.register_fake
-def _(x0, t, alphas_cumprod, seed, offset):
+def _(x0, t, alphas_cumprod, seed, offset, per_sample_streams=False):
     return flat_batch_empty_like(x0), flat_batch_empty_like(x0)
