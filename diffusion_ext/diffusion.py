@@ -195,6 +195,8 @@ class Diffusion:
             out, uncond = out.chunk(2)
         else:
             out = _call(model, inp, t, y)
+        # under autocast the model answers in bf16/fp16; the chain stays in x's dtype
+        out, uncond = out.to(x.dtype), None if uncond is None else uncond.to(x.dtype)
         # 2. x_{t_prev} from the fused step, which applies the guidance ε̃ = ε_∅ + w·(ε_y − ε_∅) itself
         clip = clip_range is not None
         common = dict(seed=seed, offset=offset, clip_sample=clip, clip_range=clip_range if clip else 1.0,

@@ -202,6 +202,31 @@ def test_unet_channels_last_matches_contiguous(which):
                                 memory_format=torch.channels_last)
 
 
+@pytest.mark.parametrize("kind,cfg", [("unet", TINY_UNET), ("vae", TINY_VAE)], ids=["unet", "vae"])
+def test_fused_model_runs_under_bf16_autocast_like_the_eager_one(kind, cfg):
+    """Mixed precision as the trainer runs it: fp32 parameters, bf16 activations from autocast's convs.
+    The fused GroupNormAct takes the bf16 activations with γ, β cast to them (autocast runs the eager
+    F.group_norm in fp32 instead). Against the eager model in fp64, the fused model's worst relative error
+    over the output and every gradient is held to the network rule of _assert_fused_matches_eager: at
+    most twice the eager model's under the same autocast, plus FLOOR[bf16]."""
+    cls = UNet if kind == "unet" else VAE
+    fused, eager = _pair(cls, cfg)
+    x, t, y = _unet_inputs()
+    fn = _unet_fn(t, y) if kind == "unet" else (lambda m, x: m.decode(m.encode(x)[0]))
+    with torch.no_grad():
+        g_out = torch.randn(fn(eager, x.float()).shape, generator=torch.Generator().manual_seed(3))
+    eager64 = cls(**cfg, fused=False).double()
+    eager64.load_state_dict(eager.state_dict())
+    out64, grads64 = _out_and_grads(eager64, fn, x, g_out.double())
+    worst = {}
+    for name, model in (("fused", fused), ("eager", eager)):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out, grads = _out_and_grads(model, fn, x.float(), g_out)
+        assert all(grads[n].dtype == torch.float32 for n in grads64 if n != "x"), "parameters stay fp32"
+        worst[name] = max([_rel_err(out, out64)] + [_rel_err(grads[n], grads64[n]) for n in grads64])
+    assert worst["fused"] <= 2 * worst["eager"] + FLOOR[torch.bfloat16], worst
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
 def test_vae_fused_matches_eager(backend_device, dtype):
     backend, device = backend_device

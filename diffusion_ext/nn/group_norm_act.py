@@ -31,8 +31,16 @@ class GroupNormAct(torch.nn.Module):
             self.register_parameter("bias", None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        fn = ops.group_norm_act if self.fused else reference.group_norm_act
-        return fn(x, self.num_groups, self.weight, self.bias, self.eps, self.activation)
+        if not self.fused:
+            return reference.group_norm_act(x, self.num_groups, self.weight, self.bias, self.eps, self.activation)
+        weight, bias = self.weight, self.bias
+        if weight is not None and weight.dtype != x.dtype:
+            # Mixed precision (autocast: bf16 activations from the convs, fp32 parameters). The op takes
+            # one dtype; it normalises in fp32 whatever that dtype is, so it runs on the activations as
+            # they come, with γ and β cast to them (autocast would instead upcast the activations to
+            # fp32 for F.group_norm: twice the memory traffic for the same statistics).
+            weight, bias = weight.to(x.dtype), bias.to(x.dtype)
+        return ops.group_norm_act(x, self.num_groups, weight, bias, self.eps, self.activation)
 
     def extra_repr(self) -> str:
         return (f"{self.num_groups}, {self.num_channels}, eps={self.eps}, affine={self.affine}, "
