@@ -57,6 +57,10 @@ class GraphedSampler:
         plan = diffusion.plan(sampler, steps, spacing)
         self.diffusion, self.model = diffusion, model
         self.guidance_scale, self.clip_range, self.dtype = guidance_scale, clip_range, dtype
+        if autocast_dtype is None and self.device.type == "cuda" and torch.is_autocast_enabled("cuda"):
+            # built inside the caller's autocast: keep its dtype, but capture with the weight-cast cache
+            # off (a cached cast made during warm-up would be freed under the graph's feet)
+            autocast_dtype = torch.get_autocast_dtype("cuda")
         self.autocast_dtype = autocast_dtype
         self.eta = 1.0 if sampler == "ddpm" else float(eta)
         self.kinds = [Diffusion.update_kind(sampler, t, t_prev) for t, t_prev in plan]
