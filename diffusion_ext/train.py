@@ -360,6 +360,14 @@ class Trainer:
                                          "out": cfg.out})
         self.cfg = cfg = cfg.validate()
         self.dist = dist_utils.setup((cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")).split(":")[0])
+        try:
+            self._build(cfg, ckpt)
+        except BaseException:  # a failed set-up leaves no process group behind (an in-process caller may retry)
+            dist_utils.teardown(self.dist)
+            raise
+
+    def _build(self, cfg: TrainConfig, ckpt: dict | None) -> None:
+        """Everything after the process group: device, layout, data, models, optimizer, state."""
         self.device = dist_utils.device_for(self.dist, cfg.device)
         W = self.dist.world_size
         if (cfg.batch_size // cfg.grad_accum) % W:

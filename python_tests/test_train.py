@@ -208,3 +208,20 @@ def test_bf16_autocast_trains_the_fused_model_like_fp32(tmp_path):
     for (_, la), (_, lb) in zip(a, b):
         assert lb == pytest.approx(la, rel=0.05)
     assert os.listdir(tmp_path / "bf16" / "samples")
+
+
+def _failing_setup_worker(rank: int, world: int, port: int, cfg: TrainConfig) -> None:
+    import torch.distributed as dist
+
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    with pytest.raises(ValueError, match="not divisible by the 2 processes"):
+        Trainer(cfg, log=lambda *x: None)
+    assert not dist.is_initialized(), "a failed Trainer set-up must tear its process group down"
+
+
+def test_failed_setup_tears_the_process_group_down(tmp_path):
+    import torch.multiprocessing as mp
+
+    mp.spawn(_failing_setup_worker, args=(2, _free_port(), tiny(tmp_path, batch_size=7)), nprocs=2, join=True)
