@@ -162,6 +162,7 @@ bench_table group-norm-act "$PY" benchmarks/bench_group_norm_act.py cuda
 bench_table attention "$PY" benchmarks/bench_attention.py cuda
 bench_table unet unet_tables
 bench_table sampling-loop "$PY" benchmarks/bench_sampling_loop.py cuda
+bench_table training-noise "$PY" benchmarks/bench_training_noise.py cuda
 
 # ---------------------------------------------------------------------------------------------------
 # 6. the results file
@@ -217,6 +218,7 @@ if [ -n "$(git status --porcelain --untracked-files=no 2>/dev/null || true)" ]; 
   table_section "attention" "\`python benchmarks/bench_attention.py cuda\` (eager, compile, every SDPA backend, cuda, triton)"
   table_section "unet" "\`python benchmarks/bench_unet.py cuda\` (UNet train and sampling step, bf16 autocast, batch 64) and \`profile_unet_step.py cuda\`"
   table_section "sampling-loop" "\`python benchmarks/bench_sampling_loop.py cuda\` (1000-step DDPM loop: eager, fused, CUDA graph)"
+  table_section "training-noise" "\`python benchmarks/bench_training_noise.py cuda\` (the trainer's per-sample noise: B calls vs one)"
 } > "$RESULT"
 log "wrote $RESULT"
 
