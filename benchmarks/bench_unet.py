@@ -3,7 +3,7 @@ step (one model call + one fused DDIM update) at the report's 64×64 configurati
 torch.compile(eager), measured in one run.
 
     pytest benchmarks/bench_unet.py --benchmark-only
-    python benchmarks/bench_unet.py [cpu|cuda] [--compile]      # the markdown table with ratios to eager
+    python benchmarks/bench_unet.py [cpu|cuda] [--compile] [--channels-last]   # the markdown table, ratios to eager
 
 "fused" is UNet(fused=True) (GroupNormAct + flash attention kernels), "eager" is UNet(fused=False) with
 the same weights (nn.GroupNorm-equivalent F.group_norm + SiLU, softmax(q·kᵀ)·v with the scores stored),
@@ -31,15 +31,14 @@ def batch_for(device):
     return 8 if device.type == "cpu" else 64
 
 
-def make_fn(mode, provider, device, batch):
+def make_fn(mode, provider, device, batch, channels_last=False):
     torch.manual_seed(0)
-    model = UNet(**CONFIG, fused=provider == "fused").to(device)
-    if device.type == "cpu":
-        model = model.to(memory_format=torch.contiguous_format)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    model = UNet(**CONFIG, fused=provider == "fused").to(device).to(memory_format=fmt)
     net = torch.compile(model) if provider == "compile" else model
     diffusion = Diffusion(dx.NoiseSchedule(1000, "linear").to(device))
     g = torch.Generator().manual_seed(1)
-    x0 = (torch.rand(batch, 3, 64, 64, generator=g) * 2 - 1).to(device)
+    x0 = (torch.rand(batch, 3, 64, 64, generator=g) * 2 - 1).to(device).contiguous(memory_format=fmt)
     t = torch.randint(0, 1000, (batch,), generator=g).to(device)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
     if mode == "train step":
@@ -88,7 +87,7 @@ def test_unet(benchmark, device, mode, provider):
     benchmark.pedantic(fn, rounds=5, warmup_rounds=1)
 
 
-def table(device, compile_cpu=False) -> str:
+def table(device, compile_cpu=False, channels_last=False) -> str:
     device = torch.device(device)
     if device.type == "cpu":
         bench.steady_cpu_allocator()
@@ -99,17 +98,19 @@ def table(device, compile_cpu=False) -> str:
     for mode in MODES:
         base = None
         for provider in _providers(device, compile_cpu):
-            fn = make_fn(mode, provider, device, batch)
+            fn = make_fn(mode, provider, device, batch, channels_last)
             fn()
             t, _ = bench.measure(fn, device, options)
             base = t if provider == "eager" else base
             lines.append(f"| {mode} | {provider} | {t * 1e3:.1f} | {base / t:.2f}× |")
             print(lines[-1], file=sys.stderr)
     dtype = "fp32" if device.type == "cpu" else "bf16 autocast"
-    return (f"UNet {CONFIG}, batch {batch}, 64×64, {dtype}, torch threads {torch.get_num_threads()}\n\n"
+    layout = "channels_last" if channels_last else "contiguous"
+    return (f"UNet {CONFIG}, batch {batch}, 64×64, {dtype}, {layout}, torch threads {torch.get_num_threads()}\n\n"
             + "\n".join(lines))
 
 
 if __name__ == "__main__":
     args = [a for a in sys.argv[1:] if not a.startswith("--")]
-    print(table(args[0] if args else ("cuda" if torch.cuda.is_available() else "cpu"), "--compile" in sys.argv))
+    print(table(args[0] if args else ("cuda" if torch.cuda.is_available() else "cpu"), "--compile" in sys.argv,
+                "--channels-last" in sys.argv))

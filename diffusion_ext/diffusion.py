@@ -94,7 +94,9 @@ class Diffusion:
 
     def _on(self, device) -> NoiseSchedule:
         device = torch.device(device)
-        if self.schedule.device != device:
+        if device.type == "cuda" and device.index is None:  # "cuda" is the current device, as tensors report it
+            device = torch.device("cuda", torch.cuda.current_device())
+        if self.schedule.device != device:  # moving drops the schedule's cached tables
             self.schedule.to(device)
         return self.schedule
 
@@ -170,6 +172,9 @@ class Diffusion:
                     clip_range: float | None = 1.0) -> torch.Tensor:
         """One reverse step x_t -> x_{t_prev}: one model call (on the doubled batch [cond; uncond] under
         guidance) and one fused ddpm_step / ddim_step, its noise from Philox stream (seed, offset)."""
+        if not -1 <= t_prev < t < self.num_timesteps:
+            raise ValueError(f"Diffusion.sample_step: (t, t_prev) = ({t}, {t_prev}); expected −1 <= t_prev < t <= "
+                             f"{self.num_timesteps - 1}")
         B = x.shape[0]
         tt = torch.full((B,), t, dtype=torch.long, device=x.device)
         tp = torch.full((B,), t_prev, dtype=torch.long, device=x.device)

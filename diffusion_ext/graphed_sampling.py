@@ -76,7 +76,12 @@ class GraphedSampler:
         self.cond = None if cond is None else cond.to(self.device, dtype).clone()
         self.graphs: dict[str, torch.cuda.CUDAGraph] = {}
         if self.capture:
-            self._capture(max(1, warmup))
+            with torch.cuda.device(self.device):
+                self._capture(max(1, warmup))
+        # A graph holds the addresses of what it read during capture. Everything it reads lives here, in the
+        # model's parameters, or in the schedule's ᾱ table, which the schedule drops when it moves (and a
+        # later Diffusion.sample may move it): the sampler keeps that table alive itself.
+        self._captured_table = diffusion.schedule._table(self.x)
 
     # ------------------------------------------------------------------------------------------------
     def _autocast(self):
@@ -110,11 +115,15 @@ class GraphedSampler:
                     self.index.zero_()
                     self._step(kind)
         torch.cuda.current_stream(self.device).wait_stream(side)
+        # The graphs share one memory pool although they replay in any order: safe because no tensor made
+        # during a capture outlives it (each step's result is copied into self.x, outside the pool).
+        # Keep it so: a tensor cached across steps inside reverse_step or the model would break this.
         pool = torch.cuda.graph_pool_handle()
+        capture_stream = torch.cuda.Stream(self.device)  # torch.cuda.graph's default is tied to one device
         with _eval_mode(self.model):
             for kind in sorted(set(self.kinds)):
                 graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool=pool):
+                with torch.cuda.graph(graph, pool=pool, stream=capture_stream):
                     self._step(kind)
                 self.graphs[kind] = graph
         self.index.zero_()
@@ -132,6 +141,10 @@ class GraphedSampler:
             if static is None or new.shape != static.shape:
                 raise ValueError(f"{who}: {name} must have the shape given at construction "
                                  f"{None if static is None else tuple(static.shape)}, got {tuple(new.shape)}")
+            n = getattr(self.model, "num_classes", None)
+            # checked here, on the host: inside a replay an out-of-range label is a fatal device assert
+            if name == "y" and n is not None and bool(((new < 0) | (new > n)).any()):
+                raise ValueError(f"{who}: y holds labels outside 0..num_classes = {n} (num_classes: the null class)")
             static.copy_(new)
         if x_T is None:
             x_T = reference.philox_normal(math.prod(self.shape), seed, 0, self.dtype, self.device).view(self.shape)
@@ -140,8 +153,9 @@ class GraphedSampler:
         self.x.copy_(x_T)
         self.index.zero_()
         if self.capture:
-            for kind in self.kinds:
-                self.graphs[kind].replay()
+            with torch.cuda.device(self.device):
+                for kind in self.kinds:
+                    self.graphs[kind].replay()
         else:
             with _eval_mode(self.model):
                 for kind in self.kinds:

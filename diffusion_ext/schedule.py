@@ -140,7 +140,9 @@ class NoiseSchedule:
                             per_sample_streams: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """q_sample with the noise made in the kernel from (seed, offset); returns (x_t, noise).
         per_sample_streams: sample b's noise is stream (seed, offset + b), the noise it would get alone
-        (the trainer's rule: a sample's noise does not depend on the batch or rank it lands in)."""
+        (the trainer's rule: a sample's noise does not depend on the batch or rank it lands in). As with
+        one stream, elements are numbered in the batch's memory order when it is dense (contiguous or
+        channels_last); another strided batch is numbered as its contiguous copy."""
         t = self._timesteps("q_sample_with_noise", "t", t, x0)
         return ops.q_sample_with_noise(x0, t, self._table(x0), _as_int("seed", seed), _as_int("offset", offset),
                                        bool(per_sample_streams))

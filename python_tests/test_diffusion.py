@@ -151,6 +151,12 @@ def test_sample_rejects(kw, match):
     assert "Diffusion.sample" in str(e.value)
 
 
+@pytest.mark.parametrize("t, t_prev", [(5, 5), (5, 7), (T, 3), (4, -2)])
+def test_sample_step_rejects_an_impossible_step(t, t_prev):
+    with pytest.raises(ValueError, match=r"Diffusion.sample_step: \(t, t_prev\)"):
+        make().sample_step(Toy(), torch.zeros(SHAPE), t, t_prev)
+
+
 def test_guidance_needs_a_class_conditional_model():
     with pytest.raises(ValueError, match="class-conditional"):
         make().sample(Toy(), SHAPE, guidance_scale=2.0, y=torch.zeros(3, dtype=torch.long))
@@ -216,6 +222,10 @@ def test_graphed_sampler_rejects():
         sampler(x_T=torch.zeros(2, 2, 4, 4))
     with pytest.raises(ValueError, match="GraphedSampler: y must have the shape given at construction"):
         sampler(y=torch.zeros(3, dtype=torch.long))
+    labelled = GraphedSampler(diff, Toy(num_classes=3), SHAPE, steps=2, guidance_scale=2.0,
+                              y=torch.tensor([0, 1, 2]), device="cpu")
+    with pytest.raises(ValueError, match=r"GraphedSampler: y holds labels outside 0..num_classes = 3"):
+        labelled(y=torch.tensor([0, 4, 1]))  # a replay would hit a device assert: refused on the host
     with pytest.raises(ValueError, match="GraphedSampler: guidance_scale needs class labels"):
         GraphedSampler(diff, model, SHAPE, guidance_scale=2.0, device="cpu")
     with pytest.raises(TypeError, match="GraphedSampler: diffusion must be a Diffusion"):
@@ -242,6 +252,9 @@ def test_graph_replay_equals_the_eager_step_on_cuda():
     graphed = GraphedSampler(diff, model, (4, 3, 16, 16), capture=True, **kw)
     eager = GraphedSampler(diff, model, (4, 3, 16, 16), capture=False, **kw)
     assert model.training  # capture put it in eval mode and back
+    torch.testing.assert_close(graphed(seed=1), eager(seed=1), rtol=1e-4, atol=1e-4)
+    diff.schedule.to("cpu").to("cuda")  # drops the schedule's cached ᾱ table: the graph must not read it freed
+    torch.cuda.empty_cache()
     torch.testing.assert_close(graphed(seed=1), eager(seed=1), rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(graphed(seed=1), diff.sample(model, (4, 3, 16, 16), steps=20, guidance_scale=2.0, y=y,
                                                              seed=1, device="cuda"), rtol=1e-4, atol=1e-4)

@@ -227,6 +227,24 @@ def test_fused_model_runs_under_bf16_autocast_like_the_eager_one(kind, cfg):
     assert worst["fused"] <= 2 * worst["eager"] + FLOOR[torch.bfloat16], worst
 
 
+def test_group_norm_act_dtype_rules_outside_and_inside_autocast():
+    """A dtype mismatch outside autocast stays an error (as the eager F.group_norm path raises); under fp16
+    autocast the activations go to fp32 (autocast's rule for group_norm), under bf16 γ, β go to bf16."""
+    gn = GroupNormAct(4, 8, fused=True)
+    x = torch.randn(2, 8, 4, 4, generator=torch.Generator().manual_seed(0))
+    with pytest.raises(TypeError, match="diffusion_ext.group_norm_act: weight has dtype"):
+        gn(x.double())
+    ref = torch.nn.functional.silu(torch.nn.functional.group_norm(x, 4, gn.weight, gn.bias, gn.eps))
+    with torch.autocast("cpu", dtype=torch.float16):
+        out16 = gn(x.half())
+    assert out16.dtype == torch.float32
+    torch.testing.assert_close(out16, ref, atol=2e-3, rtol=2e-3)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out_bf = gn(x.bfloat16())
+    assert out_bf.dtype == torch.bfloat16
+    torch.testing.assert_close(out_bf.float(), ref, atol=3e-2, rtol=3e-2)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
 def test_vae_fused_matches_eager(backend_device, dtype):
     backend, device = backend_device

@@ -34,12 +34,17 @@ class GroupNormAct(torch.nn.Module):
         if not self.fused:
             return reference.group_norm_act(x, self.num_groups, self.weight, self.bias, self.eps, self.activation)
         weight, bias = self.weight, self.bias
-        if weight is not None and weight.dtype != x.dtype:
-            # Mixed precision (autocast: bf16 activations from the convs, fp32 parameters). The op takes
-            # one dtype; it normalises in fp32 whatever that dtype is, so it runs on the activations as
-            # they come, with γ and β cast to them (autocast would instead upcast the activations to
-            # fp32 for F.group_norm: twice the memory traffic for the same statistics).
-            weight, bias = weight.to(x.dtype), bias.to(x.dtype)
+        if weight is not None and weight.dtype != x.dtype and torch.is_autocast_enabled(x.device.type):
+            # Mixed precision: low-precision activations from autocast's convs, fp32 parameters; the op
+            # takes one dtype (and normalises in fp32 whatever it is). bf16 has fp32's range: run on the
+            # activations as they come with γ, β cast to them, rather than upcast the activations as
+            # autocast does for F.group_norm (twice the memory traffic for the same statistics). fp16
+            # does not: dγ, dβ are sums over N·H·W that a GradScaler's 2^16 could overflow, so the
+            # activations go to fp32 as autocast would take them.
+            if x.dtype == torch.bfloat16:
+                weight, bias = weight.to(x.dtype), bias.to(x.dtype)
+            else:
+                x = x.to(weight.dtype)
         return ops.group_norm_act(x, self.num_groups, weight, bias, self.eps, self.activation)
 
     def extra_repr(self) -> str:
