@@ -129,15 +129,21 @@ class Diffusion:
             y = torch.where(drop, null, y) if y is not None else None
         # 3. x_t = √ᾱ_t·x0 + √(1−ᾱ_t)·ε with ε made in the kernel (eq. 4)
         x_t, eps = sched.q_sample_with_noise(x0, t, seed=seed)
-        # 4. the regression target of the parameterisation
+        return self.loss_at(model, x0, t, x_t, eps, y=y, cond=cond)
+
+    def loss_at(self, model, x0: torch.Tensor, t: torch.Tensor, x_t: torch.Tensor, eps: torch.Tensor, *,
+                y: torch.Tensor | None = None, cond: torch.Tensor | None = None) -> torch.Tensor:
+        """‖target − model(x_t, t)‖² for x_t already drawn from q(x_t | x0) with noise eps: the part of
+        L_simple shared by training_loss and the trainer (which draws its noise per sample)."""
+        # 1. the regression target of the parameterisation
         if self.prediction_type == "epsilon":
             target = eps
         elif self.prediction_type == "sample":
             target = x0
         else:  # v = √ᾱ_t·ε − √(1−ᾱ_t)·x0 (Salimans & Ho 2022, §4)
-            a = sched.alphas_cumprod[t].to(torch.float32).view(-1, *([1] * (x0.dim() - 1)))
+            a = self.schedule.alphas_cumprod[t].to(torch.float32).view(-1, *([1] * (x0.dim() - 1)))
             target = a.sqrt() * eps.float() - (1 - a).sqrt() * x0.float()
-        # 5. the model's prediction from x_t (and the conditioning image), then the mean squared error
+        # 2. the model's prediction from x_t (and the conditioning image on channels), then the mean squared error
         inp = x_t if cond is None else torch.cat([x_t, cond.to(x_t.dtype)], dim=1)
         out = _call(model, inp, t, y)
         if out.shape != x0.shape:

@@ -233,21 +233,10 @@ def diffusion_loss(diffusion, model, x0: torch.Tensor, t: torch.Tensor, first_po
     """L_simple (Ho et al. 2020, eq. 14) for the samples at stream positions first_position + i, the noise
     of sample i from the Philox stream (noise_seed, first_position + i) — the same noise whichever batch
     or rank the sample lands in."""
-    sched = diffusion.schedule
-    # 1. x_t = √ᾱ_t·x0 + √(1−ᾱ_t)·ε, ε made in the kernel, one stream per sample, one launch (eq. 4)
-    x_t, eps = sched.q_sample_with_noise(x0, t, seed=noise_seed, offset=first_position, per_sample_streams=True)
-    # 2. the target of the parameterisation
-    if diffusion.prediction_type == "epsilon":
-        target = eps
-    elif diffusion.prediction_type == "sample":
-        target = x0
-    else:  # v = √ᾱ_t·ε − √(1−ᾱ_t)·x0 (Salimans & Ho 2022, §4)
-        a = sched.alphas_cumprod[t].to(torch.float32).view(-1, *([1] * (x0.dim() - 1)))
-        target = a.sqrt() * eps.float() - (1 - a).sqrt() * x0.float()
-    # 3. prediction from x_t (with the conditioning image on channels, as Diffusion.sample does)
-    inp = x_t if cond is None else torch.cat([x_t, cond.to(x_t.dtype)], dim=1)
-    out = model(inp, t) if y is None else model(inp, t, y)
-    return F.mse_loss(out.float(), target.float())
+    # x_t = √ᾱ_t·x0 + √(1−ᾱ_t)·ε, ε made in the kernel, one stream per sample, one launch (eq. 4)
+    x_t, eps = diffusion.schedule.q_sample_with_noise(x0, t, seed=noise_seed, offset=first_position,
+                                                      per_sample_streams=True)
+    return diffusion.loss_at(model, x0, t, x_t, eps, y=y, cond=cond)
 
 
 # ----------------------------------------------------------------------------------------------------
