@@ -2,7 +2,9 @@
 
 CPU kernels always; CUDA kernels when torch was built with CUDA and nvcc is found, or when FORCE_CUDA=1.
 Environment: TORCH_CUDA_ARCH_LIST (default "8.0;9.0": A100 and H100/H200), MAX_JOBS, DEBUG=1 (-O0 -g),
-DIFFUSION_EXT_CPU_ARCH (the -march of the CPU kernels; default "native" on x86-64, "" for none).
+DIFFUSION_EXT_CPU_ARCH (the -march of the CPU kernels; default "native" on x86-64, "" for none),
+DIFFUSION_EXT_PTXAS_VERBOSE=1 (ptxas -v: registers, spills and shared memory of every CUDA kernel in the build
+output, which benchmarks/cuda_resources.py checks; CI does).
 Sources are globbed from csrc/: there is no source list to keep in step.
 """
 import glob
@@ -54,6 +56,8 @@ def _extension():
         # No --use_fast_math: its approximate log/sin/cos would make the in-kernel noise differ from the CPU
         # and Triton streams by more than a few ulp (and __logf can turn -2·log(u) negative near u = 1).
         nvcc = opt + ["-std=c++20", "-lineinfo", "--expt-relaxed-constexpr"]
+        if os.environ.get("DIFFUSION_EXT_PTXAS_VERBOSE", "0") == "1":
+            nvcc.append("-Xptxas=-v")
         print(f"diffusion_ext: building CPU and CUDA kernels (archs {archs}, CUDA_HOME={CUDA_HOME})")
         return CUDAExtension("diffusion_ext._C", sources, define_macros=define_macros,
                              include_dirs=_cuda_wheel_includes(),

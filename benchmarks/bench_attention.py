@@ -3,7 +3,7 @@ eager (softmax(q·kᵀ·scale)·v with the scores materialised), every F.scaled_
 device has, and, on GPU, torch.compile of the eager code.
 
     pytest benchmarks/bench_attention.py --benchmark-only
-    python benchmarks/bench_attention.py [cpu|cuda]     # the markdown table: time, vs eager, vs SDPA, TFLOP/s
+    python benchmarks/bench_attention.py [cpu|cuda] [--quick|--smoke]   # the table: time, vs eager, vs SDPA, TFLOP/s
 
 FLOPs counted as FlashAttention does: forward 4·B·H·Lq·Lk·D (two matmuls), backward 2.5× the forward.
 No assertion here is about time.
@@ -19,6 +19,8 @@ from diffusion_ext import bench, reference
 
 SHAPES = [(64, 4, 64, 64), (64, 4, 256, 64), (16, 8, 1024, 64), (4, 8, 4096, 40), (64, 4, 256, 32)]
 CPU_SHAPES = [(64, 4, 256, 32), (64, 4, 64, 64), (16, 8, 1024, 64)]
+HEADLINE = {"cuda": ([(16, 8, 1024, 64), (64, 4, 256, 32)], [torch.bfloat16]), "cpu": ([(64, 4, 256, 32)], [torch.float32])}
+SMOKE = ([(2, 2, 32, 32)], [torch.float32])
 MODES = ["forward", "forward+backward"]
 SDPA_BACKENDS = {
     "sdpa-flash": SDPBackend.FLASH_ATTENTION,
@@ -54,7 +56,7 @@ def make_fn(mode, provider, shape, dtype, device):
     if provider == "eager":
         f = reference.attention
     elif provider == "compile":
-        f = torch.compile(reference.attention, dynamic=False)
+        f = bench.compiled(reference.attention, dynamic=False)
     elif provider.startswith("sdpa"):
         def f(q, k, v, _b=SDPA_BACKENDS[provider]):
             with sdpa_kernel(_b):
@@ -67,7 +69,9 @@ def make_fn(mode, provider, shape, dtype, device):
     try:
         f(*leaves)  # an SDPA backend that cannot take this case raises here: the provider is skipped
     except RuntimeError:
-        return None
+        if provider.startswith("sdpa"):
+            return None
+        raise  # anything else is a failure that its row reports
     if mode == "forward":
         return lambda: f(*leaves)
     return lambda: torch.autograd.grad(f(*leaves), leaves, g_out)
@@ -111,35 +115,42 @@ def _peak(device, dtype):
     return next((p[dtype] for k, p in GPU_PEAK.items() if k in name and dtype in p), None)
 
 
-def table(device, shapes=None) -> str:
-    """Markdown: median time per provider, the ratios to eager and to SDPA's default, TFLOP/s, one run."""
+def table(device, cases=None, options=None) -> str:
+    """Markdown: median time per provider, the ratios to eager and to SDPA's fastest fused backend, TFLOP/s,
+    one run. cases: (shapes, dtypes), default every shape and dtype of the device; a provider that cannot
+    take a case, or fails, is a row that says why."""
     device = torch.device(device)
     if device.type == "cpu":
         bench.steady_cpu_allocator()
-    shapes = shapes or (CPU_SHAPES if device.type == "cpu" else SHAPES)
-    dtypes = [torch.float32] if device.type == "cpu" else [torch.float16, torch.bfloat16]
+    shapes, dtypes = cases or ((CPU_SHAPES, [torch.float32]) if device.type == "cpu" else
+                               (SHAPES, [torch.float16, torch.bfloat16]))
     lines = ["| mode | (B, H, L, D) | dtype | provider | time (µs) | vs eager | vs SDPA | TFLOP/s | % of peak |",
              "|---|---|---|---|---:|---:|---:|---:|---:|"]
     for shape in shapes:
         for dtype in dtypes:
             peak = _peak(device, dtype)
             for mode in MODES:
-                times = {}
+                times, whys = {}, {}
                 for provider in providers(device):
-                    fn = make_fn(mode, provider, shape, dtype, device)
-                    if fn is None:
-                        continue
-                    times[provider], _ = bench.measure(fn, device)
-                sdpa = min((t for p, t in times.items() if p.startswith("sdpa") and p != "sdpa-math"), default=None)
+                    times[provider], whys[provider] = bench.attempt(
+                        lambda: make_fn(mode, provider, shape, dtype, device), device, options)
+                sdpa = min((t for p, t in times.items() if t and p.startswith("sdpa") and p != "sdpa-math"),
+                           default=None)
                 for provider, t in times.items():
+                    head = f"| {mode} | {tuple(shape)} | {bench.dtype_name(dtype)} | {provider} |"
+                    if t is None:
+                        lines.append(f"{head} {whys[provider]} | – | – | – | – |")
+                        continue
                     tflops = flops(shape, mode) / t / 1e12
+                    vs_eager = f"{times['eager'] / t:.2f}×" if times.get("eager") else "–"
                     vs_sdpa = f"{sdpa / t:.2f}×" if sdpa else "–"
                     pct = f"{100 * tflops / peak:.0f}%" if peak else "–"
-                    lines.append(f"| {mode} | {tuple(shape)} | {bench.dtype_name(dtype)} | {provider} | {t * 1e6:.0f} | "
-                                 f"{times['eager'] / t:.2f}× | {vs_sdpa} | {tflops:.3f} | {pct} |")
+                    lines.append(f"{head} {t * 1e6:.0f} | {vs_eager} | {vs_sdpa} | {tflops:.3f} | {pct} |")
                     print(lines[-1], file=sys.stderr)
     return "\n".join(lines) + "\n\n\"vs SDPA\": against the fastest of SDPA's fused backends (math excluded) in the same run."
 
 
 if __name__ == "__main__":
-    print(table(sys.argv[1] if len(sys.argv) > 1 else ("cuda" if torch.cuda.is_available() else "cpu")))
+    args = bench.script_args(__doc__)
+    cases = SMOKE if args.smoke else HEADLINE[args.device.type] if args.quick else None
+    print(table(args.device, cases, args.options))

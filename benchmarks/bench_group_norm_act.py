@@ -2,7 +2,7 @@
 layout × dtype, against eager (F.group_norm then F.silu) and, on GPU, torch.compile of the same.
 
     pytest benchmarks/bench_group_norm_act.py --benchmark-only
-    python benchmarks/bench_group_norm_act.py          # the markdown table of eager/provider ratios
+    python benchmarks/bench_group_norm_act.py [cpu|cuda] [--quick|--smoke]   # the markdown table of ratios
 
 Rows are grouped by (mode, shape, layout, dtype) so the providers of one case stand side by side. On a
 GPU each call is followed by torch.cuda.synchronize. No assertion here is about time.
@@ -19,6 +19,8 @@ from diffusion_ext import bench
 GROUPS = 32
 CPU_SHAPES = [(64, 128, 32, 32), (8, 320, 32, 32), (1, 512, 32, 32)]
 GPU_SHAPES = [(64, 128, 64, 64), (64, 256, 32, 32), (64, 512, 16, 16), (8, 320, 64, 64), (1, 512, 64, 64)]
+HEADLINE = {"cuda": ([(64, 256, 32, 32)], [torch.bfloat16]), "cpu": ([(64, 128, 32, 32)], [torch.float32])}
+SMOKE = ([(2, 64, 8, 8)], [torch.float32])
 MODES = ["forward", "backward", "forward+backward"]
 LAYOUTS = ["contiguous", "channels_last"]
 
@@ -46,7 +48,7 @@ def make_fn(mode, provider, shape, layout, dtype, device):
     if provider == "eager":
         f = eager
     elif provider == "compile":
-        f = torch.compile(eager, dynamic=False)
+        f = bench.compiled(eager, dynamic=False)
     else:
         def f(x, w, b, _backend=provider):
             with dx.use_backend(_backend):
@@ -90,13 +92,14 @@ def test_group_norm_act(benchmark, provider, device, shape, layout, dtype, mode)
     assert benchmark(fn) is not None
 
 
-def table(device) -> str:
-    """Markdown: median time per provider and the ratio to eager, measured in one run."""
+def table(device, cases=None, options=None) -> str:
+    """Markdown: median time per provider and the ratio to eager, measured in one run. cases: (shapes,
+    dtypes), default every shape and dtype of the device; a case that fails is a row that says why."""
     device = torch.device(device)
     if device.type == "cpu":
         bench.steady_cpu_allocator()
-    shapes, dtypes = (CPU_SHAPES, [torch.float32]) if device.type == "cpu" else \
-        (GPU_SHAPES, [torch.bfloat16, torch.float16, torch.float32])
+    shapes, dtypes = cases or ((CPU_SHAPES, [torch.float32]) if device.type == "cpu" else
+                               (GPU_SHAPES, [torch.bfloat16, torch.float16, torch.float32]))
     lines = ["| mode | shape | layout | dtype | provider | time (µs) | vs eager |", "|---|---|---|---|---|---:|---:|"]
     for shape in shapes:
         for layout in LAYOUTS:
@@ -104,13 +107,16 @@ def table(device) -> str:
                 for mode in MODES:
                     base = None
                     for provider in providers(device):
-                        t, _ = bench.measure(make_fn(mode, provider, shape, layout, dtype, device), device)
+                        t, why = bench.attempt(lambda: make_fn(mode, provider, shape, layout, dtype, device), device,
+                                               options)
                         base = t if provider == "eager" else base
                         lines.append(f"| {mode} | {bench.shape_name(shape)} | {layout} | {bench.dtype_name(dtype)} | "
-                                     f"{provider} | {t * 1e6:.1f} | {base / t:.2f}× |")
+                                     f"{provider} | {bench.time_cells(t, base, why)} |")
                         print(lines[-1], file=sys.stderr)
     return "\n".join(lines)
 
 
 if __name__ == "__main__":
-    print(table(sys.argv[1] if len(sys.argv) > 1 else ("cuda" if torch.cuda.is_available() else "cpu")))
+    args = bench.script_args(__doc__)
+    cases = SMOKE if args.smoke else HEADLINE[args.device.type] if args.quick else None
+    print(table(args.device, cases, args.options))

@@ -3,7 +3,7 @@ the eager model in a Python loop, the fused model in a Python loop, and the fuse
 in a CUDA graph and replayed 1000 times (diffusion_ext.graphed_sampling.GraphedSampler), in one run.
 
     pytest benchmarks/bench_sampling_loop.py --benchmark-only
-    python benchmarks/bench_sampling_loop.py [cpu|cuda] [--steps N]    # the markdown table with ratios to eager
+    python benchmarks/bench_sampling_loop.py [cpu|cuda] [--quick|--smoke] [--steps N]   # the table, ratios to eager
 
 The issue's target is graph ≥ 2× eager on an H100. The graph removes the host's launch cost (a few hundred
 kernels per step), so the gain is largest at small batches, where the GPU would otherwise wait for
@@ -22,7 +22,7 @@ from diffusion_ext.diffusion import Diffusion
 from diffusion_ext.graphed_sampling import GraphedSampler
 from diffusion_ext.models import UNet
 
-from bench_unet import CONFIG
+from bench_unet import CONFIG, SMOKE_CONFIG
 
 PROVIDERS = ["eager", "fused", "graph (eager model)", "graph (fused)"]
 
@@ -35,11 +35,11 @@ def _providers(device):
     return PROVIDERS if device.type == "cuda" else PROVIDERS[:2]
 
 
-def make_fn(provider, device, batch, steps):
+def make_fn(provider, device, batch, steps, config=CONFIG):
     torch.manual_seed(0)
-    model = UNet(**CONFIG, fused="fused" in provider).to(device).eval()
+    model = UNet(**config, fused="fused" in provider).to(device).eval()
     diffusion = Diffusion(dx.NoiseSchedule(1000, "linear").to(device))
-    shape = (batch, 3, 64, 64)
+    shape = (batch, 3, config["image_size"], config["image_size"])
     # DDIM η = 1 with `steps` steps of the 1000-step schedule is DDPM's ancestral chain on those steps
     # (Song et al. 2021, eq. 16); steps = 1000 is the full DDPM loop of ddpm_step calls.
     kw = dict(sampler="ddpm", steps=steps)
@@ -77,29 +77,34 @@ def test_sampling_loop(benchmark, device, batch, provider):
     benchmark.pedantic(fn, rounds=3, warmup_rounds=1)
 
 
-def table(device, steps=None) -> str:
+def table(device, steps=None, batches=None, reps=3, config=CONFIG) -> str:
     device = torch.device(device)
     steps = steps or default_steps(device)
     if device.type == "cpu":
         bench.steady_cpu_allocator()
     # one loop takes seconds: the median of a few, no L2 flush (it would be 1 write in ~10^5 kernels)
-    options = bench.TimingOptions(warmup=1, min_reps=3, max_reps=3, min_time_s=0.0, flush_l2=False)
+    options = bench.TimingOptions(warmup=1, min_reps=reps, max_reps=reps, min_time_s=0.0, flush_l2=False)
     lines = ["| batch | provider | loop (ms) | per step (ms) | vs eager |", "|---:|---|---:|---:|---:|"]
-    for batch in batches_for(device):
+    for batch in batches or batches_for(device):
         base = None
         for provider in _providers(device):
-            t, _ = bench.measure(make_fn(provider, device, batch, steps), device, options)
+            t, why = bench.attempt(lambda: make_fn(provider, device, batch, steps, config), device, options)
             base = t if provider == "eager" else base
-            lines.append(f"| {batch} | {provider} | {t * 1e3:.0f} | {t * 1e3 / steps:.2f} | {base / t:.2f}× |")
+            cells = f"failed: {why} | – | –" if t is None else \
+                f"{t * 1e3:.0f} | {t * 1e3 / steps:.2f} | " + (f"{base / t:.2f}×" if base else "–")
+            lines.append(f"| {batch} | {provider} | {cells} |")
             print(lines[-1], file=sys.stderr)
     dtype = "fp32" if device.type == "cpu" else "bf16 autocast"
-    return (f"DDPM sampling loop, {steps} steps of a 1000-step linear schedule, UNet {CONFIG}, 64×64, {dtype}, "
+    size = config["image_size"]
+    return (f"DDPM sampling loop, {steps} steps of a 1000-step linear schedule, UNet {config}, {size}×{size}, {dtype}, "
             f"torch threads {torch.get_num_threads()}\n\n" + "\n".join(lines))
 
 
 if __name__ == "__main__":
-    args = [a for a in sys.argv[1:] if not a.startswith("--")]
-    n = int(sys.argv[sys.argv.index("--steps") + 1]) if "--steps" in sys.argv else None
-    if n is not None:
-        args = [a for a in args if a != str(n)]
-    print(table(args[0] if args else ("cuda" if torch.cuda.is_available() else "cpu"), n))
+    args = bench.script_args(__doc__, extra=lambda p: p.add_argument("--steps", type=int, default=None))
+    if args.smoke:  # two steps at batch 1, once
+        print(table(args.device, args.steps or 2, batches=(1,), reps=1, config=SMOKE_CONFIG))
+    elif args.quick:  # the batch 16; 250 of the 1000 steps (the per-step ratio is what is compared)
+        print(table(args.device, args.steps or (250 if args.device.type == "cuda" else 10), batches=(16,), reps=2))
+    else:
+        print(table(args.device, args.steps))

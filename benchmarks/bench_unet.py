@@ -3,7 +3,7 @@ step (one model call + one fused DDIM update) at the report's 64×64 configurati
 torch.compile(eager), measured in one run.
 
     pytest benchmarks/bench_unet.py --benchmark-only
-    python benchmarks/bench_unet.py [cpu|cuda] [--compile] [--channels-last]   # the markdown table, ratios to eager
+    python benchmarks/bench_unet.py [cpu|cuda] [--quick|--smoke] [--compile] [--channels-last]   # the table
 
 "fused" is UNet(fused=True) (GroupNormAct + flash attention kernels), "eager" is UNet(fused=False) with
 the same weights (nn.GroupNorm-equivalent F.group_norm + SiLU, softmax(q·kᵀ)·v with the scores stored),
@@ -23,6 +23,8 @@ from diffusion_ext.models import UNet
 # The report's pixel U-Net on 64×64 faces (Ho et al. 2020's CelebA-HQ layout scaled to 64×64).
 CONFIG = dict(in_channels=3, out_channels=3, base_channels=64, channel_mults=(1, 2, 2, 2), num_res_blocks=2,
               attention_resolutions=(16,), image_size=64, dropout=0.1, head_dim=32, num_groups=32)
+# --smoke: the same architecture, small enough that one step takes milliseconds on a CPU
+SMOKE_CONFIG = dict(CONFIG, base_channels=32, channel_mults=(1, 2), image_size=32)
 MODES = ["train step", "sampling step"]
 PROVIDERS = ["eager", "fused", "compile"]
 
@@ -31,14 +33,15 @@ def batch_for(device):
     return 8 if device.type == "cpu" else 64
 
 
-def make_fn(mode, provider, device, batch, channels_last=False):
+def make_fn(mode, provider, device, batch, channels_last=False, config=CONFIG):
     torch.manual_seed(0)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
-    model = UNet(**CONFIG, fused=provider == "fused").to(device).to(memory_format=fmt)
-    net = torch.compile(model) if provider == "compile" else model
+    model = UNet(**config, fused=provider == "fused").to(device).to(memory_format=fmt)
+    net = bench.compiled(model) if provider == "compile" else model
     diffusion = Diffusion(dx.NoiseSchedule(1000, "linear").to(device))
     g = torch.Generator().manual_seed(1)
-    x0 = (torch.rand(batch, 3, 64, 64, generator=g) * 2 - 1).to(device).contiguous(memory_format=fmt)
+    size = config["image_size"]
+    x0 = (torch.rand(batch, 3, size, size, generator=g) * 2 - 1).to(device).contiguous(memory_format=fmt)
     t = torch.randint(0, 1000, (batch,), generator=g).to(device)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
     if mode == "train step":
@@ -87,30 +90,38 @@ def test_unet(benchmark, device, mode, provider):
     benchmark.pedantic(fn, rounds=5, warmup_rounds=1)
 
 
-def table(device, compile_cpu=False, channels_last=False) -> str:
+def table(device, compile_cpu=False, channels_last=False, batch=None, options=None, config=CONFIG) -> str:
     device = torch.device(device)
     if device.type == "cpu":
         bench.steady_cpu_allocator()
-    batch = batch_for(device)
+    batch = batch or batch_for(device)
     # whole-model steps take 0.1–2 s on CPU: a few repetitions (median) suffice
-    options = bench.TimingOptions(warmup=2, min_reps=7, max_reps=50, min_time_s=2.0)
+    options = options or bench.TimingOptions(warmup=2, min_reps=7, max_reps=50, min_time_s=2.0)
     lines = ["| mode | provider | time (ms) | vs eager |", "|---|---|---:|---:|"]
     for mode in MODES:
         base = None
         for provider in _providers(device, compile_cpu):
-            fn = make_fn(mode, provider, device, batch, channels_last)
-            fn()
-            t, _ = bench.measure(fn, device, options)
+            t, why = bench.attempt(lambda: make_fn(mode, provider, device, batch, channels_last, config), device,
+                                   options)
             base = t if provider == "eager" else base
-            lines.append(f"| {mode} | {provider} | {t * 1e3:.1f} | {base / t:.2f}× |")
+            lines.append(f"| {mode} | {provider} | {bench.time_cells(t, base, why, unit=1e3)} |")
             print(lines[-1], file=sys.stderr)
     dtype = "fp32" if device.type == "cpu" else "bf16 autocast"
     layout = "channels_last" if channels_last else "contiguous"
-    return (f"UNet {CONFIG}, batch {batch}, 64×64, {dtype}, {layout}, torch threads {torch.get_num_threads()}\n\n"
+    size = config["image_size"]
+    return (f"UNet {config}, batch {batch}, {size}×{size}, {dtype}, {layout}, torch threads {torch.get_num_threads()}\n\n"
             + "\n".join(lines))
 
 
+def _options(p):
+    p.add_argument("--compile", action="store_true", help="on CPU, also torch.compile of the eager model (slow)")
+    p.add_argument("--channels-last", action="store_true", help="model and inputs in channels_last")
+
+
 if __name__ == "__main__":
-    args = [a for a in sys.argv[1:] if not a.startswith("--")]
-    print(table(args[0] if args else ("cuda" if torch.cuda.is_available() else "cpu"), "--compile" in sys.argv,
-                "--channels-last" in sys.argv))
+    args = bench.script_args(__doc__, extra=_options)
+    # --quick keeps the device's batch (64 on a GPU) with fewer repetitions; --smoke runs batch 2 once
+    options = bench.TimingOptions(warmup=1, min_reps=5, max_reps=20, min_time_s=0.5) if args.quick else \
+        args.options if args.smoke else None
+    print(table(args.device, args.compile, args.channels_last, batch=2 if args.smoke else None, options=options,
+                config=SMOKE_CONFIG if args.smoke else CONFIG))

@@ -1,228 +1,247 @@
 #!/usr/bin/env bash
-# GPU check: build diffusion_ext with its CUDA kernels, run every test (the gpu-marked ones too), run the
-# CUDA op tests again under compute-sanitizer memcheck, run the benchmarks (ops, UNet steps, sampling loop), and write
-#   benchmarks/results/<device-name>-<YYYY-MM-DD>.md
-# with the device, the versions, the build, the test and sanitizer summaries and the benchmark table.
-# Every number in that file comes from this run.
+# What one GPU lease runs: two calls of at most ~7 minutes each on an H100/H200 host (16 cores), no network,
+# each writing at most 8 files into the folder it is given (the lease's $OUT), then, back on the CPU
+# machine, the results file is assembled from what came back and committed.
 #
-#   bash benchmarks/gpu_check.sh
+# The two device calls, verbatim (the device tool's `run`; its command line must stay under 2,000 chars):
+#   call 1:  bash benchmarks/gpu_check.sh call1 "$OUT"
+#   call 2:  bash benchmarks/gpu_check.sh call2 "$OUT"
+# and afterwards, here:
+#            bash benchmarks/gpu_check.sh assemble DIR_OF_CALL1 DIR_OF_CALL2
+#              -> benchmarks/results/<gpu>-<date>.md (commit it; README quotes it)
+# CI runs `bash benchmarks/gpu_check.sh --dry-run all DIR` on a machine without a GPU: every stage walks
+# the same steps with the CUDA parts skipped or on the CPU, so a broken script is found there.
 #
-# Environment (all optional):
-#   TORCH_SPEC        pip requirement(s) for torch (default: torch==2.14.1, the CUDA 13 build on PyPI);
-#                     split on spaces, so "torch==2.14.1 --index-url URL" works
-#   VENV              the venv to create (default: ./venv-gpu, which git ignores)
-#   PYTHON            the interpreter that creates the venv (default: python3)
-#   USE_CURRENT_ENV=1 make no venv and install nothing but this package: use the python on PATH as it is
-#                     (a machine whose image already holds torch with CUDA, Triton and pytest)
-#   TORCH_CUDA_ARCH_LIST  the archs to build (default: 9.0, Hopper)
-#   SKIP_SANITIZER=1  skip the compute-sanitizer run
-#   LOG_DIR           where the full logs go (default: ./build/gpu_check, which git ignores)
+# Plan (minutes on an H200 host; each stage has a time limit, prints how long it took, and the script
+# always writes its summary, whatever failed):
+#   call 1  env (0.1) · build for the device's arch only, all cores (~3, limit 5) · every gpu-marked test,
+#           pytest-xdist (~2, limit 3) · compute-sanitizer memcheck over benchmarks/cuda_smoke.py, every
+#           CUDA kernel once (~1, limit 2)                                  files: 1-*.log, 1-summary.md
+#   call 2  build again only if the machine is a fresh one (the lease keeps a machine 30 s after a call:
+#           issue call 2 at once) · schedule ops at 16.8M elements with the copy bandwidth (~0.5) ·
+#           group norm 64×256×32×32 NCHW/NHWC (~1) · attention (16,8,1024,64), (64,4,256,32) (~1) ·
+#           UNet train/sampling step, batch 64, bf16 (~2) · 250-step sampling loop, batch 16 (~1.5)
+#                                                                            files: 2-*.md, 2-bench.log
+# What to drop first when a call runs long: in call 1 the sanitizer (SKIP_SANITIZER=1), then the tests'
+# Triton half (GPU_TESTS="-m gpu -k 'not triton'"); in call 2 the sampling loop (SKIP=sampling), then the
+# UNet's compile rows (UNET_ARGS=) and the attention table (SKIP="sampling attention").
 #
-# The editable install builds diffusion_ext/_C*.so inside this checkout against the venv's torch: run it
-# in a checkout of its own, not one whose CPU build another venv is using.
-# The script goes on after a failing step, writes the results file, and exits non-zero at the end.
-set -euo pipefail
+# Environment: PYTHON (default python3: on the lease that python holds torch with CUDA, Triton and
+# pytest-xdist; nothing is installed or downloaded), TORCH_CUDA_ARCH_LIST (default: the device's own),
+# WORKERS (pytest-xdist workers, default 12), SKIP (stages of call 2 to leave out: schedule gn attention
+# unet sampling), SKIP_SANITIZER=1.
+set -uo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
-
-log() { printf '\n=== %s\n' "$*" >&2; }
-die() { printf 'gpu_check.sh: %s\n' "$*" >&2; exit 1; }
-
-command -v nvidia-smi >/dev/null 2>&1 || die "nvidia-smi not found: this script needs an NVIDIA GPU and its driver"
-GPU_LINE="$(nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | head -n 1)"
-[ -n "$GPU_LINE" ] || die "nvidia-smi lists no GPU"
-GPU_NAME="$(printf '%s' "$GPU_LINE" | cut -d, -f1 | sed -E 's/^ +| +$//g')"
-DATE="$(date +%Y-%m-%d)"
-SLUG="$(printf '%s' "$GPU_NAME" | tr '[:upper:]' '[:lower:]' | sed -E 's/[^a-z0-9]+/-/g; s/^-+//; s/-+$//')"
-RESULTS_DIR="$ROOT/benchmarks/results"
-RESULT="$RESULTS_DIR/${SLUG:-gpu}-$DATE.md"
-LOG_DIR="${LOG_DIR:-$ROOT/build/gpu_check}"
-mkdir -p "$RESULTS_DIR" "$LOG_DIR"
+PY="${PYTHON:-python3}"
+DRY=0
+if [ "${1:-}" = "--dry-run" ]; then DRY=1; shift; fi
+WHAT="${1:-}"
+OUT="${2:-}"
+usage() { echo "usage: bash benchmarks/gpu_check.sh [--dry-run] call1|call2|all OUTDIR | assemble DIR1 DIR2" >&2; exit 2; }
+[ -n "$WHAT" ] && [ -n "$OUT" ] || usage
 
 # ---------------------------------------------------------------------------------------------------
-# 1. environment
+# helpers
 # ---------------------------------------------------------------------------------------------------
-if [ "${USE_CURRENT_ENV:-0}" = "1" ]; then
-  log "using the current environment: $(command -v python3)"
-  PY="$(command -v python3)"
-else
-  VENV="${VENV:-$ROOT/venv-gpu}"
-  log "creating venv $VENV"
-  "${PYTHON:-python3}" -m venv "$VENV"
-  PY="$VENV/bin/python"
-  "$PY" -m pip install -q --upgrade pip
-  # shellcheck disable=SC2086  # TORCH_SPEC may hold several words on purpose
-  "$PY" -m pip install ${TORCH_SPEC:-torch==2.14.1}
-  "$PY" -m pip install triton ninja setuptools wheel numpy
-fi
-PY_BIN_DIR="$(dirname "$PY")"
-export PATH="$PY_BIN_DIR:$PATH"
+SUMMARY=""        # the current call's summary file
+STAGES=()         # "name: status (seconds)" of each stage of this call
+note() { printf '%s\n' "$*" | tee -a "$SUMMARY" >&2; }
+# stage NAME LIMIT_SECONDS LOG COMMAND...: runs COMMAND with a time limit, output appended to LOG, and
+# records its status and time; never exits the script.
+stage() {
+  local name=$1 limit=$2 log=$3; shift 3
+  local t0=$SECONDS rc
+  printf '\n=== %s (limit %ss): %s\n' "$name" "$limit" "$*" | tee -a "$log" >&2
+  timeout --kill-after=10 "$limit" "$@" >> "$log" 2>&1
+  rc=$?
+  local status="ok"
+  [ "$rc" = 0 ] || status="FAILED (exit $rc)"
+  [ "$rc" = 124 ] || [ "$rc" = 137 ] && status="STOPPED at its ${limit} s limit"
+  STAGES+=("$name: $status, $((SECONDS - t0)) s")
+  printf '=== %s: %s in %s s\n' "$name" "$status" "$((SECONDS - t0))" | tee -a "$log" >&2
+  return 0
+}
+stages_md() { local s; for s in "${STAGES[@]}"; do echo "- $s"; done; }
+stages_section() { note ""; note "## Stages"; stages_md | tee -a "$SUMMARY" >&2; }
+start_summary() {  # FILE TITLE: a new summary that begins with the machine's lines
+  SUMMARY=$1; STAGES=()
+  : > "$SUMMARY"
+  note "# $2"
+  note ""
+  env_lines | tee -a "$SUMMARY" >&2
+}
 
-SITE="$("$PY" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
-export CPATH="$SITE/nvidia/cu13/include${CPATH:+:$CPATH}"
-
-NVCC="$(command -v nvcc || true)"
-if [ -z "$NVCC" ]; then
-  for cand in "${CUDA_HOME:-}/bin/nvcc" /usr/local/cuda/bin/nvcc; do
-    if [ -x "$cand" ]; then NVCC="$cand"; break; fi
-  done
-fi
-[ -n "$NVCC" ] || die "nvcc not found (PATH, \$CUDA_HOME/bin, /usr/local/cuda/bin): install the CUDA toolkit that matches torch's CUDA"
-export CUDA_HOME="${CUDA_HOME:-$(cd "$(dirname "$NVCC")/.." && pwd)}"
-export PATH="$(dirname "$NVCC"):$PATH"
-
-# ---------------------------------------------------------------------------------------------------
-# 2. build with CUDA
-# ---------------------------------------------------------------------------------------------------
-log "building diffusion_ext with CUDA (archs ${TORCH_CUDA_ARCH_LIST:-9.0}, nvcc $NVCC)"
-FORCE_CUDA=1 TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}" \
-  "$PY" -m pip install --no-build-isolation -e ".[test]" 2>&1 | tee "$LOG_DIR/build.log"
-
-VERSIONS="$("$PY" - <<'PY'
-import torch, diffusion_ext
-print(f"- torch {torch.__version__}, CUDA {torch.version.cuda}, cuDNN {torch.backends.cudnn.version()}")
-print(f"- torch sees: {torch.cuda.get_device_name(0)} (capability {'.'.join(map(str, torch.cuda.get_device_capability(0)))})")
-print(f"- diffusion_ext.build_info(): {diffusion_ext.build_info()}")
-print(f"- available backends for cuda tensors: {diffusion_ext.available_backends('cuda')}")
+env_lines() {
+  echo "- date: $(date -u +%Y-%m-%dT%H:%M:%SZ), commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown)$(
+    [ -n "$(git status --porcelain --untracked-files=no 2>/dev/null)" ] && echo ' (with local changes)')"
+  if [ "$DRY" = 1 ]; then
+    echo "- dry run on $(uname -n): no GPU used"
+  else
+    echo "- nvidia-smi: $(nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv,noheader 2>&1 | head -n 1)"
+    echo "- nvcc: $(nvcc --version 2>/dev/null | tail -n 1 || echo 'not found')"
+  fi
+  "$PY" - <<'PY' 2>&1
+import os, platform, torch
+print(f"- python {platform.python_version()} ({os.sys.executable}), torch {torch.__version__}, CUDA {torch.version.cuda}, "
+      f"{os.cpu_count()} CPUs")
+if torch.cuda.is_available():
+    p = torch.cuda.get_device_properties(0)
+    print(f"- device: {p.name}, capability {p.major}.{p.minor}, {p.multi_processor_count} SMs, {p.total_memory / 2**30:.0f} GiB")
+try:
+    import triton
+    print(f"- triton {triton.__version__}")
+except ImportError as e:
+    print(f"- triton: not importable ({e})")
 PY
-)"
-NVCC_VERSION="$("$NVCC" --version | tail -n 2 | tr '\n' ' ')"
-"$PY" -c 'import diffusion_ext, sys; sys.exit(0 if "cuda" in diffusion_ext.build_info()["backends"] else 1)' \
-  || die "the build holds no CUDA kernels; see $LOG_DIR/build.log"
-
-FAILED=()
-
-# pytest's closing lines: FAILED/ERROR lines and the "N passed, ..." summary.
-# (compute-sanitizer's own lines start with "=========" and are left out.)
-summary() { grep -v '^=========' "$1" | grep -E '^(FAILED|ERROR) |[0-9]+ (passed|failed|error|errors|skipped|deselected)' | tail -n 40 || true; }
-
-# ---------------------------------------------------------------------------------------------------
-# 3. every test
-# ---------------------------------------------------------------------------------------------------
-log "pytest python_tests -q"
-set +e
-"$PY" -m pytest python_tests -q -p no:cacheprovider 2>&1 | tee "$LOG_DIR/pytest.log"
-PYTEST_RC=${PIPESTATUS[0]}
-set -e
-[ "$PYTEST_RC" = 0 ] || FAILED+=("pytest (exit $PYTEST_RC)")
-
-# ---------------------------------------------------------------------------------------------------
-# 4. the CUDA op tests under compute-sanitizer memcheck
-# ---------------------------------------------------------------------------------------------------
-SANITIZER="$(command -v compute-sanitizer || true)"
-for cand in "$CUDA_HOME/bin/compute-sanitizer" /usr/local/cuda/bin/compute-sanitizer; do
-  if [ -z "$SANITIZER" ] && [ -x "$cand" ]; then SANITIZER="$cand"; fi
-done
-if [ "${SKIP_SANITIZER:-0}" = "1" ]; then
-  SANITIZER_SUMMARY="skipped (SKIP_SANITIZER=1)"
-elif [ -z "$SANITIZER" ]; then
-  SANITIZER_SUMMARY="skipped: compute-sanitizer not found on PATH or under \$CUDA_HOME/bin, /usr/local/cuda/bin"
-else
-  log "compute-sanitizer --tool memcheck: pytest python_tests -k cuda"
-  set +e
-  # No caching allocator, so that an access past a tensor's end falls outside any allocation.
-  PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$SANITIZER" --tool memcheck --error-exitcode 1 \
-    "$PY" -m pytest python_tests -q -p no:cacheprovider -k cuda 2>&1 | tee "$LOG_DIR/sanitizer.log"
-  SAN_RC=${PIPESTATUS[0]}
-  set -e
-  [ "$SAN_RC" = 0 ] || FAILED+=("compute-sanitizer memcheck (exit $SAN_RC)")
-  SANITIZER_SUMMARY="$(printf 'command: PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool memcheck --error-exitcode 1 python -m pytest python_tests -q -k cuda\nexit code: %s\n' "$SAN_RC"
-    grep -E 'ERROR SUMMARY|LEAK SUMMARY' "$LOG_DIR/sanitizer.log" | tail -n 5 || true
-    summary "$LOG_DIR/sanitizer.log")"
-fi
-
-# ---------------------------------------------------------------------------------------------------
-# 5. the benchmark
-# ---------------------------------------------------------------------------------------------------
-log "python -m diffusion_ext bench --device cuda"
-BENCH_MD="$LOG_DIR/bench-cuda.md"
-rm -f "$BENCH_MD"
-set +e
-"$PY" -m diffusion_ext bench --device cuda --markdown "$BENCH_MD" 2>&1 | tee "$LOG_DIR/bench.log"
-BENCH_RC=${PIPESTATUS[0]}
-set -e
-[ "$BENCH_RC" = 0 ] || FAILED+=("bench (exit $BENCH_RC)")
-
-# One markdown table per benchmark script: bench_table NAME COMMAND... writes $LOG_DIR/bench-NAME.md (stdout)
-# and .log (stderr), records a failure without stopping the others, and leaves the exit code in NAME_RC.
-bench_table() {
-  local name=$1; shift
-  log "$*"
-  rm -f "$LOG_DIR/bench-$name.md"
-  set +e
-  "$@" > "$LOG_DIR/bench-$name.md" 2> "$LOG_DIR/bench-$name.log"
-  local rc=$?
-  set -e
-  [ "$rc" = 0 ] || FAILED+=("bench-$name (exit $rc)")
-  printf -v "${name//-/_}_RC" '%s' "$rc"
 }
-unet_tables() { "$PY" benchmarks/bench_unet.py cuda && echo && (cd benchmarks && "$PY" profile_unet_step.py cuda); }
-bench_table group-norm-act "$PY" benchmarks/bench_group_norm_act.py cuda
-bench_table attention "$PY" benchmarks/bench_attention.py cuda
-bench_table unet unet_tables
-bench_table sampling-loop "$PY" benchmarks/bench_sampling_loop.py cuda
-bench_table training-noise "$PY" benchmarks/bench_training_noise.py cuda
+
+device_arch() {  # "9.0" for an H100/H200
+  "$PY" -c 'import torch; p = torch.cuda.get_device_properties(0); print(f"{p.major}.{p.minor}")'
+}
+
+extension_has_cuda() {
+  PYTHONPATH="$ROOT" "$PY" -c 'import diffusion_ext, sys; sys.exit(0 if "cuda" in diffusion_ext.build_info()["backends"] else 1)' 2>/dev/null
+}
+
+build() {  # LOG
+  local log=$1
+  if [ "$DRY" = 1 ]; then
+    stage "build (dry run: the CPU build in place is imported instead)" 60 "$log" \
+      env PYTHONPATH="$ROOT" "$PY" -c 'import diffusion_ext; print(diffusion_ext.build_info())'
+    return
+  fi
+  local arch="${TORCH_CUDA_ARCH_LIST:-$(device_arch)}"
+  # in place, against this machine's torch: no pip, no venv, no download; ptxas -v for the resource table
+  stage "build (sm ${arch}, $(nproc) jobs)" 300 "$log" env FORCE_CUDA=1 TORCH_CUDA_ARCH_LIST="$arch" MAX_JOBS="$(nproc)" \
+    DIFFUSION_EXT_PTXAS_VERBOSE=1 "$PY" setup.py build_ext --inplace
+  stage "CUDA kernel resources (ptxas -v)" 60 "$log" "$PY" scripts/cuda_resources.py "$log" \
+    --arch "${arch/./}" --markdown "$OUT/1-cuda-resources.md"
+}
 
 # ---------------------------------------------------------------------------------------------------
-# 6. the results file
+# call 1: build, gpu tests, memcheck
 # ---------------------------------------------------------------------------------------------------
-table_section() {  # NAME TITLE: the table bench_table wrote, or why there is none
-  local rc_var="${1//-/_}_RC"
-  echo
-  echo "## Benchmark: $2"
-  echo
-  if [ -s "$LOG_DIR/bench-$1.md" ]; then
-    cat "$LOG_DIR/bench-$1.md"
+call1() {
+  start_summary "$OUT/1-summary.md" "GPU check, call 1: build, gpu-marked tests, compute-sanitizer memcheck"
+  build "$OUT/1-build.log"
+  export PYTHONPATH="$ROOT"
+  local tests_log="$OUT/1-tests.log"
+  if [ "$DRY" = 1 ]; then
+    stage "gpu-marked tests (dry run: collected, not run)" 300 "$tests_log" \
+      "$PY" -m pytest python_tests -m gpu --collect-only -q -p no:cacheprovider
   else
-    echo "no table: exit ${!rc_var}; see $LOG_DIR/bench-$1.log"
+    # shellcheck disable=SC2086  # GPU_TESTS holds several pytest arguments on purpose
+    stage "gpu-marked tests" 180 "$tests_log" "$PY" -m pytest python_tests ${GPU_TESTS:--m gpu} -q -p no:cacheprovider \
+      -n "${WORKERS:-12}" --timeout 120
+  fi
+  local san_log="$OUT/1-sanitizer.log"
+  if [ "$DRY" = 1 ]; then
+    stage "cuda_smoke.py (dry run: CPU kernels, no sanitizer)" 300 "$san_log" "$PY" benchmarks/cuda_smoke.py cpu
+  elif [ "${SKIP_SANITIZER:-0}" = 1 ]; then
+    STAGES+=("compute-sanitizer: skipped (SKIP_SANITIZER=1)")
+  else
+    stage "compute-sanitizer memcheck, every CUDA kernel once" 120 "$san_log" env PYTORCH_NO_CUDA_MEMORY_CACHING=1 \
+      compute-sanitizer --tool memcheck --error-exitcode 1 "$PY" benchmarks/cuda_smoke.py cuda
+  fi
+  stages_section
+  note ""
+  note "## Tests"
+  note '```'
+  grep -E '^(FAILED|ERROR) |[0-9]+ (passed|failed|errors?|skipped|deselected|tests? collected)' "$tests_log" | tail -n 40 | tee -a "$SUMMARY" >&2
+  note '```'
+  note ""
+  note "## Memcheck"
+  note '```'
+  grep -E 'ERROR SUMMARY|^FAIL|cuda_smoke:' "$san_log" | tail -n 20 | tee -a "$SUMMARY" >&2
+  note '```'
+  if [ -s "$OUT/1-cuda-resources.md" ]; then
+    note ""
+    note "## CUDA kernel resources: see 1-cuda-resources.md ($(grep -c '^| `' "$OUT/1-cuda-resources.md") kernels)"
   fi
 }
 
-COMMIT="$(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
-if [ -n "$(git status --porcelain --untracked-files=no 2>/dev/null || true)" ]; then COMMIT="$COMMIT (with local changes)"; fi
-{
-  echo "# diffusion_ext GPU check: $GPU_NAME, $DATE"
-  echo
-  echo "Written by \`benchmarks/gpu_check.sh\` at commit $COMMIT. Full logs were in $LOG_DIR."
-  echo
-  echo "## Machine and build"
-  echo
-  echo "- nvidia-smi (name, memory.total, driver_version): $GPU_LINE"
-  echo "- nvcc: $NVCC_VERSION"
-  echo "$VERSIONS"
-  echo
-  echo "## Tests: \`pytest python_tests -q\` (gpu-marked tests included)"
-  echo
-  echo "exit code: $PYTEST_RC"
-  echo
-  echo '```'
-  summary "$LOG_DIR/pytest.log"
-  echo '```'
-  echo
-  echo "## compute-sanitizer memcheck over the CUDA op tests"
-  echo
-  echo '```'
-  echo "$SANITIZER_SUMMARY"
-  echo '```'
-  echo
-  echo "## Benchmark: \`python -m diffusion_ext bench --device cuda\`"
-  echo
-  if [ -s "$BENCH_MD" ]; then
-    sed -e '1{/^# /d}' "$BENCH_MD"
-  else
-    echo "no table: the benchmark exited with $BENCH_RC; see $LOG_DIR/bench.log"
-  fi
-  echo
-  table_section "group-norm-act" "\`python benchmarks/bench_group_norm_act.py cuda\` (32 groups, SiLU; eager, compile, cuda, triton)"
-  table_section "attention" "\`python benchmarks/bench_attention.py cuda\` (eager, compile, every SDPA backend, cuda, triton)"
-  table_section "unet" "\`python benchmarks/bench_unet.py cuda\` (UNet train and sampling step, bf16 autocast, batch 64) and \`profile_unet_step.py cuda\`"
-  table_section "sampling-loop" "\`python benchmarks/bench_sampling_loop.py cuda\` (1000-step DDPM loop: eager, fused, CUDA graph)"
-  table_section "training-noise" "\`python benchmarks/bench_training_noise.py cuda\` (the trainer's per-sample noise: B calls vs one)"
-} > "$RESULT"
-log "wrote $RESULT"
+# ---------------------------------------------------------------------------------------------------
+# call 2: benchmarks
+# ---------------------------------------------------------------------------------------------------
+skipped() { [[ " ${SKIP:-} " == *" $1 "* ]]; }
 
-if [ "${#FAILED[@]}" -gt 0 ]; then
-  printf 'gpu_check.sh: failed: %s\n' "${FAILED[*]}" >&2
-  exit 1
-fi
+call2() {
+  start_summary "$OUT/2-summary.md" "GPU check, call 2: benchmarks"
+  local log="$OUT/2-bench.log" dev="cuda" mode="--quick"
+  if [ "$DRY" = 1 ]; then dev="cpu"; mode="--smoke"; fi
+  if [ "$DRY" = 0 ] && ! extension_has_cuda; then
+    note "- the extension with CUDA is not built here (a fresh machine): building again"
+    build "$log"
+  fi
+  export PYTHONPATH="$ROOT"
+  local shapes="256x4x128x128" dtypes="bfloat16"
+  [ "$DRY" = 1 ] && shapes="2x3x8x8" && dtypes="float32"
+  skipped schedule || stage "schedule ops" 120 "$log" "$PY" -m diffusion_ext bench --device "$dev" \
+    --shapes "$shapes" --dtypes "$dtypes" --providers eager,"$([ "$DRY" = 1 ] && echo cpu || echo cuda,triton)" \
+    $([ "$DRY" = 1 ] && echo --quick) --markdown "$OUT/2-schedule.md"
+  bench_md() {  # NAME TITLE SCRIPT ARGS...: the script's table into $OUT/2-NAME.md
+    local name=$1 title=$2; shift 2
+    skipped "$name" && { STAGES+=("$name: skipped (SKIP)"); return; }
+    { echo "## $title"; echo; } > "$OUT/2-$name.md"
+    stage "$title" "${LIMIT:-180}" "$log" bash -c '"$@" >> "$0"' "$OUT/2-$name.md" "$PY" "$@"
+  }
+  LIMIT=120 bench_md gn "group_norm_act SiLU: eager, compile, cuda, triton" benchmarks/bench_group_norm_act.py "$dev" "$mode"
+  LIMIT=150 bench_md attention "attention: eager, compile, SDPA backends, cuda, triton" benchmarks/bench_attention.py "$dev" "$mode"
+  # shellcheck disable=SC2086
+  LIMIT=240 bench_md unet "UNet train and sampling step" benchmarks/bench_unet.py "$dev" "$mode" ${UNET_ARGS:-}
+  LIMIT=150 bench_md sampling "DDPM sampling loop, CUDA graph" benchmarks/bench_sampling_loop.py "$dev" "$mode"
+  stages_section
+}
+
+# ---------------------------------------------------------------------------------------------------
+# assemble: the results file from what the two calls brought back
+# ---------------------------------------------------------------------------------------------------
+assemble() {  # DIR1 DIR2 [RESULT]
+  local d1=$1 d2=$2 result=${3:-}
+  local gpu
+  gpu="$(sed -nE 's/^- device: ([^,]+),.*/\1/p' "$d1/1-summary.md" "$d2/2-summary.md" 2>/dev/null | head -n 1)"
+  local slug
+  slug="$(printf '%s' "${gpu:-gpu}" | tr '[:upper:]' '[:lower:]' | sed -E 's/[^a-z0-9]+/-/g; s/^-+//; s/-+$//')"
+  result="${result:-$ROOT/benchmarks/results/${slug:-gpu}-$(date +%Y-%m-%d).md}"
+  {
+    echo "# diffusion_ext on ${gpu:-a GPU}: tests, memcheck and benchmarks"
+    echo
+    echo "Assembled by \`bash benchmarks/gpu_check.sh assemble\` from the two device calls of benchmarks/gpu_check.sh;"
+    echo "every number below comes from those runs."
+    echo
+    for f in "$d1/1-summary.md" "$d2/2-summary.md"; do
+      [ -f "$f" ] && { sed -e '1s/^# /## /' -e '2,$s/^## /### /' "$f"; echo; }
+    done
+    for f in "$d1/1-cuda-resources.md" "$d2"/2-schedule.md "$d2"/2-gn.md "$d2"/2-attention.md "$d2"/2-unet.md \
+             "$d2"/2-sampling.md; do
+      [ -f "$f" ] && { sed -e 's/^# /## /' "$f"; echo; }
+    done
+  } > "$result"
+  echo "wrote $result" >&2
+}
+
+check_out_files() {  # at most 8 files come back from a call
+  local n
+  n=$(find "$OUT" -maxdepth 1 -type f -name "$1-*" | wc -l)
+  if [ "$n" -gt 8 ]; then echo "gpu_check.sh: $n files in $OUT for call $1: more than the 8 a lease returns" >&2; return 1; fi
+}
+
+case "$WHAT" in
+  call1|call2|all)
+    mkdir -p "$OUT"
+    if [ "$DRY" = 0 ] && ! command -v nvidia-smi > /dev/null; then
+      echo "gpu_check.sh: nvidia-smi not found: this needs an NVIDIA GPU (or --dry-run)" >&2; exit 2
+    fi
+    rc=0
+    if [ "$WHAT" != call2 ]; then call1; check_out_files 1 || rc=1; fi
+    if [ "$WHAT" != call1 ]; then call2; check_out_files 2 || rc=1; fi
+    if [ "$WHAT" = all ]; then assemble "$OUT" "$OUT" "$OUT/results.md"; fi
+    # a dry run fails on any failed stage (it is CI's check of this script); a real call reports them
+    if [ "$DRY" = 1 ] && grep -h -E ': (FAILED|STOPPED)' "$OUT"/[12]-summary.md > /dev/null 2>&1; then rc=1; fi
+    exit $rc
+    ;;
+  assemble) assemble "$2" "${3:?usage: assemble DIR1 DIR2}" ;;
+  *) usage ;;
+esac

@@ -34,12 +34,9 @@ FlatBatch flat_batch(const at::Tensor& x) {
   return f;
 }
 
-// The table in the accumulation dtype of x: fp64 for fp64 input, fp32 otherwise. NoiseSchedule keeps
-// both so that this is no copy on the hot path.
-at::Tensor table_for(const at::Tensor& table, const at::Tensor& x) {
-  const auto acc = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  return table.to(acc).contiguous();
-}
+// The table as given, float32 or float64 (common/schedule_math.h forms the coefficients from it in
+// double): no conversion, so no copy on the hot path whatever the dtype of x.
+at::Tensor table_for(const at::Tensor& table) { return table.contiguous(); }
 
 // Brings every defined tensor into one flat batch-outermost layout: their own when they already share
 // one (the hot path: no copy), else contiguous copies (non-contiguous views still give correct results).
@@ -119,7 +116,7 @@ QSampleArgs prepare_q_sample(const char* op, const at::Tensor& x0, const at::Ten
   if (!allocate) return a;
   a.x0 = x0;
   a.t = t.contiguous();
-  a.table = table_for(alphas_cumprod, x0);
+  a.table = table_for(alphas_cumprod);
   if (noise.has_value()) {
     a.noise = *noise;
     unify_layout({&a.x0, &a.noise});
@@ -153,7 +150,7 @@ ReverseStepArgs prepare_ddpm_step(const at::Tensor& model_output, const at::Tens
   a.x = x_t;
   a.model_output = model_output;
   a.t = t.contiguous();
-  a.table = table_for(alphas_cumprod, x_t);
+  a.table = table_for(alphas_cumprod);
   prepare_guidance(op, a, guidance_scale, model_output_uncond);
   prepare_noise(op, a, noise, seed, offset);
   prepare_clip(op, a, clip_sample, clip_range);
@@ -192,7 +189,7 @@ ReverseStepArgs prepare_ddim_step(const at::Tensor& model_output, const at::Tens
   a.model_output = model_output;
   a.t = t.contiguous();
   a.t_prev = t_prev.contiguous();
-  a.table = table_for(alphas_cumprod, x_t);
+  a.table = table_for(alphas_cumprod);
   prepare_guidance(op, a, guidance_scale, model_output_uncond);
   if (eta > 0) {
     prepare_noise(op, a, noise, seed, offset);

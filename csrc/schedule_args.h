@@ -1,7 +1,8 @@
 #pragma once
 // Validation and normalisation of the schedule ops' arguments, shared by the CPU and CUDA entry points:
 // after prepare_*, every tensor the kernel reads or writes shares one flat, batch-outermost layout
-// (see share_flat_batch_layout), the ᾱ table is in the accumulation dtype, and the outputs exist.
+// (see share_flat_batch_layout), the ᾱ table is contiguous (float32 or float64, as given), and the outputs
+// exist.
 // With allocate = false they only validate: the Triton launchers call them that way (through _C) so that
 // every backend rejects the same inputs with the same messages.
 #include <ATen/ATen.h>
@@ -46,6 +47,40 @@ struct ReverseStepArgs {
   int64_t num_timesteps = 0;
   FlatBatch shape;
 };
+
+// fn(table_t{}) with table_t the C++ type of the ᾱ table (float or double).
+template <typename Fn>
+void dispatch_table_type(const at::Tensor& table, const Fn& fn) {
+  if (table.scalar_type() == at::kDouble) {
+    fn(double{});
+  } else {
+    fn(float{});
+  }
+}
+
+// fn(coef) with coef the per-sample coefficient functor of the op (common/schedule_math.h) over the table's
+// type: the one place that builds the functors from the arguments, for the CPU and CUDA kernels alike.
+template <typename Fn>
+void with_q_sample_coefs(const QSampleArgs& a, const Fn& fn) {
+  dispatch_table_type(a.table, [&](auto table_v) {
+    using table_t = decltype(table_v);
+    fn(QSampleCoefFn<table_t>{a.t.const_data_ptr<int64_t>(), a.table.const_data_ptr<table_t>(), a.num_timesteps});
+  });
+}
+
+template <typename Fn>
+void with_step_coefs(const ReverseStepArgs& a, const Fn& fn) {
+  dispatch_table_type(a.table, [&](auto table_v) {
+    using table_t = decltype(table_v);
+    const int64_t* t = a.t.const_data_ptr<int64_t>();
+    const table_t* table = a.table.const_data_ptr<table_t>();
+    if (a.is_ddim) {
+      fn(DdimCoefFn<table_t>{t, a.t_prev.const_data_ptr<int64_t>(), table, a.num_timesteps, a.eta, a.prediction});
+    } else {
+      fn(DdpmCoefFn<table_t>{t, table, a.num_timesteps, a.variance, a.prediction});
+    }
+  });
+}
 
 QSampleArgs prepare_q_sample(const char* op, const at::Tensor& x0, const at::Tensor& t,
                              const std::optional<at::Tensor>& noise, const at::Tensor& alphas_cumprod,

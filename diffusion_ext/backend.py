@@ -2,8 +2,11 @@
 
 Backends: "cpu" (the C++ kernels), "cuda" (the CUDA kernels), "triton" (the Triton kernels; on CPU
 tensors only under TRITON_INTERPRET=1, which is how CI tests them), "torch" (the eager reference of
-diffusion_ext.reference), and "auto": for a CUDA tensor the faster of "cuda" and "triton" for that op
-(AUTO_CUDA below, measured on the GPU and committed with benchmarks/results/), for a CPU tensor "cpu".
+diffusion_ext.reference), and "auto": for a CPU tensor "cpu"; for a CUDA tensor the faster of "cuda" and
+"triton" for that op once a GPU has measured both (AUTO_CUDA below, from benchmarks/results/), and until
+then the backend with the most verification behind it: Triton, whose kernels have run (in Triton's
+interpreter) against the references on every test case and compile for sm_80/sm_90 with their resources
+checked in CI, where the CUDA kernels have only been compiled. Without Triton, "cuda".
 
 Override with the environment variable DIFFUSION_EXT_BACKEND or, for a block of code,
 `with diffusion_ext.use_backend("triton"): ...`. A backend that is not built or not installed raises
@@ -12,14 +15,15 @@ BackendUnavailable saying how to get it; importing diffusion_ext never fails for
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import os
 
 import torch
 
 BACKENDS = ("auto", "cpu", "cuda", "triton", "torch")
 
-# "auto" on a CUDA tensor: the faster backend per op, from benchmarks/results/ (see README). Ops not
-# listed use the CUDA kernel when it is built, else Triton.
+# "auto" on a CUDA tensor: the faster backend per op, from benchmarks/results/ (see README), only for
+# kernels whose GPU tests passed. Empty until a GPU has measured them: ops not listed take UNMEASURED_CUDA.
 AUTO_CUDA: dict[str, str] = {}
 
 # use_backend's stack. A plain list, not a ContextVar: torch.compile traces resolve() and guards on it,
@@ -63,6 +67,9 @@ def _cuda_probe() -> bool:
 # Plain module values, so that torch.compile can read them while it traces resolve().
 _CUDA_BUILT = _cuda_probe()
 _TRITON_ERROR: str | None = "unchecked"
+# Whether Triton is installed, without importing it (find_spec does not run the package).
+_TRITON_FOUND = importlib.util.find_spec("triton") is not None
+UNMEASURED_CUDA = "triton" if _TRITON_FOUND or not _CUDA_BUILT else "cuda"
 
 
 def _cuda_built() -> bool:
@@ -107,7 +114,7 @@ def resolve(op: str, device: torch.device) -> str:
     name = requested()
     if name == "auto":
         if device.type == "cuda":
-            name = AUTO_CUDA.get(op, "cuda" if _cuda_built() else "triton")
+            name = AUTO_CUDA.get(op, UNMEASURED_CUDA)
         elif device.type == "cpu":
             return "cpu"
         else:

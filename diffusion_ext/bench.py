@@ -27,6 +27,7 @@ trusted (torch's threads wait for a busy core): the environment lines record the
 """
 from __future__ import annotations
 
+import argparse
 import math
 import os
 import platform
@@ -115,10 +116,11 @@ def make_inputs(op: str, shape: Sequence[int], dtype: torch.dtype, device, seed:
     def randn():
         return torch.randn(shape, generator=g, dtype=dtype, device=device)
 
-    # ᾱ in fp32 on the device, as NoiseSchedule hands it to the kernels and as diffusers keeps its tables
-    table = NoiseSchedule(NUM_TIMESTEPS, "linear").alphas_cumprod.to(device=device, dtype=torch.float32)
+    # ᾱ on the device: float64 for the fused ops, as NoiseSchedule hands it to them (they form the per-sample
+    # coefficients in float64), float32 for the eager baseline, as diffusers keeps its tables
+    table = NoiseSchedule(NUM_TIMESTEPS, "linear").alphas_cumprod.to(device=device)
     t = torch.randint(0, NUM_TIMESTEPS, (shape[0],), generator=g, device=device)
-    inp = {"table": table, "t": t}
+    inp = {"table": table, "table32": table.float(), "t": t}
     if op == "q_sample":
         inp.update(x0=randn(), noise=randn())
     elif op == "q_sample_with_noise":
@@ -134,7 +136,7 @@ def make_inputs(op: str, shape: Sequence[int], dtype: torch.dtype, device, seed:
 
 def eager_fn(op: str, inp: dict) -> Callable[[], object]:
     """The diffusers-style baseline of one op over `inp` (separate randn_like where the op makes noise)."""
-    table, t = inp["table"], inp["t"]
+    table, t = inp["table32"], inp["t"]
     if op == "q_sample":
         x0, noise = inp["x0"], inp["noise"]
 
@@ -205,11 +207,17 @@ def fused_fn(op: str, backend: str, inp: dict) -> Callable[[], object]:
     return fn
 
 
-def compiled_fn(op: str, inp: dict) -> Callable[[], object]:
-    """torch.compile of the eager callable. Dynamo's caches are reset first, so that each case compiles
-    afresh for its static shape and dtype instead of piling up recompilations on one code object."""
+def compiled(fn, **kwargs):
+    """torch.compile(fn, **kwargs) after a reset of dynamo's caches: every benchmark's "compile" provider
+    goes through here, since after 8 shapes dynamo's recompile limit silently runs the function eagerly,
+    and a "compile" row would then time eager code."""
     torch._dynamo.reset()
-    return torch.compile(eager_fn(op, inp), dynamic=False)
+    return torch.compile(fn, **kwargs)
+
+
+def compiled_fn(op: str, inp: dict) -> Callable[[], object]:
+    """torch.compile of the eager callable, for its static shape and dtype."""
+    return compiled(eager_fn(op, inp), dynamic=False)
 
 
 def make_fn(op: str, provider: str, inp: dict) -> Callable[[], object]:
@@ -256,7 +264,30 @@ class TimingOptions:
 
 FULL = TimingOptions()                                  # GPU: device times are steady
 FULL_CPU = TimingOptions(min_reps=20, min_time_s=1.0)   # CPU: noisier, and the whole run still takes < 1 min
-QUICK = TimingOptions(warmup=1, min_reps=3, max_reps=50, min_time_s=0.02)
+LEASE = TimingOptions(warmup=2, min_reps=10, max_reps=200, min_time_s=0.1)  # a GPU lease's minutes: still a measurement
+QUICK = TimingOptions(warmup=1, min_reps=3, max_reps=50, min_time_s=0.02)    # a smoke test, not a measurement
+SMOKE = TimingOptions(warmup=1, min_reps=1, max_reps=1, min_time_s=0.0)      # does it run at all (3 calls)
+
+
+def script_args(doc: str, argv=None, extra=None) -> argparse.Namespace:
+    """The command line every benchmarks/bench_*.py script shares: the device, and --quick (its headline
+    cases with LEASE repetitions: what one GPU lease can afford, benchmarks/gpu_check.sh) or --smoke (one
+    tiny case, SMOKE repetitions: checks that the script runs, gpu_check.sh --dry-run). extra(parser) adds
+    a script's own options."""
+    p = argparse.ArgumentParser(description=doc.strip().splitlines()[0])
+    p.add_argument("device", nargs="?", choices=("cpu", "cuda"),
+                   default="cuda" if torch.cuda.is_available() else "cpu")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--quick", action="store_true", help="headline cases only, fewer repetitions (a GPU lease)")
+    mode.add_argument("--smoke", action="store_true", help="one tiny case, few repetitions: not a measurement")
+    if extra is not None:
+        extra(p)
+    args = p.parse_args(argv)
+    args.device = torch.device(args.device)
+    if args.device.type == "cuda" and not torch.cuda.is_available():
+        p.error("cuda asked for, but torch sees no CUDA device")
+    args.options = SMOKE if args.smoke else LEASE if args.quick else default_options(args.device)
+    return args
 
 
 def default_options(device, quick: bool = False) -> TimingOptions:
@@ -363,6 +394,47 @@ def measure(fn: Callable[[], object], device, options: TimingOptions | None = No
     return statistics.median(times), reps
 
 
+def why(e: BaseException) -> str:
+    """One line that says why a case failed, for the row that replaces its time."""
+    first = (str(e).strip().splitlines() or [""])[0]
+    return f"{type(e).__name__}: {first}"[:160].replace("|", "/")
+
+
+def attempt(make: Callable[[], Callable[[], object] | None], device, options: TimingOptions | None = None
+            ) -> tuple[float | None, str]:
+    """(median seconds, "") of the callable that make() builds, or (None, why) when make() returns None
+    (the provider cannot take this case) or building or running it raises: a table goes on past a
+    failing case with a row that says why, rather than losing every row after it."""
+    device = torch.device(device)
+    try:
+        fn = make()
+        if fn is None:
+            return None, "not supported for this case"
+        return measure(fn, device, options)[0], ""
+    except Exception as e:  # any failure of one case is that case's row
+        if device.type == "cuda":
+            torch.cuda.empty_cache()  # an out-of-memory case should not starve the next ones
+        return None, why(e)
+
+
+def time_cells(t: float | None, base: float | None, why: str = "", unit: float = 1e6, digits: int = 1) -> str:
+    """The "time | vs eager" cells of a markdown row: t·unit and base / t, or "failed: why | –"."""
+    if t is None:
+        return f"failed: {why} | –"
+    return f"{t * unit:.{digits}f} | " + (f"{base / t:.2f}×" if base else "–")
+
+
+def copy_bandwidth(device, nbytes: int = 1 << 30, options: TimingOptions | None = None) -> float:
+    """The device's achievable memory bandwidth in GB/s: a device-to-device copy of nbytes, counting the
+    bytes read and the bytes written (the ceiling a memory-bound op is judged against, measured in the
+    same run rather than taken from a datasheet)."""
+    device = torch.device(device)
+    src = torch.empty(nbytes // 4, dtype=torch.float32, device=device).normal_()
+    dst = torch.empty_like(src)
+    seconds, _ = measure(lambda: dst.copy_(src), device, options)
+    return 2 * nbytes / seconds / 1e9
+
+
 # ----------------------------------------------------------------------------------------------------
 # the table
 # ----------------------------------------------------------------------------------------------------
@@ -376,6 +448,8 @@ def run_table(device=None, dtypes: Iterable[torch.dtype] | None = None,
     Row keys: op, provider, device, shape, dtype, numel, bytes, time_us, gbps, reps, and ratio =
     eager time / provider time for the same op, shape and dtype in this run (> 1: faster than eager).
     The eager baseline is always measured, since every ratio needs it. options: default_options(device).
+    A case that fails is a row with time_us, gbps and ratio None and error saying why; the others go on.
+    On CUDA each row also has of_copy = gbps / the device-to-device copy bandwidth measured first.
     tune_malloc: on CPU, fix glibc's malloc thresholds first (steady_cpu_allocator).
     """
     device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -402,23 +476,31 @@ def run_table(device=None, dtypes: Iterable[torch.dtype] | None = None,
         chosen = [p for p in possible if p in wanted]
 
     rows: list[dict] = []
+    copy_gbps = copy_bandwidth(device, options=options) if device.type == "cuda" else None
     for op in op_names:
         for dtype in dtypes:
             for shape in shapes:
                 inputs = make_inputs(op, shape, dtype, device)
                 group = []
                 for provider in chosen:
-                    case = make_case(op, provider, shape, dtype, device, inputs)
-                    seconds, reps = measure(case.fn, device, options)
-                    group.append({
-                        "op": op, "provider": provider, "device": str(device), "shape": tuple(shape),
-                        "dtype": dtype_name(dtype), "numel": math.prod(shape), "bytes": case.bytes,
-                        "time_us": seconds * 1e6, "gbps": case.bytes / seconds / 1e9, "reps": reps,
-                    })
-                    del case
+                    row = {"op": op, "provider": provider, "device": str(device), "shape": tuple(shape),
+                           "dtype": dtype_name(dtype), "numel": math.prod(shape),
+                           "bytes": bytes_moved(op, shape, dtype), "time_us": None, "gbps": None, "reps": 0,
+                           "error": ""}
+                    try:
+                        case = make_case(op, provider, shape, dtype, device, inputs)
+                        seconds, reps = measure(case.fn, device, options)
+                        row.update(time_us=seconds * 1e6, gbps=case.bytes / seconds / 1e9, reps=reps)
+                        del case
+                    except Exception as e:  # this row says why; the table goes on
+                        row["error"] = why(e)
+                    group.append(row)
                 eager_us = next(r["time_us"] for r in group if r["provider"] == "eager")
                 for r in group:
-                    r["ratio"] = eager_us / r["time_us"]
+                    r["ratio"] = eager_us / r["time_us"] if eager_us and r["time_us"] else None
+                    if copy_gbps:
+                        r["copy_gbps"] = copy_gbps
+                        r["of_copy"] = r["gbps"] / copy_gbps if r["gbps"] else None
                     rows.append(r)
                     if on_row is not None:
                         on_row(r)
@@ -431,8 +513,12 @@ def run_table(device=None, dtypes: Iterable[torch.dtype] | None = None,
 def format_markdown(rows: Sequence[dict]) -> str:
     """A Markdown table of the rows (columns padded, so it reads as plain text too)."""
     header = ["op", "provider", "shape", "dtype", "time (µs)", "GB/s", "vs eager"]
-    body = [[r["op"], r["provider"], shape_name(r["shape"]), r["dtype"], f"{r['time_us']:.1f}", f"{r['gbps']:.1f}",
-             f"{r['ratio']:.2f}×"] for r in rows]
+    def cells(r):
+        if r.get("time_us") is None:
+            return [f"failed: {r.get('error', '')}", "", ""]
+        return [f"{r['time_us']:.1f}", f"{r['gbps']:.1f}", "–" if r["ratio"] is None else f"{r['ratio']:.2f}×"]
+
+    body = [[r["op"], r["provider"], shape_name(r["shape"]), r["dtype"], *cells(r)] for r in rows]
     right = {4, 5, 6}
     widths = [max(len(h), *(len(b[i]) for b in body)) if body else len(h) for i, h in enumerate(header)]
 

@@ -37,6 +37,8 @@ def _add_bench(sub) -> None:
                    help="only these providers (eager is always measured: the ratios need it)")
     p.add_argument("--dtypes", type=_csv, default=None, metavar="DTYPE[,DTYPE...]",
                    help="e.g. float32,bfloat16 (default: float32 on CPU; float32, float16, bfloat16 on GPU)")
+    p.add_argument("--shapes", type=_csv, default=None, metavar="SHAPE[,SHAPE...]",
+                   help="e.g. 256x4x128x128 (default: the device's shapes in diffusion_ext.bench)")
     p.add_argument("--threads", type=int, default=None, metavar="N",
                    help="torch.set_num_threads(N) before measuring (CPU kernels and eager alike)")
     p.add_argument("--default-malloc", action="store_true",
@@ -80,11 +82,21 @@ def _run_bench(args) -> int:
     progress = None
     if sys.stderr.isatty():
         def progress(r):
-            print(f"  {r['op']:<20} {r['provider']:<8} {bench.shape_name(r['shape']):<14} {r['dtype']:<9} "
-                  f"{r['time_us']:10.1f} µs", file=sys.stderr)
+            took = f"{r['time_us']:10.1f} µs" if r["time_us"] is not None else f"failed: {r['error']}"
+            print(f"  {r['op']:<20} {r['provider']:<8} {bench.shape_name(r['shape']):<14} {r['dtype']:<9} {took}",
+                  file=sys.stderr)
 
+    shapes = None
+    if args.shapes:
+        try:
+            shapes = [tuple(int(d) for d in s.split("x")) for s in args.shapes]
+        except ValueError:
+            print(f"diffusion_ext bench: --shapes {','.join(args.shapes)}: expected shapes like 256x4x128x128",
+                  file=sys.stderr)
+            return 2
     try:
-        rows = bench.run_table(device, dtypes=dtypes, ops=args.ops, providers=args.providers, options=options,
+        rows = bench.run_table(device, dtypes=dtypes, shapes=shapes, ops=args.ops, providers=args.providers,
+                               options=options,
                                compile_cpu=args.compile, tune_malloc=not args.default_malloc, on_row=progress)
     except ValueError as e:
         print(e, file=sys.stderr)

@@ -1,8 +1,9 @@
 """NoiseSchedule: the β/ᾱ tables of a diffusion process and its fused forward and reverse steps.
 
-Timesteps are 0-indexed, 0..T-1, as in diffusers. The tables are computed in float64; the kernels get ᾱ
-in their accumulation dtype (float64 for float64 tensors, float32 otherwise), kept per device so that no
-step converts or copies a table.
+Timesteps are 0-indexed, 0..T-1, as in diffusers. The tables are computed in float64 and the kernels get
+the float64 ᾱ whatever the samples' dtype: they form each sample's coefficients in float64 and round them
+once (csrc/common/schedule_math.h), so no step converts or copies a table, and the steps near t = 0 keep
+the accuracy that 1 − ᾱ and β_t = 1 − ᾱ_t/ᾱ_{t−1} lose when formed from a float32 ᾱ.
 """
 from __future__ import annotations
 
@@ -87,7 +88,6 @@ class NoiseSchedule:
         self.sqrt_one_minus_alphas_cumprod = (1 - ac).sqrt()
         # q(x_{t-1} | x_t, x0) of Ho et al. 2020, eqs. 6-7
         self.posterior_variance = self.betas * (1 - prev) / (1 - ac)
-        self._tables: dict[torch.dtype, torch.Tensor] = {}
 
     _DERIVED = ("alphas_cumprod", "alphas_cumprod_prev", "alphas", "betas", "sqrt_alphas_cumprod",
                 "sqrt_one_minus_alphas_cumprod", "posterior_variance")
@@ -100,7 +100,6 @@ class NoiseSchedule:
         """Moves the tables to `device` (like nn.Module.to: in place, returns self)."""
         for name in self._DERIVED:
             setattr(self, name, getattr(self, name).to(device))
-        self._tables = {}
         return self
 
     def __repr__(self) -> str:
@@ -112,11 +111,7 @@ class NoiseSchedule:
             raise ValueError(
                 f"NoiseSchedule: the schedule is on {self.device} but the tensor is on {x.device}; call sched.to(device)"
             )
-        acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-        table = self._tables.get(acc)
-        if table is None:
-            table = self._tables[acc] = self.alphas_cumprod.to(acc)
-        return table
+        return self.alphas_cumprod
 
     def _timesteps(self, op: str, name: str, t, x: torch.Tensor, lowest: int = 0) -> torch.Tensor:
         if isinstance(t, torch.Tensor):

@@ -144,6 +144,41 @@ def test_rejected(backend, case, fn, error, words):
         assert w in str(info.value), f"{w!r} not in: {info.value}"
 
 
+_DEVICE_T_OUT_OF_RANGE = """
+import torch, diffusion_ext as dx
+from diffusion_ext import ops
+x = torch.randn(2, 3, 4, device="cuda")
+table = torch.linspace(0.99, 0.1, 10, device="cuda", dtype=torch.float64)
+with dx.use_backend({backend!r}):
+    out = ops.q_sample(x, torch.tensor([1, 10], device="cuda"), x, table)
+    torch.cuda.synchronize()
+print("nan" if out[1].isnan().all() and out[0].isfinite().all() else "values")
+"""
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_device_timesteps_out_of_range(backend):
+    """A timestep out of range in a CUDA tensor cannot be raised without a host sync: the CUDA kernel trips
+    a device-side assert (as PyTorch's indexing kernels do), which would poison every later CUDA call of
+    the process, so it runs in a subprocess; Triton's kernels give that sample NaN instead. Either way no
+    value is read outside the table, and this process's CUDA context stays usable."""
+    import subprocess
+    import sys
+
+    if not torch.cuda.is_available() or backend not in dx.available_backends("cuda"):
+        pytest.skip(f"no CUDA device or no {backend} backend")
+    res = subprocess.run([sys.executable, "-c", _DEVICE_T_OUT_OF_RANGE.format(backend=backend)],
+                         capture_output=True, text=True, timeout=300)
+    if backend == "cuda":
+        assert res.returncode != 0 and "assert" in res.stderr.lower(), res.stderr[-2000:]
+    else:
+        assert res.returncode == 0 and res.stdout.strip() == "nan", (res.stdout, res.stderr[-2000:])
+    x = torch.randn(2, 3, 4, device="cuda")
+    out = ops.q_sample(x, torch.tensor([1, 2], device="cuda"), x, _table().cuda())
+    assert out.isfinite().all()
+
+
 @pytest.mark.gpu
 def test_device_mismatch_is_rejected():
     if not torch.cuda.is_available():

@@ -122,62 +122,87 @@ DX_HOST_DEVICE acc_t reverse_step(const StepCoef<acc_t>& c, acc_t x, acc_t m, ac
 namespace diffusion_ext {
 
 // Per-sample coefficient functors: given a sample index, read its timestep(s) and ᾱ and return the
-// StepCoef of that sample. Host and device both call them. An out-of-range timestep (the CPU wrapper
-// rejects those before launching; a device cannot raise) gives NaN coefficients and never reads outside
-// the table.
-template <typename acc_t>
-DX_HOST_DEVICE acc_t alpha_bar_at(const acc_t* table, int64_t num_timesteps, int64_t t, bool* ok) {
+// coefficients of that sample, formed in double whatever the table's type (float or double, read as
+// given) and the kernel's accumulation type. Kernels round them once (round_coef). Why double: near
+// t = 0, 1 − ᾱ_t, 1 − ᾱ_prev and β_t = 1 − ᾱ_t/ᾱ_prev cancel catastrophically in fp32 (β_0 ≈ 1e-4 keeps
+// about 3 of an fp32 quotient's 7 digits), which made the fp32 DDPM step at t = 1 err 7× more than
+// diffusers' own fp32 step against an fp64 evaluation; in double the cancellation costs nothing that
+// survives the final rounding. The CPU forms them once per tile; CUDA and Triton in a pre-pass with one
+// thread per sample, since double arithmetic per element would make the memory-bound step compute-bound.
+// An out-of-range timestep (the CPU wrapper rejects those before launching; a device cannot raise) gives
+// NaN coefficients and never reads outside the table; in_range says whether a sample's timesteps are valid.
+template <typename table_t>
+DX_HOST_DEVICE double alpha_bar_at(const table_t* table, int64_t num_timesteps, int64_t t, bool* ok) {
   if (t < 0 || t >= num_timesteps) {
     *ok = false;
-    return acc_t(NAN);
+    return NAN;
   }
-  return table[t];
+  return static_cast<double>(table[t]);
 }
 
 template <typename acc_t>
+DX_HOST_DEVICE StepCoef<acc_t> round_coef(const StepCoef<double>& c) {
+  return StepCoef<acc_t>{static_cast<acc_t>(c.ax), static_cast<acc_t>(c.am), static_cast<acc_t>(c.c0),
+                         static_cast<acc_t>(c.bx), static_cast<acc_t>(c.bm), static_cast<acc_t>(c.s)};
+}
+
+template <typename acc_t>
+DX_HOST_DEVICE QSampleCoef<acc_t> round_coef(const QSampleCoef<double>& c) {
+  return QSampleCoef<acc_t>{static_cast<acc_t>(c.a), static_cast<acc_t>(c.s)};
+}
+
+template <typename table_t>
 struct QSampleCoefFn {
+  using Coef = QSampleCoef<double>;
   const int64_t* t;
-  const acc_t* table;
+  const table_t* table;
   int64_t num_timesteps;
-  DX_HOST_DEVICE QSampleCoef<acc_t> operator()(int64_t b) const {
+  DX_HOST_DEVICE bool in_range(int64_t b) const { return t[b] >= 0 && t[b] < num_timesteps; }
+  DX_HOST_DEVICE Coef operator()(int64_t b) const {
     bool ok = true;
     return q_sample_coef(alpha_bar_at(table, num_timesteps, t[b], &ok));
   }
 };
 
-template <typename acc_t>
+template <typename table_t>
 struct DdpmCoefFn {
+  using Coef = StepCoef<double>;
   const int64_t* t;
-  const acc_t* table;
+  const table_t* table;
   int64_t num_timesteps;
   VarianceType variance;
   PredictionType prediction;
-  DX_HOST_DEVICE StepCoef<acc_t> operator()(int64_t b) const {
+  DX_HOST_DEVICE bool in_range(int64_t b) const { return t[b] >= 0 && t[b] < num_timesteps; }
+  DX_HOST_DEVICE Coef operator()(int64_t b) const {
     bool ok = true;
     const int64_t tb = t[b];
-    const acc_t ab = alpha_bar_at(table, num_timesteps, tb, &ok);
-    const acc_t ab_prev = tb > 0 ? alpha_bar_at(table, num_timesteps, tb - 1, &ok) : acc_t(1);
+    const double ab = alpha_bar_at(table, num_timesteps, tb, &ok);
+    const double ab_prev = tb > 0 ? alpha_bar_at(table, num_timesteps, tb - 1, &ok) : 1.0;
     return ddpm_coef(ab, ab_prev, tb > 0, variance, prediction);
   }
 };
 
-template <typename acc_t>
+template <typename table_t>
 struct DdimCoefFn {
+  using Coef = StepCoef<double>;
   const int64_t* t;
   const int64_t* t_prev;
-  const acc_t* table;
+  const table_t* table;
   int64_t num_timesteps;
-  acc_t eta;
+  double eta;
   PredictionType prediction;
-  DX_HOST_DEVICE StepCoef<acc_t> operator()(int64_t b) const {
+  DX_HOST_DEVICE bool in_range(int64_t b) const {
+    return t[b] >= 0 && t[b] < num_timesteps && t_prev[b] >= -1 && t_prev[b] < t[b];
+  }
+  DX_HOST_DEVICE Coef operator()(int64_t b) const {
     bool ok = true;
     const int64_t tb = t[b], pb = t_prev[b];
-    const acc_t ab = alpha_bar_at(table, num_timesteps, tb, &ok);
+    const double ab = alpha_bar_at(table, num_timesteps, tb, &ok);
     // t_prev = -1 is the end of the chain: ᾱ_prev = 1 (diffusers' set_alpha_to_one).
-    const acc_t ab_prev = pb == -1 ? acc_t(1) : alpha_bar_at(table, num_timesteps, pb, &ok);
+    const double ab_prev = pb == -1 ? 1.0 : alpha_bar_at(table, num_timesteps, pb, &ok);
     if (pb >= tb) ok = false;
-    StepCoef<acc_t> c = ddim_coef(ab, ab_prev, eta, prediction);
-    if (!ok) c.c0 = acc_t(NAN);
+    Coef c = ddim_coef(ab, ab_prev, eta, prediction);
+    if (!ok) c.c0 = NAN;
     return c;
   }
 };

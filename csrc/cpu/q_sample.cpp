@@ -14,16 +14,15 @@
 namespace diffusion_ext {
 namespace {
 
-template <typename scalar_t>
-void q_sample_kernel(const QSampleArgs& a) {
+template <typename scalar_t, typename CoefFn>
+void q_sample_kernel(const QSampleArgs& a, const CoefFn& coef) {
   using acc_t = at::opmath_type<scalar_t>;
   const scalar_t* x0 = a.x0.const_data_ptr<scalar_t>();
   scalar_t* out = a.out.mutable_data_ptr<scalar_t>();
-  const QSampleCoefFn<acc_t> coef{a.t.const_data_ptr<int64_t>(), a.table.const_data_ptr<acc_t>(), a.num_timesteps};
   if (!a.make_noise) {
     const scalar_t* noise = a.noise.const_data_ptr<scalar_t>();
     for_each_sample_tile(a.shape.numel, a.shape.per_sample, [&](int64_t b, int64_t begin, int64_t end) {
-      const auto c = coef(b);
+      const auto c = round_coef<acc_t>(coef(b));
       for (int64_t i = begin; i < end; ++i) {
         out[i] = static_cast<scalar_t>(c.a * static_cast<acc_t>(x0[i]) + c.s * static_cast<acc_t>(noise[i]));
       }
@@ -32,7 +31,7 @@ void q_sample_kernel(const QSampleArgs& a) {
   }
   scalar_t* noise = a.noise.mutable_data_ptr<scalar_t>();
   for_each_sample_tile(a.shape.numel, a.shape.per_sample, [&](int64_t b, int64_t begin, int64_t end) {
-    const auto c = coef(b);
+    const auto c = round_coef<acc_t>(coef(b));
     acc_t z[kCpuTile];
     const int64_t n = end - begin;
     if (a.per_sample_streams) {  // a tile lies in one sample: element begin − b·per_sample of stream offset + b
@@ -49,8 +48,9 @@ void q_sample_kernel(const QSampleArgs& a) {
 }
 
 void launch(const QSampleArgs& a) {
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.x0.scalar_type(), "q_sample_cpu",
-                                  [&] { q_sample_kernel<scalar_t>(a); });
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.x0.scalar_type(), "q_sample_cpu", [&] {
+    with_q_sample_coefs(a, [&](const auto& coef) { q_sample_kernel<scalar_t>(a, coef); });
+  });
 }
 
 }  // namespace

@@ -27,7 +27,7 @@ void reverse_step_kernel(const ReverseStepArgs& a, const CoefFn& coef) {
   const acc_t w = static_cast<acc_t>(a.guidance_scale);
   const acc_t r = static_cast<acc_t>(a.clip_range);
   for_each_sample_tile(a.shape.numel, a.shape.per_sample, [&](int64_t b, int64_t begin, int64_t end) {
-    const StepCoef<acc_t> c = coef(b);
+    const StepCoef<acc_t> c = round_coef<acc_t>(coef(b));
     const int64_t n = end - begin;
     acc_t z[kCpuTile];
     if (c.s == acc_t(0)) {
@@ -57,17 +57,7 @@ void reverse_step_kernel(const ReverseStepArgs& a, const CoefFn& coef) {
 
 void launch(const ReverseStepArgs& a) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.x.scalar_type(), "reverse_step_cpu", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    const int64_t* t = a.t.const_data_ptr<int64_t>();
-    const acc_t* table = a.table.const_data_ptr<acc_t>();
-    if (a.is_ddim) {
-      const DdimCoefFn<acc_t> coef{t, a.t_prev.const_data_ptr<int64_t>(), table, a.num_timesteps,
-                                   static_cast<acc_t>(a.eta), a.prediction};
-      reverse_step_kernel<scalar_t>(a, coef);
-    } else {
-      const DdpmCoefFn<acc_t> coef{t, table, a.num_timesteps, a.variance, a.prediction};
-      reverse_step_kernel<scalar_t>(a, coef);
-    }
+    with_step_coefs(a, [&](const auto& coef) { reverse_step_kernel<scalar_t>(a, coef); });
   });
 }
 

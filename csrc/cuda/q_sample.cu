@@ -1,6 +1,6 @@
 // q_sample on CUDA: x_t = √ᾱ_t·x0 + √(1−ᾱ_t)·ε (Ho et al. 2020, eq. 4), with ε given or made here.
-// The twin of cpu/q_sample.cpp: same coefficients (QSampleCoefFn), same noise stream, one read of each
-// input and one write of each output per element.
+// The twin of cpu/q_sample.cpp: same coefficients (QSampleCoefFn, formed per sample in a pre-pass:
+// per_sample_coef.cuh), same noise stream, one read of each input and one write of each output per element.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/cuda/CUDAContext.h>
@@ -13,17 +13,10 @@
 #include "../ops.h"
 #include "../schedule_args.h"
 #include "launch_utils.cuh"
+#include "per_sample_coef.cuh"
 
 namespace diffusion_ext {
 namespace {
-
-// QSampleCoefFn plus the range check the host could not do without a sync (the functor alone would
-// give NaN coefficients and read nothing outside the table).
-template <typename acc_t>
-__device__ __forceinline__ QSampleCoef<acc_t> coef_of_sample(const QSampleCoefFn<acc_t>& f, int64_t b) {
-  CUDA_KERNEL_ASSERT(f.t[b] >= 0 && f.t[b] < f.num_timesteps);
-  return f(b);
-}
 
 // z[j] for the elements e .. e + n − 1 under per-sample streams: element k of sample b is lane k % 4 of
 // Philox block k / 4 of stream offset + b. With per_sample % 4 == 0 (3·64·64, 4·8·8, ...) the group is
@@ -54,7 +47,7 @@ __global__ void q_sample_kernel(
     scalar_t* __restrict__ noise_out,       // [numel] the noise made here, or nullptr when it is given
     const scalar_t* __restrict__ x0,        // [numel] clean samples
     const scalar_t* __restrict__ noise_in,  // [numel] the given noise, or nullptr when it is made here
-    const QSampleCoefFn<at::opmath_type<scalar_t>> coef,  // sample b -> (√ᾱ, √(1−ᾱ)) at t[b]
+    const QSampleCoef<at::opmath_type<scalar_t>>* __restrict__ coefs,  // [B] (√ᾱ, √(1−ᾱ)) at t[b]
     const index_t numel,                    // batch · per_sample
     const index_t per_sample,               // elements of one sample: element i is in sample i / per_sample
     const bool vec,                         // all pointers Vec4-aligned: whole groups move as one vector
@@ -80,14 +73,14 @@ __global__ void q_sample_kernel(
     // The group lies in one sample unless per_sample % 4 != 0; then move to the next sample at its
     // first element (per_sample >= 1, so one step per element suffices; sample_end <= numel).
     index_t b = e / per_sample, sample_end = (b + 1) * per_sample;
-    QSampleCoef<acc_t> c = coef_of_sample(coef, b);
+    QSampleCoef<acc_t> c = coefs[b];
 #pragma unroll
     for (int j = 0; j < 4; ++j) {
       if (j >= n) break;
       if (e + j == sample_end) {
         ++b;
         sample_end += per_sample;
-        c = coef_of_sample(coef, b);
+        c = coefs[b];
       }
       y[j] = c.a * x[j] + c.s * z[j];  // eq. 4
     }
@@ -102,8 +95,11 @@ void launch(const QSampleArgs& a) {
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.x0.scalar_type(), "q_sample_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const QSampleCoefFn<acc_t> coef{a.t.const_data_ptr<int64_t>(), a.table.const_data_ptr<acc_t>(),
-                                    a.num_timesteps};
+    at::Tensor coef_buf;
+    with_q_sample_coefs(a, [&](const auto& fn) {
+      coef_buf = per_sample_coefs<acc_t>(fn, a.shape.batch, a.x0.device(), stream);
+    });
+    const auto* coefs = reinterpret_cast<const QSampleCoef<acc_t>*>(coef_buf.const_data_ptr());
     scalar_t* out = a.out.mutable_data_ptr<scalar_t>();
     scalar_t* noise_out = a.make_noise ? a.noise.mutable_data_ptr<scalar_t>() : nullptr;
     const scalar_t* noise_in = a.make_noise ? nullptr : a.noise.const_data_ptr<scalar_t>();
@@ -112,7 +108,7 @@ void launch(const QSampleArgs& a) {
     dispatch_index_type(a.shape.numel, [&](auto index) {
       using index_t = decltype(index);
       q_sample_kernel<scalar_t, index_t><<<grid_for(a.shape.numel), kGroupThreads, 0, stream>>>(
-          out, noise_out, x0, noise_in, coef, static_cast<index_t>(a.shape.numel),
+          out, noise_out, x0, noise_in, coefs, static_cast<index_t>(a.shape.numel),
           static_cast<index_t>(a.shape.per_sample), vec, a.seed, a.offset, a.per_sample_streams);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });

@@ -1,7 +1,8 @@
 // ddpm_step and ddim_step on CUDA, the twin of cpu/reverse_step.cpp. Both are one element-wise formula
 // with per-sample coefficients (common/schedule_math.h): x_prev = c0·clip(ax·x + am·m) + bx·x + bm·m + s·z,
 // where m is the model output, combined with the unconditional output first when guidance is on
-// (Ho & Salimans 2022), all in one pass over memory.
+// (Ho & Salimans 2022), all in one pass over memory; the per-sample coefficients come from a pre-pass
+// (per_sample_coef.cuh) that forms them in double.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/cuda/CUDAContext.h>
@@ -14,33 +15,19 @@
 #include "../ops.h"
 #include "../schedule_args.h"
 #include "launch_utils.cuh"
+#include "per_sample_coef.cuh"
 
 namespace diffusion_ext {
 namespace {
 
-// The coefficient functors plus the range checks the host could not do without a sync (the functors
-// alone give NaN coefficients and read nothing outside the table).
-template <typename acc_t>
-__device__ __forceinline__ StepCoef<acc_t> coef_of_sample(const DdpmCoefFn<acc_t>& f, int64_t b) {
-  CUDA_KERNEL_ASSERT(f.t[b] >= 0 && f.t[b] < f.num_timesteps);
-  return f(b);
-}
-
-template <typename acc_t>
-__device__ __forceinline__ StepCoef<acc_t> coef_of_sample(const DdimCoefFn<acc_t>& f, int64_t b) {
-  CUDA_KERNEL_ASSERT(f.t[b] >= 0 && f.t[b] < f.num_timesteps);
-  CUDA_KERNEL_ASSERT(f.t_prev[b] >= -1 && f.t_prev[b] < f.t[b]);
-  return f(b);
-}
-
-template <typename scalar_t, typename index_t, typename CoefFn>
+template <typename scalar_t, typename index_t>
 __global__ void reverse_step_kernel(
     scalar_t* __restrict__ out,             // [numel] x_prev, flat in the layout shared by every tensor here
     const scalar_t* __restrict__ x,         // [numel] x_t
     const scalar_t* __restrict__ m,         // [numel] model output (the conditional one when guided)
     const scalar_t* __restrict__ m_uncond,  // [numel] unconditional model output, or nullptr: no guidance
     const scalar_t* __restrict__ noise,     // [numel] given z, or nullptr (made here, or none: DDIM η = 0)
-    const CoefFn coef,                      // sample b -> StepCoef at t[b] (and t_prev[b] for DDIM)
+    const StepCoef<at::opmath_type<scalar_t>>* __restrict__ coefs,  // [B] at t[b] (and t_prev[b] for DDIM)
     const index_t numel,                    // batch · per_sample
     const index_t per_sample,               // elements of one sample: element i is in sample i / per_sample
     const at::opmath_type<scalar_t> w,      // guidance scale: m = m_u + w·(m − m_u)
@@ -69,7 +56,7 @@ __global__ void reverse_step_kernel(
     // The group lies in one sample unless per_sample % 4 != 0; then move to the next sample at its
     // first element (per_sample >= 1, so one step per element suffices; sample_end <= numel).
     index_t b = e / per_sample, sample_end = (b + 1) * per_sample;
-    StepCoef<acc_t> c = coef_of_sample(coef, b);
+    StepCoef<acc_t> c = coefs[b];
     // Noise is read or made unless the whole group lies in one sample whose step adds none (s = 0:
     // DDPM at t = 0, DDIM with σ = 0). Elements of a sample with s = 0 still take z = 0 below.
     if (c.s != acc_t(0) || e + n > sample_end) {
@@ -85,7 +72,7 @@ __global__ void reverse_step_kernel(
       if (e + j == sample_end) {
         ++b;
         sample_end += per_sample;
-        c = coef_of_sample(coef, b);
+        c = coefs[b];
       }
       y[j] = reverse_step(c, xv[j], mv[j], clip_range, c.s == acc_t(0) ? acc_t(0) : z[j]);
     }
@@ -93,8 +80,9 @@ __global__ void reverse_step_kernel(
   }
 }
 
-template <typename scalar_t, typename CoefFn>
-void launch_kernel(const ReverseStepArgs& a, const CoefFn& coef, cudaStream_t stream) {
+template <typename scalar_t>
+void launch_kernel(const ReverseStepArgs& a, const StepCoef<at::opmath_type<scalar_t>>* coefs,
+                   cudaStream_t stream) {
   using acc_t = at::opmath_type<scalar_t>;
   scalar_t* out = a.out.mutable_data_ptr<scalar_t>();
   const scalar_t* x = a.x.const_data_ptr<scalar_t>();
@@ -104,8 +92,8 @@ void launch_kernel(const ReverseStepArgs& a, const CoefFn& coef, cudaStream_t st
   const bool vec = can_vectorize<scalar_t>({out, x, m, mu, noise});
   dispatch_index_type(a.shape.numel, [&](auto index) {
     using index_t = decltype(index);
-    reverse_step_kernel<scalar_t, index_t, CoefFn><<<grid_for(a.shape.numel), kGroupThreads, 0, stream>>>(
-        out, x, m, mu, noise, coef, static_cast<index_t>(a.shape.numel),
+    reverse_step_kernel<scalar_t, index_t><<<grid_for(a.shape.numel), kGroupThreads, 0, stream>>>(
+        out, x, m, mu, noise, coefs, static_cast<index_t>(a.shape.numel),
         static_cast<index_t>(a.shape.per_sample), static_cast<acc_t>(a.guidance_scale),
         static_cast<acc_t>(a.clip_range), a.make_noise, vec, a.seed, a.offset);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -118,16 +106,11 @@ void launch(const ReverseStepArgs& a) {
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.x.scalar_type(), "reverse_step_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const int64_t* t = a.t.const_data_ptr<int64_t>();
-    const acc_t* table = a.table.const_data_ptr<acc_t>();
-    if (a.is_ddim) {
-      const DdimCoefFn<acc_t> coef{t, a.t_prev.const_data_ptr<int64_t>(), table, a.num_timesteps,
-                                   static_cast<acc_t>(a.eta), a.prediction};
-      launch_kernel<scalar_t>(a, coef, stream);
-    } else {
-      const DdpmCoefFn<acc_t> coef{t, table, a.num_timesteps, a.variance, a.prediction};
-      launch_kernel<scalar_t>(a, coef, stream);
-    }
+    at::Tensor coef_buf;
+    with_step_coefs(a, [&](const auto& fn) {
+      coef_buf = per_sample_coefs<acc_t>(fn, a.shape.batch, a.x.device(), stream);
+    });
+    launch_kernel<scalar_t>(a, reinterpret_cast<const StepCoef<acc_t>*>(coef_buf.const_data_ptr()), stream);
   });
 }
 

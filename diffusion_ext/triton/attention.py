@@ -36,11 +36,9 @@ Head dims: BLOCK_D = next power of two ≥ max(D, 16) (16: tl.dot's minimum), th
 """
 from __future__ import annotations
 
-import functools
 import math
 from typing import Optional
 
-import numpy as np
 import torch
 import triton
 import triton.language as tl
@@ -48,6 +46,8 @@ import triton.language as tl
 from .._loader import _C
 from .._meta import attention_lse_empty, attention_output_empty
 from .q_sample import _acc
+from .scalars import join_float, split_float
+from .target import launch, profile
 
 LOG2E = 1.4426950408889634
 
@@ -78,20 +78,16 @@ def _exp(x, USE_EXP2: tl.constexpr):
 
 
 @triton.jit
-def _scalar(hi, lo, ACC: tl.constexpr):
-    # hi + lo in ACC: two fp32 words carry an fp64 scalar to the kernel (exact to ~2^-48)
-    return (tl.zeros([], ACC) + hi) + lo
-
-
-@triton.jit
 def _dot(a, b, acc, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
-    # acc + a·b with ACC accumulation. UPCAST (bf16 under the CPU interpreter only, whose tl.dot multiplies
-    # bf16's raw uint16 storage): the operands go to fp32 first, which gives the same exact products and
-    # fp32 sums as the GPU's bf16 MMA.
+    # acc + a·b with acc's dtype as the accumulation dtype: out_dtype must name it, since tl.dot's default
+    # (fp32) does not match an fp64 accumulator and fails to compile for a GPU (the interpreter accepts it).
+    # UPCAST (bf16 under the CPU interpreter only, whose tl.dot multiplies bf16's raw uint16 storage): the
+    # operands go to fp32 first, which gives the same exact products and fp32 sums as the GPU's bf16 MMA.
     if UPCAST:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision=DOT_PRECISION)
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision=DOT_PRECISION,
+                      out_dtype=acc.dtype)
     else:
-        return tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+        return tl.dot(a, b, acc, input_precision=DOT_PRECISION, out_dtype=acc.dtype)
 
 
 @triton.jit
@@ -136,7 +132,7 @@ def _attn_fwd_kernel(
     q = _load_tile(q_ptr + b * sq_b + h * sq_h, rows, sq_l, cols, Lq, HEAD_DIM)
     k_base = k_ptr + b * sk_b + h * sk_h
     v_base = v_ptr + b * sv_b + h * sv_h
-    qk_scale = _scalar(qk_hi, qk_lo, ACC)
+    qk_scale = join_float(qk_hi, qk_lo, ACC)
     # running row max m (−inf before the first block), row sum l of exp(S − m), unnormalised output acc
     m_i = tl.full([BLOCK_M], float("-inf"), ACC)
     l_i = tl.zeros([BLOCK_M], ACC)
@@ -221,7 +217,7 @@ def _attn_bwd_dkdv_kernel(
     q_base = q_ptr + b * sq_b + h * sq_h
     do_base = do_ptr + b * sdo_b + h * sdo_h
     row_base = bh.to(tl.int64) * Lq
-    qk_scale = _scalar(qk_hi, qk_lo, ACC)
+    qk_scale = join_float(qk_hi, qk_lo, ACC)
     dk = tl.zeros([BLOCK_N, BLOCK_D], ACC)
     dv = tl.zeros([BLOCK_N, BLOCK_D], ACC)
     # the key block's tiles stay in registers while the query blocks stream past (FA2 Alg. 2's outer loop
@@ -243,7 +239,7 @@ def _attn_bwd_dkdv_kernel(
         dp_t = _dot(v, tl.trans(do), tl.zeros([BLOCK_N, BLOCK_M], ACC), DOT_PRECISION, UPCAST)
         ds_t = p_t * (dp_t - delta[None, :])  # dS = P∘(dP − Δ) (FA2 Alg. 2 line 14)
         dk = _dot(ds_t.to(q.dtype), q, dk, DOT_PRECISION, UPCAST)
-    dk = dk * _scalar(sm_hi, sm_lo, ACC)
+    dk = dk * join_float(sm_hi, sm_lo, ACC)
     _store_tile(dk_ptr + b * sdk_b + h * sdk_h, keys, sdk_l, cols, Lk, HEAD_DIM, dk)
     _store_tile(dv_ptr + b * sdv_b + h * sdv_h, keys, sdv_l, cols, Lk, HEAD_DIM, dv)
 
@@ -286,7 +282,7 @@ def _attn_bwd_dq_kernel(
         lse = lse * 1.4426950408889634
     k_base = k_ptr + b * sk_b + h * sk_h
     v_base = v_ptr + b * sv_b + h * sv_h
-    qk_scale = _scalar(qk_hi, qk_lo, ACC)
+    qk_scale = join_float(qk_hi, qk_lo, ACC)
     dq = tl.zeros([BLOCK_M, BLOCK_D], ACC)
     for start_n in range(0, Lk, BLOCK_N):
         keys = start_n + tl.arange(0, BLOCK_N)
@@ -298,7 +294,7 @@ def _attn_bwd_dq_kernel(
         dp = _dot(do, tl.trans(v), tl.zeros([BLOCK_M, BLOCK_N], ACC), DOT_PRECISION, UPCAST)
         ds = p * (dp - delta[:, None])
         dq = _dot(ds.to(k.dtype), k, dq, DOT_PRECISION, UPCAST)
-    dq = dq * _scalar(sm_hi, sm_lo, ACC)
+    dq = dq * join_float(sm_hi, sm_lo, ACC)
     _store_tile(dq_ptr + b * sdq_b + h * sdq_h, rows, sdq_l, cols, Lq, HEAD_DIM, dq)
 
 
@@ -311,15 +307,24 @@ def _attn_bwd_dq_kernel(
 # 32 queries × 128 keys, dQ 128 × 32) where they fit in 255 registers without spills, shrinking the loop
 # block where they did not. Spills (bytes) are noted where no shape tried avoided them. Retune on a GPU.
 _GPU_TILES = {
-    "fwd": {64: (128, 64, 8, 3), 128: (128, 32, 8, 3), 256: (64, 16, 4, 2)},  # 127, 252, 252 registers
-    "dkdv": {64: (32, 128, 8, 3), 128: (32, 64, 8, 2), 256: (32, 16, 4, 2)},  # 193, 253, 255 + 24 B spill
-    "dq": {64: (128, 32, 8, 3), 128: (128, 32, 8, 2), 256: (64, 16, 8, 2)},  # 128, 251, 255 + 40 B spill
+    "fwd": {64: (128, 64, 8, 3), 128: (128, 32, 8, 3), 256: (64, 16, 4, 2)},
+    "dkdv": {64: (32, 128, 8, 3), 128: (32, 64, 8, 2), 256: (32, 16, 4, 2)},
+    "dq": {64: (128, 32, 8, 3), 128: (128, 32, 8, 2), 256: (32, 16, 8, 2)},  # dq 256: 64×16 spilled 704 B at D = 200
 }
 # fp32 runs tl.dot with input_precision="ieee" (FMA, not tensor cores: TF32 would miss fp32 accuracy), whose
 # operand layouts need far more registers: 32×32 tiles spill in dK/dV at every D and in fwd from D = 80
-# (up to 38 KB per thread at D = 256), 16×16 tiles do not (≤ 196 registers at D = 256).
+# (up to 38 KB per thread at D = 256), 16×16 tiles do not; at D = 40 (masked to 64) 32×32 needs 8 warps, and
+# the fwd at D = 256 needs 8 warps even at 16×16. fp64 is for checking, not speed: the smallest tiles, no
+# pipelining, 8 warps from D = 128 (4 spilled 0.3–1.8 KB at D = 256). benchmarks/results/triton-sm90-
+# resources.md has the registers of each; python_tests/test_triton_compile.py fails on any spill.
 def _fp32_tiles(kind: str, bd: int) -> tuple[int, int, int, int]:
-    return (32, 32, 4, 2) if kind != "dkdv" and bd <= 64 else (16, 16, 4, 2)
+    if kind != "dkdv" and bd <= 64:
+        return (32, 32, 4 if bd <= 32 else 8, 2)
+    return (16, 16, 8 if bd >= 256 else 4, 2)
+
+
+def _fp64_tiles(bd: int) -> tuple[int, int, int, int]:
+    return (32, 32, 4, 1) if bd <= 64 else (16, 16, 8, 1)
 
 
 # which block is spread over programs (the other is the loop): the one shrunk for small problems
@@ -332,11 +337,6 @@ def _block_d(D: int) -> int:
     return max(_MIN_BLOCK, triton.next_power_of_2(D))
 
 
-@functools.lru_cache(maxsize=None)
-def _sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
 def _p2_cap(block: int, length: int) -> int:
     """block, or the smallest power of two ≥ length (≥ 16) when that is smaller: L = 7 gets 16-row tiles."""
     return max(_MIN_BLOCK, min(block, triton.next_power_of_2(length)))
@@ -346,26 +346,28 @@ def _tiles(kind: str, x: torch.Tensor, Lq: int, Lk: int, heads: int,
            block_m: Optional[int] = None, block_n: Optional[int] = None) -> tuple[int, int, int, int]:
     """(BLOCK_M, BLOCK_N, num_warps, num_stages) of one kernel; block_m/block_n override (tests)."""
     bd = _block_d(x.shape[-1])
-    if x.device.type != "cuda":
+    device = profile(x.device)
+    if device.interpreter:
         m, n, warps, stages = INTERPRETER_BLOCK, INTERPRETER_BLOCK, 4, 1
     else:
         if x.dtype == torch.float32:
             m, n, warps, stages = _fp32_tiles(kind, bd)
-        elif x.dtype == torch.float64:  # fp64 is for checking, not speed: small tiles, no pipelining
-            # (spill-free up to D = 128; D = 256 spills 0.1–1 KB)
-            m, n, warps, stages = (32, 32, 4, 1) if bd <= 64 else (16, 16, 4, 1)
+        elif x.dtype == torch.float64:
+            m, n, warps, stages = _fp64_tiles(bd)
         else:
             m, n, warps, stages = _GPU_TILES[kind][max(64, bd)]
     m, n = _p2_cap(m, Lq), _p2_cap(n, Lk)
-    if x.device.type == "cuda":
+    if not device.interpreter:
         # small problems: halve the parallel block until the programs cover the SMs (down to 32)
-        sms = _sm_count(x.device.index if x.device.index is not None else torch.cuda.current_device())
+        sms = device.sm_count
         axis = _PARALLEL_AXIS[kind]
         length = Lq if axis == 0 else Lk
-        par = (m, n)[axis]
+        par = full = (m, n)[axis]
         while par > 32 and triton.cdiv(length, par) * heads < sms:
             par //= 2
         m, n = (par, n) if axis == 0 else (m, par)
+        # fewer warps for the smaller tile (8 warps over 32 or 64 rows spilled where 128 rows did not)
+        warps = max(4, warps * par // full)
     if block_m is not None:
         m = block_m
     if block_n is not None:
@@ -376,12 +378,6 @@ def _tiles(kind: str, x: torch.Tensor, Lq: int, Lk: int, heads: int,
 # --------------------------------------------------------------------------------------------------------
 # host
 # --------------------------------------------------------------------------------------------------------
-def _words(x: float) -> tuple[float, float]:
-    """x as hi + lo, two fp32 values (a Python float reaches a kernel as fp32)."""
-    hi = float(np.float32(x))
-    return hi, float(np.float32(x - hi))
-
-
 def _head_dim_innermost(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(3) == 1 else t.contiguous()
 
@@ -394,9 +390,9 @@ def _numerics(q: torch.Tensor, scale: float) -> dict:
     """Kernel arguments shared by every launch: the accumulation dtype, exp2 or exp, the scales."""
     acc = _acc(q)
     use_exp2 = acc == tl.float32
-    qk_hi, qk_lo = _words(scale * LOG2E if use_exp2 else scale)
-    upcast = q.dtype == torch.bfloat16 and q.device.type != "cuda"
-    return dict(acc=acc, use_exp2=use_exp2, qk=(qk_hi, qk_lo), sm=_words(scale), upcast=upcast)
+    qk_hi, qk_lo = split_float(scale * LOG2E if use_exp2 else scale)
+    upcast = q.dtype == torch.bfloat16 and profile(q.device).interpreter
+    return dict(acc=acc, use_exp2=use_exp2, qk=(qk_hi, qk_lo), sm=split_float(scale), upcast=upcast)
 
 
 def launch_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, *,
@@ -414,7 +410,7 @@ def launch_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: f
     nm = _numerics(q, scale)
     bm, bn, warps, stages = _tiles("fwd", q, Lq, Lk, B * H, block_m, block_n)
     grid = (triton.cdiv(Lq, bm) * B * H,)
-    _attn_fwd_kernel[grid](
+    launch(_attn_fwd_kernel, grid,
         q, k, v, out, lse, *_bhl(q), *_bhl(k), *_bhl(v), *_bhl(out), H, Lq, Lk, *nm["qk"],
         HEAD_DIM=D, ACC=nm["acc"], USE_EXP2=nm["use_exp2"], DOT_PRECISION="ieee",
         UPCAST=nm["upcast"], BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=_block_d(D), num_warps=warps, num_stages=stages)
@@ -442,19 +438,19 @@ def launch_attention_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.
     # 1. Δ = rowsum(dO∘O)
     delta = torch.empty_like(lse)
     bm_delta = _p2_cap(64, Lq)
-    _attn_bwd_delta_kernel[(triton.cdiv(Lq, bm_delta) * BH,)](
+    launch(_attn_bwd_delta_kernel, (triton.cdiv(Lq, bm_delta) * BH,),
         out, do, delta, *_bhl(out), *_bhl(do), H, Lq, HEAD_DIM=D, ACC=nm["acc"], BLOCK_M=bm_delta, BLOCK_D=bd,
-        num_warps=4 if bm_delta * bd <= 8192 else 8)
+        num_warps=4 if bm_delta * bd < 4096 else 8)  # 4 warps over a 64×64 fp32 tile spilled 8 bytes
     flags = dict(HEAD_DIM=D, ACC=nm["acc"], USE_EXP2=nm["use_exp2"], DOT_PRECISION="ieee", UPCAST=nm["upcast"],
                  BLOCK_D=bd)
     # 2. dK, dV: a program per key block
     bm, bn, warps, stages = _tiles("dkdv", q, Lq, Lk, BH, block_m, block_n)
-    _attn_bwd_dkdv_kernel[(triton.cdiv(Lk, bn) * BH,)](
+    launch(_attn_bwd_dkdv_kernel, (triton.cdiv(Lk, bn) * BH,),
         q, k, v, do, lse, delta, dk, dv, *_bhl(q), *_bhl(k), *_bhl(v), *_bhl(do), *_bhl(dk), *_bhl(dv),
         H, Lq, Lk, *nm["qk"], *nm["sm"], **flags, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages)
     # 3. dQ: a program per query block
     bm, bn, warps, stages = _tiles("dq", q, Lq, Lk, BH, block_m, block_n)
-    _attn_bwd_dq_kernel[(triton.cdiv(Lq, bm) * BH,)](
+    launch(_attn_bwd_dq_kernel, (triton.cdiv(Lq, bm) * BH,),
         q, k, v, do, lse, delta, dq, *_bhl(q), *_bhl(k), *_bhl(v), *_bhl(do), *_bhl(dq),
         H, Lq, Lk, *nm["qk"], *nm["sm"], **flags, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages)
     return dq, dk, dv

@@ -22,10 +22,8 @@ All sums accumulate in fp32 (fp64 for fp64 x).
 """
 from __future__ import annotations
 
-import functools
 from typing import Optional
 
-import numpy as np
 import torch
 import triton
 import triton.language as tl
@@ -33,6 +31,8 @@ import triton.language as tl
 from .._loader import _C
 from .._meta import group_norm_channels_last, group_norm_empty_like, group_norm_stats_empty
 from .q_sample import _acc
+from .scalars import join_float, split_float
+from .target import launch, profile
 
 _ACTIVATION = {"none": 0, "silu": 1, "relu": 2}
 TILE = 2048  # elements of x per program and loop iteration
@@ -134,7 +134,7 @@ def _gn_fwd_stats_kernel(
     if tl.num_programs(1) == 1:
         var = tl.maximum(m2_all / tl.maximum(total, 1.0), 0.0)
         tl.store(mean_ptr + ng, shift + mu)
-        tl.store(rstd_ptr + ng, 1.0 / tl.sqrt(var + ((tl.zeros([], ACC) + eps_hi) + eps_lo)))
+        tl.store(rstd_ptr + ng, 1.0 / tl.sqrt(var + join_float(eps_hi, eps_lo, ACC)))
     else:  # chunk means stay shifted by K, which waits in mean_ptr for the combine kernel
         p = ng.to(tl.int64) * tl.num_programs(1) + k
         tl.store(part_cnt_ptr + p, total)
@@ -168,7 +168,7 @@ def _gn_fwd_combine_kernel(
     dev = mu_k - mu
     var = tl.maximum((tl.sum(m2_k) + tl.sum(cnt * dev * dev)) / total, 0.0)
     tl.store(mean_ptr + ng, tl.load(mean_ptr + ng) + mu)
-    tl.store(rstd_ptr + ng, 1.0 / tl.sqrt(var + ((tl.zeros([], ACC) + eps_hi) + eps_lo)))
+    tl.store(rstd_ptr + ng, 1.0 / tl.sqrt(var + join_float(eps_hi, eps_lo, ACC)))
 
 
 @triton.jit
@@ -392,16 +392,10 @@ def _gn_bwd_param_kernel(
 # --------------------------------------------------------------------------------------------------------
 # host
 # --------------------------------------------------------------------------------------------------------
-@functools.lru_cache(maxsize=None)
-def _sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
 def _target_programs(device: torch.device) -> int:
-    """Programs that keep the device busy: 4 per SM on a GPU; a few under the (serial) interpreter."""
-    if device.type == "cuda":
-        return 4 * _sm_count(device.index if device.index is not None else torch.cuda.current_device())
-    return 4
+    """Programs that keep the device busy: 4 per SM (the interpreter's profile has one "SM": 4 programs,
+    enough to reach the split paths)."""
+    return 4 * profile(device).sm_count
 
 
 def _p2(n: int) -> int:
@@ -453,11 +447,6 @@ def _layout(x: torch.Tensor) -> tuple[torch.Tensor, bool]:
     return x.contiguous(), False
 
 
-def _eps_words(eps: float) -> tuple[float, float]:
-    hi = float(np.float32(eps))
-    return hi, float(np.float32(eps - hi))
-
-
 def launch_group_norm_act(x: torch.Tensor, num_groups: int, weight: Optional[torch.Tensor],
                           bias: Optional[torch.Tensor], eps: float, activation: str, *,
                           tile: int = TILE, target_programs: Optional[int] = None):
@@ -478,7 +467,7 @@ def launch_group_norm_act(x: torch.Tensor, num_groups: int, weight: Optional[tor
         rstd.fill_(eps ** -0.5)
         return y, mean, rstd
     acc = _acc(x)
-    eps_hi, eps_lo = _eps_words(eps)
+    eps_hi, eps_lo = split_float(eps)
     weight = None if weight is None else weight.contiguous()
     bias = None if bias is None else bias.contiguous()
     # 1. statistics: the group as rows (channels_last with G > 1: HW rows of Cg; else one contiguous run)
@@ -492,15 +481,15 @@ def launch_group_norm_act(x: torch.Tensor, num_groups: int, weight: Optional[tor
     block_r = min(_p2(num_rows), max(1, tile // block_w))
     per, split = _split(triton.cdiv(num_rows, block_r), N * G, target)
     part = torch.empty((3, N * G, split), dtype=mean.dtype, device=x.device) if split > 1 else (mean,) * 3
-    _gn_fwd_stats_kernel[(N * G, split)](
+    launch(_gn_fwd_stats_kernel, (N * G, split),
         x, mean, rstd, part[0], part[1], part[2], G, C * HW, stride_g, row_stride, Cg, group_end,
         num_rows, per * block_r, eps_hi, eps_lo, FULL_ROWS=full_rows, ACC=acc, BLOCK_R=block_r, BLOCK_W=block_w,
         num_warps=_warps(block_r * block_w))
     if split > 1:
-        _gn_fwd_combine_kernel[(N * G,)](part[0], part[1], part[2], mean, rstd, split, eps_hi, eps_lo, ACC=acc,
-                                         BLOCK_K=_p2(split), num_warps=_warps(_p2(split)))
+        launch(_gn_fwd_combine_kernel, (N * G,), part[0], part[1], part[2], mean, rstd, split, eps_hi, eps_lo,
+               ACC=acc, BLOCK_K=_p2(split), num_warps=_warps(_p2(split)))
     # 2. y = act((x − μ)·rstd·γ + β)
-    _gn_fwd_apply_kernel[geo.grid](
+    launch(_gn_fwd_apply_kernel, geo.grid,
         x, y, x if weight is None else weight, x if bias is None else bias, mean, rstd, *geo.tile_args(),
         ACT=_ACTIVATION[activation], HAS_W=weight is not None, HAS_B=bias is not None, ACC=acc,
         BLOCK_C=geo.BLOCK_C, BLOCK_S=geo.BLOCK_S, num_warps=geo.num_warps)
@@ -533,7 +522,7 @@ def launch_group_norm_act_backward(grad_y: torch.Tensor, x: torch.Tensor, mean: 
     flags = dict(ACT=_ACTIVATION[activation], HAS_W=weight is not None, HAS_B=bias is not None, ACC=acc)
     # 1. per (n, spatial chunk, c): Σ dz·x̂ and Σ dz
     part = torch.empty((2, N, geo.split_s, C), dtype=mean.dtype, device=x.device)
-    _gn_bwd_reduce_kernel[geo.grid](
+    launch(_gn_bwd_reduce_kernel, geo.grid,
         x, dy, w_arg, b_arg, mean, rstd, part[0], part[1], *geo.tile_args(), **flags,
         BLOCK_C=geo.BLOCK_C, BLOCK_S=geo.BLOCK_S, num_warps=geo.num_warps)
     if want_dx:
@@ -541,11 +530,11 @@ def launch_group_norm_act_backward(grad_y: torch.Tensor, x: torch.Tensor, mean: 
         coef = torch.empty((2, N * G), dtype=mean.dtype, device=x.device)
         block_k = min(_p2(geo.split_s), 64)
         block_cg = min(_p2(Cg), max(1, tile // block_k))
-        _gn_bwd_coef_kernel[(N * G,)](
+        launch(_gn_bwd_coef_kernel, (N * G,),
             w_arg, part[0], part[1], coef[0], coef[1], C, G, Cg, geo.split_s, Cg * HW,
             HAS_W=weight is not None, ACC=acc, BLOCK_K=block_k, BLOCK_CG=block_cg,
             num_warps=_warps(block_k * block_cg))
-        _gn_bwd_dx_kernel[geo.grid](
+        launch(_gn_bwd_dx_kernel, geo.grid,
             x, dy, dx, w_arg, b_arg, mean, rstd, coef[0], coef[1], *geo.tile_args(), **flags,
             BLOCK_C=geo.BLOCK_C, BLOCK_S=geo.BLOCK_S, num_warps=geo.num_warps)
     if want_dw or want_db:
@@ -553,7 +542,7 @@ def launch_group_norm_act_backward(grad_y: torch.Tensor, x: torch.Tensor, mean: 
         block_c = min(_p2(C), 256)
         rows = N * geo.split_s
         block_r = min(_p2(rows), max(1, tile // block_c))
-        _gn_bwd_param_kernel[(triton.cdiv(C, block_c),)](
+        launch(_gn_bwd_param_kernel, (triton.cdiv(C, block_c),),
             part[0], part[1], x if dw is None else dw, x if db is None else db, C, rows,
             WANT_DW=want_dw, WANT_DB=want_db, ACC=acc, BLOCK_R=block_r, BLOCK_C=block_c,
             num_warps=_warps(block_r * block_c))

@@ -3,14 +3,33 @@
 Element e of a kernel's flat range is lane e % 4 of Philox4x32-10 block e // 4 under key (lo, hi of the
 seed) and counter (lo, hi of the block, lo, hi of the offset). `normals_for_block` makes the BLOCK
 normals of elements [start, start + BLOCK) with one Philox call per four elements.
+
+Seed and offset reach a kernel as four 32-bit words passed as *signed* int32 (`split64`) and
+reinterpreted as uint32 inside (`u32`): Triton types an integer argument by its value (i32 below 2^31,
+i64 above) and turns one equal to 1 into a compile-time constant, so raw words would make up to 16
+signatures per kernel, recompiles at run time, and (for a word equal to 1) a constant with no `.to()`.
+Kernels list the words in `do_not_specialize` (see SEED_OFFSET_WORDS); with both, every seed and offset
+runs one compiled kernel.
 """
 import triton
 import triton.language as tl
 
-PHILOX_M0: tl.constexpr = 0xD2511F53
-PHILOX_M1: tl.constexpr = 0xCD9E8D57
-PHILOX_W0: tl.constexpr = 0x9E3779B9
-PHILOX_W1: tl.constexpr = 0xBB67AE85
+# Module globals reach a compiled kernel only as tl.constexpr objects: an annotated plain int
+# (`NAME: tl.constexpr = ...`) works under the interpreter but is a NameError for the GPU compiler.
+PHILOX_M0 = tl.constexpr(0xD2511F53)
+PHILOX_M1 = tl.constexpr(0xCD9E8D57)
+PHILOX_W0 = tl.constexpr(0x9E3779B9)
+PHILOX_W1 = tl.constexpr(0xBB67AE85)
+
+
+# The seed/offset word arguments of every noise-making kernel, never specialised on their value.
+SEED_OFFSET_WORDS = ["seed_lo", "seed_hi", "off_lo", "off_hi"]
+
+
+@triton.jit
+def u32(word):
+    """A 32-bit word passed as signed int32 (split64), as the uint32 it stands for."""
+    return word.to(tl.uint32, bitcast=True)
 
 
 @triton.jit
@@ -41,9 +60,9 @@ def normals_for_block(start, seed_lo, seed_hi, off_lo, off_hi, BLOCK: tl.constex
     c0 = (group & 0xFFFFFFFF).to(tl.uint32)
     c1 = (group >> 32).to(tl.uint32)
     zero = tl.zeros([BLOCK // 4], dtype=tl.uint32)
-    k0 = zero + seed_lo.to(tl.uint32)
-    k1 = zero + seed_hi.to(tl.uint32)
-    r0, r1, r2, r3 = philox4x32_10(c0, c1, zero + off_lo.to(tl.uint32), zero + off_hi.to(tl.uint32), k0, k1)
+    k0 = zero + u32(seed_lo)
+    k1 = zero + u32(seed_hi)
+    r0, r1, r2, r3 = philox4x32_10(c0, c1, zero + u32(off_lo), zero + u32(off_hi), k0, k1)
     two_pi = tl.full([], 6.283185307179586, ACC)  # a bare float literal would be fp32, even for fp64 noise
     rad_a = tl.sqrt(-2.0 * tl.log(_uniform(r0, ACC)))
     th_a = two_pi * _uniform(r1, ACC)
@@ -67,8 +86,7 @@ def normals_per_element(k, stream_lo, stream_hi, seed_lo, seed_hi, ACC: tl.const
     c0 = ((k // 4) & 0xFFFFFFFF).to(tl.uint32)
     c1 = ((k // 4) >> 32).to(tl.uint32)
     zero = tl.zeros(k.shape, dtype=tl.uint32)
-    r0, r1, r2, r3 = philox4x32_10(c0, c1, stream_lo, stream_hi, zero + seed_lo.to(tl.uint32),
-                                   zero + seed_hi.to(tl.uint32))
+    r0, r1, r2, r3 = philox4x32_10(c0, c1, stream_lo, stream_hi, zero + u32(seed_lo), zero + u32(seed_hi))
     lane = k % 4
     # lanes 0 and 1: Box-Muller of (r0, r1); lanes 2 and 3: of (r2, r3); cos for even lanes, sin for odd
     u_rad = tl.where(lane < 2, r0, r2)
@@ -80,6 +98,11 @@ def normals_per_element(k, stream_lo, stream_hi, seed_lo, seed_hi, ACC: tl.const
 
 
 def split64(v: int) -> tuple[int, int]:
-    """(lo, hi) 32-bit words of a 64-bit value, as the C++ kernels cast int64 seeds to uint64."""
+    """(lo, hi) 32-bit words of a 64-bit value (as the C++ kernels cast int64 seeds to uint64), each as
+    the signed int32 with the same bits, for `u32` to reinterpret in the kernel."""
     v &= (1 << 64) - 1
-    return v & 0xFFFFFFFF, v >> 32
+    return _signed32(v & 0xFFFFFFFF), _signed32(v >> 32)
+
+
+def _signed32(w: int) -> int:
+    return w - (1 << 32) if w >= 1 << 31 else w

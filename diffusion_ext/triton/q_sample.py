@@ -1,26 +1,28 @@
-"""q_sample in Triton: x_t = √ᾱ_t·x0 + √(1−ᾱ_t)·ε (Ho et al. 2020, eq. 4), ε given or made here."""
+"""q_sample in Triton: x_t = √ᾱ_t·x0 + √(1−ᾱ_t)·ε (Ho et al. 2020, eq. 4), ε given or made here; the
+per-sample coefficients come from the fp64 pre-pass of schedule_coef.py."""
 import torch
 import triton
 import triton.language as tl
 
 from .._loader import _C
 from .._meta import flat_batch_empty_like, share_flat_batch_layout
-from .philox import normals_for_block, normals_per_element, split64
+from .philox import SEED_OFFSET_WORDS, normals_for_block, normals_per_element, split64, u32
+from .schedule_coef import Q_SAMPLE, per_sample_coefs
+from .target import launch
 
 BLOCK = 1024
 
 
-@triton.jit
+@triton.jit(do_not_specialize=SEED_OFFSET_WORDS)
 def _q_sample_kernel(
     x0_ptr,  # [numel] x0 in its flat batch-outermost layout (contiguous or channels_last memory order)
     noise_ptr,  # [numel] same layout: read when MAKE_NOISE is false, written when it is true
     out_ptr,  # [numel] same layout
-    t_ptr,  # [B] int64 timesteps
-    table_ptr,  # [T] ᾱ in the accumulation dtype ACC
+    coef_ptr,  # [2, B] ACC per-sample (√ᾱ_t, √(1−ᾱ_t)) from schedule_coef.per_sample_coefs
     numel,
     per_sample,  # numel / B: element e belongs to sample e // per_sample
-    num_timesteps,
-    seed_lo, seed_hi, off_lo, off_hi,  # 32-bit words of the Philox key and offset
+    batch,
+    seed_lo, seed_hi, off_lo, off_hi,  # 32-bit words of the Philox key and offset, as signed int32 (philox.py)
     MAKE_NOISE: tl.constexpr,
     PER_SAMPLE_STREAMS: tl.constexpr,  # sample b draws from stream offset + b (csrc/schedule_args.h)
     ACC: tl.constexpr,
@@ -29,13 +31,12 @@ def _q_sample_kernel(
     start = tl.program_id(0).to(tl.int64) * BLOCK
     e = start + tl.arange(0, BLOCK)
     mask = e < numel
-    t = tl.load(t_ptr + e // per_sample, mask=mask, other=0)
-    valid = (t >= 0) & (t < num_timesteps)  # out of range: NaN, never a read outside the table
-    ab = tl.load(table_ptr + t, mask=mask & valid, other=float("nan")).to(ACC)
+    b = e // per_sample
+    a = tl.load(coef_ptr + b, mask=mask, other=0)
+    s = tl.load(coef_ptr + batch + b, mask=mask, other=0)
     x0 = tl.load(x0_ptr + e, mask=mask, other=0).to(ACC)
     if MAKE_NOISE and PER_SAMPLE_STREAMS:
-        b = e // per_sample
-        stream = ((off_hi.to(tl.uint64) << 32) | off_lo.to(tl.uint64)) + b.to(tl.uint64)
+        stream = ((u32(off_hi).to(tl.uint64) << 32) | u32(off_lo).to(tl.uint64)) + b.to(tl.uint64)
         z = normals_per_element(e - b * per_sample, (stream & 0xFFFFFFFF).to(tl.uint32), (stream >> 32).to(tl.uint32),
                                 seed_lo, seed_hi, ACC)
         tl.store(noise_ptr + e, z.to(noise_ptr.dtype.element_ty), mask=mask)
@@ -44,12 +45,16 @@ def _q_sample_kernel(
         tl.store(noise_ptr + e, z.to(noise_ptr.dtype.element_ty), mask=mask)
     else:
         z = tl.load(noise_ptr + e, mask=mask, other=0).to(ACC)
-    out = tl.sqrt(ab) * x0 + tl.sqrt(1.0 - ab) * z
+    out = a * x0 + s * z
     tl.store(out_ptr + e, out.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 def _acc(x: torch.Tensor):
     return tl.float64 if x.dtype == torch.float64 else tl.float32
+
+
+def acc_dtype(x: torch.Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
 def _flat(*tensors):
@@ -62,7 +67,6 @@ def _flat(*tensors):
 def launch_q_sample(x0, t, noise, table, seed=0, offset=0, make_noise=False, per_sample_streams=False):
     op = "diffusion_ext.q_sample_with_noise" if make_noise else "diffusion_ext.q_sample"
     _C.check_q_sample(op, x0, t, noise, table, seed, offset)
-    table = table.to(torch.float64 if x0.dtype == torch.float64 else torch.float32).contiguous()
     if make_noise:
         (x0,) = _flat(x0)
         noise = torch.empty_like(x0)
@@ -73,10 +77,10 @@ def launch_q_sample(x0, t, noise, table, seed=0, offset=0, make_noise=False, per
     if numel:
         s_lo, s_hi = split64(seed)
         o_lo, o_hi = split64(offset)
-        _q_sample_kernel[(triton.cdiv(numel, BLOCK),)](
-            x0, noise, out, t.contiguous(), table, numel, numel // x0.shape[0], table.numel(),
-            s_lo, s_hi, o_lo, o_hi, MAKE_NOISE=make_noise, PER_SAMPLE_STREAMS=per_sample_streams, ACC=_acc(x0),
-            BLOCK=BLOCK)
+        coef = per_sample_coefs(Q_SAMPLE, t.contiguous(), table.contiguous(), acc_dtype(x0))
+        launch(_q_sample_kernel, (triton.cdiv(numel, BLOCK),), x0, noise, out, coef, numel, numel // x0.shape[0],
+               x0.shape[0], s_lo, s_hi, o_lo, o_hi, MAKE_NOISE=make_noise, PER_SAMPLE_STREAMS=per_sample_streams,
+               ACC=_acc(x0), BLOCK=BLOCK)
     return out, noise
 
 
