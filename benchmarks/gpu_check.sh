@@ -14,8 +14,9 @@
 #
 # Plan (minutes on an H200 host; each stage has a time limit, prints how long it took, and the script
 # always writes its summary, whatever failed):
-#   call 1  env (0.1) · build for the device's arch only, all cores (~3, limit 5) · every gpu-marked test,
-#           pytest-xdist (~2, limit 3) · compute-sanitizer memcheck over benchmarks/cuda_smoke.py, every
+#   call 1  env (0.1) · build for the device's arch only, all cores (~3, limit 5) · every gpu-marked test
+#           and the fuzz tests (CUDA draws), pytest-xdist (~2, limit 3) · compute-sanitizer memcheck over
+#           benchmarks/cuda_smoke.py, every
 #           CUDA kernel once (~1, limit 2)                                  files: 1-*.log, 1-summary.md
 #   call 2  build again only if the machine is a fresh one (the lease keeps a machine 30 s after a call:
 #           issue call 2 at once) · schedule ops at 16.8M elements with the copy bandwidth (~0.5) ·
@@ -23,7 +24,7 @@
 #           UNet train/sampling step, batch 64, bf16 (~2) · 250-step sampling loop, batch 16 (~1.5)
 #                                                                            files: 2-*.md, 2-bench.log
 # What to drop first when a call runs long: in call 1 the sanitizer (SKIP_SANITIZER=1), then the tests'
-# Triton half (GPU_TESTS="-m gpu -k 'not triton'"); in call 2 the sampling loop (SKIP=sampling), then the
+# Triton half (GPU_TESTS="-m 'gpu or fuzz' -k 'not triton'"); in call 2 the sampling loop (SKIP=sampling), then the
 # UNet's compile rows (UNET_ARGS=) and the attention table (SKIP="sampling attention").
 #
 # Environment: PYTHON (default python3: on the lease that python holds torch with CUDA, Triton and
@@ -129,11 +130,12 @@ call1() {
   export PYTHONPATH="$ROOT"
   local tests_log="$OUT/1-tests.log"
   if [ "$DRY" = 1 ]; then
-    stage "gpu-marked tests (dry run: collected, not run)" 300 "$tests_log" \
-      "$PY" -m pytest python_tests -m gpu --collect-only -q -p no:cacheprovider
+    stage "gpu-marked and fuzz tests (dry run: collected, not run)" 300 "$tests_log" \
+      "$PY" -m pytest python_tests -m "gpu or fuzz" --collect-only -q -p no:cacheprovider
   else
-    # shellcheck disable=SC2086  # GPU_TESTS holds several pytest arguments on purpose
-    stage "gpu-marked tests" 180 "$tests_log" "$PY" -m pytest python_tests ${GPU_TESTS:--m gpu} -q -p no:cacheprovider \
+    local sel=(-m "gpu or fuzz")
+    [ -n "${GPU_TESTS:-}" ] && eval "sel=($GPU_TESTS)"  # several pytest arguments, quoted as in a shell
+    stage "gpu-marked and fuzz tests" 180 "$tests_log" "$PY" -m pytest python_tests "${sel[@]}" -q -p no:cacheprovider \
       -n "${WORKERS:-12}" --timeout 120
   fi
   local san_log="$OUT/1-sanitizer.log"

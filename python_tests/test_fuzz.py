@@ -17,6 +17,8 @@ from tolerances import FLOOR
 import diffusion_ext as dx
 from diffusion_ext import ops, reference
 
+# fuzz: the GPU lease's test selection (benchmarks/gpu_check.sh) takes these too, for their CUDA draws
+pytestmark = pytest.mark.fuzz
 CLEAN_ERRORS = (RuntimeError, ValueError, TypeError, IndexError)
 
 

@@ -30,43 +30,41 @@ def ddim_loop(sched, x, steps, eta, seed):
     return x
 
 
-def _backends():
-    out = [("cpu", "cpu")]
-    if "triton" in dx.available_backends("cpu"):
-        out.append(("triton", "cpu"))
-    if torch.cuda.is_available():
-        out += [(b, "cuda") for b in dx.available_backends("cuda") if b != "torch"]
-    return out
-
-
-@pytest.mark.slow
-def test_ddpm_1000_steps_same_on_every_backend():
-    sched = dx.NoiseSchedule(1000)
-    x_T = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+@pytest.fixture(scope="module")
+def ddpm_refs():
     # The reference chain in fp64 is the exact answer; in fp32 it shows how far fp32 rounding alone drifts
     # over 1000 steps. Both use the same noise stream (reference.philox_normal).
+    sched = dx.NoiseSchedule(1000)
+    x_T = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
     with dx.use_backend("torch"):
-        ref64 = ddpm_loop(sched, x_T.double(), seed=42)
-        ref32 = ddpm_loop(sched, x_T, seed=42)
-    for backend, device in _backends():
-        sched.to(device)
-        with dx.use_backend(backend):
-            out = ddpm_loop(sched, x_T.to(device), seed=42).cpu()
-        assert_matches_oracle(out, ref32, ref64)
-    sched.to("cpu")
+        return x_T, ddpm_loop(sched, x_T.double(), seed=42), ddpm_loop(sched, x_T, seed=42)
 
 
-@pytest.mark.parametrize("eta", [0.0, 1.0])
-def test_ddim_50_steps_same_on_every_backend(eta):
+@pytest.fixture(scope="module", params=[0.0, 1.0], ids=lambda eta: f"eta={eta}")
+def ddim_refs(request):
+    eta = request.param
     sched = dx.NoiseSchedule(1000)
     x_T = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(1))
     with dx.use_backend("torch"):
         ref64 = ddim_loop(sched, x_T.double(), 50, eta, seed=5)
         ref32 = ddim_loop(sched, x_T, 50, eta, seed=5)
     assert math.isfinite(ref64.abs().max().item())
-    for backend, device in _backends():
-        sched.to(device)
-        with dx.use_backend(backend):
-            out = ddim_loop(sched, x_T.to(device), 50, eta, seed=5).cpu()
-        assert_matches_oracle(out, ref32, ref64)
-    sched.to("cpu")
+    return eta, x_T, ref64, ref32
+
+
+# backend_device (conftest.py) runs each test on every backend, the CUDA and GPU-Triton ones gpu-marked.
+@pytest.mark.slow
+def test_ddpm_1000_steps_same_on_every_backend(backend_device, ddpm_refs):
+    _, device = backend_device
+    x_T, ref64, ref32 = ddpm_refs
+    sched = dx.NoiseSchedule(1000).to(device)
+    out = ddpm_loop(sched, x_T.to(device), seed=42).cpu()
+    assert_matches_oracle(out, ref32, ref64)
+
+
+def test_ddim_50_steps_same_on_every_backend(backend_device, ddim_refs):
+    _, device = backend_device
+    eta, x_T, ref64, ref32 = ddim_refs
+    sched = dx.NoiseSchedule(1000).to(device)
+    out = ddim_loop(sched, x_T.to(device), 50, eta, seed=5).cpu()
+    assert_matches_oracle(out, ref32, ref64)

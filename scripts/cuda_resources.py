@@ -20,8 +20,8 @@ import sys
 
 # (substring of the demangled kernel name, arch) -> (bytes of spills accepted, why)
 ALLOWED_SPILLS: dict[tuple[str, int], tuple[int, str]] = {
-    ("attn_bwd_simt_kernel<float", 90): (8, "fp32 SIMT backward (the checking path, not the tensor-core one): "
-                                             "8 bytes at a 64-wide head-dim tile; the 16-bit kernels do not spill"),
+    ("attn_bwd_simt_kernel<float", 90): (24, "the fp32 SIMT backward (the checking path; fp16/bf16 take the "
+                                              "tensor-core kernels, which do not spill): 24 bytes with nvcc 13.0"),
 }
 
 _ENTRY = re.compile(r"Compiling entry function '([^']+)' for 'sm_(\d+)a?'")
