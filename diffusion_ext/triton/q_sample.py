@@ -53,6 +53,13 @@ def _acc(x: torch.Tensor):
     return tl.float64 if x.dtype == torch.float64 else tl.float32
 
 
+def _warps(x: torch.Tensor) -> int:
+    # fp64 noise (log, sin, cos in double, one Philox call per element under per-sample streams) needs ~2×
+    # the registers: 8 warps give each thread 4 of the 1024 elements instead of 8 (4 warps spilled 80 bytes
+    # on sm_90 with Triton 3.6)
+    return 8 if x.dtype == torch.float64 else 4
+
+
 def acc_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
@@ -80,7 +87,7 @@ def launch_q_sample(x0, t, noise, table, seed=0, offset=0, make_noise=False, per
         coef = per_sample_coefs(Q_SAMPLE, t.contiguous(), table.contiguous(), acc_dtype(x0))
         launch(_q_sample_kernel, (triton.cdiv(numel, BLOCK),), x0, noise, out, coef, numel, numel // x0.shape[0],
                x0.shape[0], s_lo, s_hi, o_lo, o_hi, MAKE_NOISE=make_noise, PER_SAMPLE_STREAMS=per_sample_streams,
-               ACC=_acc(x0), BLOCK=BLOCK)
+               ACC=_acc(x0), BLOCK=BLOCK, num_warps=_warps(x0))
     return out, noise
 
 

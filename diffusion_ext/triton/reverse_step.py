@@ -9,7 +9,7 @@ import triton.language as tl
 from .._loader import _C
 from .._meta import flat_batch_empty_like
 from .philox import SEED_OFFSET_WORDS, normals_for_block, split64
-from .q_sample import BLOCK, _acc, _flat, acc_dtype
+from .q_sample import BLOCK, _acc, _flat, _warps, acc_dtype
 from .scalars import join_float, split_float
 from .schedule_coef import DDIM, DDPM, per_sample_coefs
 from .target import launch
@@ -70,7 +70,8 @@ def _launch(x, m, mu, noise, coef, w, clip_range, seed, offset, make_noise):
         launch(_reverse_step_kernel, (triton.cdiv(numel, BLOCK),), x, m, m if mu is None else mu,
                x if noise is None else noise, out, coef, numel, numel // x.shape[0], x.shape[0], *split_float(w),
                *split_float(clip_range), s_lo, s_hi, o_lo, o_hi, GUIDED=mu is not None,
-               NOISE=1 if noise is not None else (2 if make_noise else 0), ACC=_acc(x), BLOCK=BLOCK)
+               NOISE=1 if noise is not None else (2 if make_noise else 0), ACC=_acc(x), BLOCK=BLOCK,
+               num_warps=_warps(x))
     return out
 
 
