@@ -146,6 +146,15 @@ def test_bench_checks_markdown_before_measuring(tmp_path):
     assert r.stderr.startswith("diffusion_ext bench: --markdown results: is a folder; expected a markdown file name")
 
 
+def test_demo_refuses_a_folder_that_holds_a_run(first_run):
+    out, before = first_run
+    r = run_cli("demo", "--out", out, "--steps", "1")
+    assert r.returncode == 2 and r.stdout == ""  # nothing trained
+    assert r.stderr.startswith(f"diffusion_ext demo: --out {out} already holds a run")
+    assert "--resume" not in r.stderr and "--overwrite" in r.stderr  # the demo cannot resume
+    assert fingerprint(out) == before
+
+
 # ---------------------------------------------------------------------------------------------------------
 # the library underneath
 # ---------------------------------------------------------------------------------------------------------

@@ -1,8 +1,8 @@
-"""diffusion_ext.timing (interleaved min-of-N with a report of the machine's load), against scripted
-clocks and CPU counters: no assertion here is about real time."""
+"""diffusion_ext.timing (interleaved min-of-N with a report of the machine's load) and the demo's choice
+of thread count, against scripted clocks and CPU counters: no assertion here is about real time."""
 import pytest
 
-from diffusion_ext import timing
+from diffusion_ext import demo, timing
 
 
 class Script:
@@ -72,3 +72,9 @@ def test_a_noisy_measurement_says_so():
     busy = timing.Timing({"a": [1.0, 1.0, 1.0]}, timing.MachineLoad(2, 1.0, 1.0, 2.0, 2.0))
     assert busy.noisy and "other processes kept 1.00 of 2 cores busy" in busy.describe()
 
+
+@pytest.mark.parametrize("cpus, torch_threads, want", [(1, 1, 1), (2, 2, 1), (4, 4, 3), (16, 8, 8)])
+def test_demo_leaves_one_core_for_other_work(monkeypatch, cpus, torch_threads, want):
+    monkeypatch.setattr(demo.os, "sched_getaffinity", lambda pid: set(range(cpus)), raising=False)
+    monkeypatch.setattr(demo.torch, "get_num_threads", lambda: torch_threads)
+    assert demo.default_threads() == want
