@@ -161,8 +161,10 @@ def _add_train(sub) -> None:
         help="train a pixel, VAE, latent or depth diffusion model",
         description="Trains with Adam, an EMA of the weights (used for sampling), mixed precision on GPU, "
                     "gradient clipping and accumulation. Writes OUT/checkpoint.pt every --ckpt-every steps and "
-                    "on Ctrl-C (the current step finishes first), OUT/log.jsonl, sample grids OUT/samples/*.png, "
-                    "OUT/loss.png and the EMA weights OUT/weights.{pt,safetensors}. Several GPUs or nodes: "
+                    "on Ctrl-C (the current step finishes first; then it exits with 130), OUT/log.jsonl, sample "
+                    "grids OUT/samples/*.png, OUT/loss.png and the EMA weights OUT/weights.{pt,safetensors}. A "
+                    "folder that holds a run is never written over: --resume continues it, --overwrite moves it "
+                    "aside. Several GPUs or nodes: "
                     "torchrun --nproc_per_node=G -m diffusion_ext train ... (DDP; --batch-size is the global batch).",
         argument_default=argparse.SUPPRESS,  # only the options given reach TrainConfig (and a resumed run)
     )
