@@ -33,7 +33,8 @@ def check_out_file(path: str, option: str, extensions: tuple[str, ...] = (), wha
         raise ValueError(f"{option}: the path is empty; expected a {what} name")
     if path.endswith(os.sep) or os.path.isdir(path):
         example = os.path.join(path, "out" + (extensions[0] if extensions else ""))
-        raise ValueError(f"{option} {path}: is a folder; expected a {what} name such as {example}")
+        kind = "is a folder" if os.path.isdir(path) else f"names a folder (it ends in {os.sep})"
+        raise ValueError(f"{option} {path}: {kind}; expected a {what} name such as {example}")
     if extensions and not path.lower().endswith(tuple(e.lower() for e in extensions)):
         raise ValueError(f"{option} {path}: expected a {what} name ending in {' or '.join(extensions)}")
     _writable_base(path, option)

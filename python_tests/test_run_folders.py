@@ -168,6 +168,8 @@ def test_out_paths(tmp_path):
     cases = [
         (lambda: out_paths.check_out_file(str(tmp_path / "d"), "--out", (".png",), "PNG file"), "is a folder"),
         (lambda: out_paths.check_out_file("", "--out"), "the path is empty"),
+        (lambda: out_paths.check_out_file(str(tmp_path / "nodir") + os.sep, "--out", (".png",)),
+         "names a folder \\(it ends in /\\); expected a file name such as .*nodir/out.png"),
         (lambda: out_paths.check_out_file(str(tmp_path / "f" / "a.png"), "--out", (".png",)), "is a file, not a folder"),
         (lambda: out_paths.check_out_dir(str(tmp_path / "f"), "--out"), "is an existing file"),
         (lambda: out_paths.check_out_dir(str(tmp_path / "f" / "sub"), "--out"), "is a file, not a folder"),
