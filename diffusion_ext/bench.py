@@ -41,6 +41,7 @@ import torch
 from . import ops, reference
 from .backend import available_backends, use_backend
 from .schedule import NoiseSchedule
+from .timing import load_average  # noqa: F401  (part of this module's interface: cli's bench uses it)
 
 # ----------------------------------------------------------------------------------------------------
 # what is measured
@@ -546,15 +547,6 @@ def describe_device(device) -> str:
     except OSError:
         pass
     return f"{model}, {os.cpu_count()} logical CPUs, torch uses {torch.get_num_threads()} threads"
-
-
-def load_average() -> float | None:
-    """The 1-minute load average (None where the platform has none): CPU timings taken while other work
-    runs, with torch's threads waiting for a busy core, are not to be trusted."""
-    try:
-        return os.getloadavg()[0]
-    except (AttributeError, OSError):
-        return None
 
 
 def environment_markdown(device, options: TimingOptions, load_before: float | None = None) -> str:

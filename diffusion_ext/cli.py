@@ -11,6 +11,8 @@ import datetime
 import os
 import sys
 
+from .out_paths import check_out_dir, check_out_file
+
 
 def _csv(value: str) -> list[str]:
     return [v.strip() for v in value.split(",") if v.strip()]
@@ -54,6 +56,10 @@ def _run_bench(args) -> int:
 
     from . import bench
 
+    if args.markdown:
+        bad = _check_out("bench", lambda: check_out_file(args.markdown, "--markdown", what="markdown file"))
+        if bad:
+            return bad
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and not torch.cuda.is_available():
         print("diffusion_ext bench: --device cuda, but torch sees no CUDA device "
@@ -122,10 +128,19 @@ def _ints(value: str) -> tuple[int, ...]:
 
 
 def _error(cmd: str, msg: str) -> int:
-    # the library's messages may name the command already ("train: ..."): say it once
-    msg = msg[len(cmd) + 2:] if msg.startswith(f"{cmd}: ") else msg
-    print(f"diffusion_ext {cmd}: {msg}", file=sys.stderr)
+    # the library's messages may name the command already ("train: ...", "train --resume: ..."): say it once
+    named = msg.startswith((f"{cmd}: ", f"{cmd} --"))
+    print(f"diffusion_ext {msg}" if named else f"diffusion_ext {cmd}: {msg}", file=sys.stderr)
     return 2
+
+
+def _check_out(cmd: str, check) -> int:
+    """Runs an output-path check (out_paths) before any work: 0, or 2 after a clear error."""
+    try:
+        check()
+    except ValueError as e:
+        return _error(cmd, f"{e}; nothing was done")
+    return 0
 
 
 def _device(args):
@@ -158,8 +173,10 @@ def _add_train(sub) -> None:
         help="train a pixel, VAE, latent or depth diffusion model",
         description="Trains with Adam, an EMA of the weights (used for sampling), mixed precision on GPU, "
                     "gradient clipping and accumulation. Writes OUT/checkpoint.pt every --ckpt-every steps and "
-                    "on Ctrl-C (the current step finishes first), OUT/log.jsonl, sample grids OUT/samples/*.png, "
-                    "OUT/loss.png and the EMA weights OUT/weights.{pt,safetensors}. Several GPUs or nodes: "
+                    "on Ctrl-C (the current step finishes first; then it exits with 130), OUT/log.jsonl, sample "
+                    "grids OUT/samples/*.png, OUT/loss.png and the EMA weights OUT/weights.{pt,safetensors}. A "
+                    "folder that holds a run is never written over: --resume continues it, --overwrite moves it "
+                    "aside. Several GPUs or nodes: "
                     "torchrun --nproc_per_node=G -m diffusion_ext train ... (DDP; --batch-size is the global batch).",
         argument_default=argparse.SUPPRESS,  # only the options given reach TrainConfig (and a resumed run)
     )
@@ -170,9 +187,16 @@ def _add_train(sub) -> None:
     a("--data", metavar="PATH|builtin:NAME", help="builtin:shapes, builtin:depth-scenes, an image folder, NYU Depth V2")
     a("--out", metavar="DIR", help="output directory (default runs/<task>)")
     a("--resume", nargs="?", const=True, metavar="CKPT",
-      help="continue from OUT/checkpoint.pt (or CKPT) with its configuration; --steps may extend the run")
+      help="continue the run in OUT (its checkpoint.pt; or from CKPT, writing into OUT) with its configuration; "
+           "--steps may extend the run")
+    a("--overwrite", action="store_true",
+      help="if OUT already holds a run, move it aside to OUT.old-<time> and start afresh (without it, a run "
+           "folder is never written over)")
     a("--image-size", dest="image_size", type=int, help="side of the square images (default 64)")
     a("--data-size", dest="data_size", type=int, help="number of items of a builtin data set")
+    a("--max-bad-fraction", dest="max_bad_fraction", type=float, metavar="F",
+      help="image folders: the largest fraction of unreadable files that are skipped before training stops "
+           "with an error naming them, default 0.1")
     g = p.add_argument_group("model")
     g.add_argument("--base-channels", dest="base_channels", type=int, help="default 64")
     g.add_argument("--channel-mults", dest="channel_mults", type=_ints, metavar="M,M,...",
@@ -220,7 +244,10 @@ def _add_train(sub) -> None:
     g.add_argument("--sample-steps", dest="sample_steps", type=int, help="DDIM steps of the grids, default 50")
     g.add_argument("--save-format", dest="save_format", choices=("pt", "safetensors"),
                    help="format of the exported EMA weights, default pt")
-    g.add_argument("--quiet", action="store_true", help="no progress bar")
+    g.add_argument("--quiet", action="store_true", help="no progress bar or progress lines")
+    g.add_argument("--progress-every", dest="progress_every", type=float, metavar="SECONDS",
+                   help="when stdout is not a terminal (nohup, a batch job): a progress line (step, loss, it/s, "
+                        "ETA) after the first step, then every SECONDS, default 30")
     p.set_defaults(func=_run_train)
 
 
@@ -228,18 +255,29 @@ def _run_train(args) -> int:
     from .checkpoint import CheckpointError
     from .train import TrainConfig, train
 
-    given = {k: v for k, v in vars(args).items() if k not in ("func", "command", "resume")}
+    given = {k: v for k, v in vars(args).items() if k not in ("func", "command", "resume", "overwrite")}
     resume = getattr(args, "resume", False)
     if not resume:
         for name in ("task", "data"):
             if name not in given:
                 return _error("train", f"--{name} is required (unless --resume)")
-    given.setdefault("out", os.path.join("runs", given.get("task", "train")))
+    if "out" not in given:  # the run's folder
+        if isinstance(resume, str):
+            given["out"] = os.path.dirname(resume) or "."
+        elif "task" in given:
+            given["out"] = os.path.join("runs", given["task"])
+        else:
+            return _error("train", "--resume needs the run's folder: --out DIR (or --task T for runs/T)")
     try:
         cfg = TrainConfig(**given)
-        summary = train(cfg, resume=resume, overrides=given if resume else None)
-    except (ValueError, CheckpointError, FileNotFoundError) as e:
+        summary = train(cfg, resume=resume, overrides=given if resume else None,
+                        overwrite=getattr(args, "overwrite", False))
+    except (ValueError, CheckpointError, OSError) as e:
         return _error("train", str(e))
+    except KeyboardInterrupt:  # a second Ctrl-C, or one during set-up: nothing more is saved
+        print(f"diffusion_ext train: aborted without saving; the last checkpoint in {given['out']} (if any) is "
+              f"intact: continue with --resume --out {given['out']}", file=sys.stderr)
+        return 130
     if summary.get("loss_curve"):  # rank 0
         if summary["interrupted"]:
             print(f"interrupted after step {summary['step']}; checkpoint {summary['checkpoint']}; continue with "
@@ -249,7 +287,7 @@ def _run_train(args) -> int:
                             if k in ("valid_fraction", "recon_mse", "depth_mse"))
             print(f"trained {summary['step']} steps{extra}; checkpoint {summary['checkpoint']}, weights "
                   f"{summary['weights']}, samples {summary['samples']}, loss curve {summary['loss_curve']}")
-    return 0
+    return summary["exit_code"]
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -272,7 +310,7 @@ def _add_sample(sub) -> None:
     p.add_argument("--eager", action="store_true", help="the eager model (fused=False)")
     p.add_argument("--cuda-graph", dest="cuda_graph", action="store_true",
                    help="CUDA: capture the sampling step in a CUDA graph and replay it for every step")
-    p.add_argument("--out", default="samples.png", metavar="GRID.png")
+    p.add_argument("--out", default="samples.png", metavar="GRID.png", help="the PNG grid (default samples.png)")
     p.set_defaults(func=_run_sample)
 
 
@@ -284,6 +322,9 @@ def _run_sample(args) -> int:
     device = _device(args)
     if args.num < 1:
         return _error("sample", f"--num must be at least 1, got {args.num}")
+    bad = _check_out("sample", lambda: check_out_file(args.out, "--out", (".png",), "PNG file"))
+    if bad:
+        return bad
     m = _load_trained("sample", args)
     if isinstance(m, int):
         return m
@@ -319,18 +360,23 @@ def _run_sample(args) -> int:
 # ----------------------------------------------------------------------------------------------------
 def _add_demo(sub) -> None:
     p = sub.add_parser("demo", help="train a tiny DDPM on builtin:shapes on CPU, sample it, time fused vs eager",
-                       description="Trains a small pixel DDPM on builtin:shapes (a few minutes on a laptop CPU), "
-                                   "samples it with DDIM into a PNG grid, prints the fraction of samples the shapes "
-                                   "checker accepts next to that of pure noise, and the time of one training step "
-                                   "and one sampling step of the fused model against the eager one.")
-    p.add_argument("--out", default="runs/demo", metavar="DIR")
-    p.add_argument("--steps", type=int, default=None, help="training steps (default: the demo's budget)")
+                       description="Trains a small pixel DDPM on builtin:shapes for 700 steps of batch 32 (a few "
+                                   "minutes on a laptop CPU; README.md has measured times), samples it with DDIM "
+                                   "into a PNG grid, prints the fraction of samples the shapes checker accepts next "
+                                   "to that of pure noise, and the time of one training step and one sampling step "
+                                   "of the fused model against the eager one (the minimum of interleaved "
+                                   "repetitions, with how busy the machine was meanwhile).")
+    p.add_argument("--out", default="runs/demo", metavar="DIR", help="the run's folder (default runs/demo)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="if DIR already holds a run (an earlier demo), move it aside to DIR.old-<time> first")
+    p.add_argument("--steps", type=int, default=None, help="training steps, default 700")
     p.add_argument("--image-size", dest="image_size", type=int, choices=(16, 32), default=16)
     p.add_argument("--num-samples", dest="num_samples", type=int, default=64)
     p.add_argument("--device", default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None, metavar="N",
-                   help="torch.set_num_threads(N) (on a busy machine 1 thread can beat 2 fighting for cores)")
+                   help="torch.set_num_threads(N); by default one fewer than the CPUs this process may use (at "
+                        "least 1), so that the threads do not wait for a core another process holds")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=_run_demo)
 
@@ -369,6 +415,11 @@ def _run_predict_depth(args) -> int:
     device = _device(args)
     if args.ensemble < 1:
         return _error("predict-depth", f"--ensemble must be at least 1, got {args.ensemble}")
+    out = args.out or os.path.splitext(args.image)[0] + "_depth.png"
+    bad = _check_out("predict-depth", lambda: check_out_file(out, "--out" if args.out else "the default --out",
+                                                             (".png",), "PNG file"))
+    if bad:
+        return bad
     m = _load_trained("predict-depth", args, task="depth")
     if isinstance(m, int):
         return m
@@ -378,7 +429,6 @@ def _run_predict_depth(args) -> int:
         return _error("predict-depth", f"cannot read --image {args.image}: {e}")
     depth_m = depth_tools.predict(m, image[None].to(device), ensemble=args.ensemble, sampler=args.sampler,
                                   steps=args.steps, seed=args.seed)
-    out = args.out or os.path.splitext(args.image)[0] + "_depth.png"
     save_png(make_grid(depth_to_rgb(depth_m.cpu()), nrow=1, padding=0), out, scale=max(1, 256 // image.shape[-1]))
     print(f"wrote {out}: depth {float(depth_m.min()):.2f}–{float(depth_m.max()):.2f} m "
           f"(near is yellow, far is dark), ensemble of {args.ensemble}")
@@ -416,10 +466,13 @@ def _run_eval_depth(args) -> int:
     from . import depth_tools
 
     device = _device(args)
+    out = args.out or os.path.dirname(os.path.abspath(args.checkpoint))
+    bad = _check_out("eval-depth", lambda: check_out_dir(out, "--out" if args.out else "the default --out"))
+    if bad:
+        return bad
     m = _load_trained("eval-depth", args, task="depth")
     if isinstance(m, int):
         return m
-    out = args.out or os.path.dirname(os.path.abspath(args.checkpoint))
     try:
         result = depth_tools.evaluate(m, args.data, split=args.split, data_size=args.data_size, limit=args.limit,
                                       batch_size=args.batch_size, eigen_crop=args.eigen_crop, pooled=args.pooled,

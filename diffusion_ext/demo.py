@@ -4,18 +4,16 @@ It shows three things in a few minutes: the model learns (the shapes checker acc
 its DDIM samples, against ~0 for pure noise), the artefacts of a run (checkpoint, JSONL log, sample grid,
 loss curve), and the speed of the fused model against the eager one (same config and weights; one
 training step = forward + backward + Adam step, one sampling step = one model call + one DDIM update;
-the median of several repetitions, measured in the same run).
+the minimum of interleaved repetitions, measured in the same run, with how busy the machine was).
 """
 from __future__ import annotations
 
 import os
-import statistics
 import sys
-import time
 
 import torch
 
-# Tuned so that training takes ~2.5 minutes on one slow CPU core at 16×16 (0.2 s per step of batch 32).
+# The demo's budget (cli.py's `demo --help` quotes it; python_tests/test_docs.py checks that it does).
 DEMO_STEPS = {16: 700, 32: 700}
 DEMO_BATCH = 32
 
@@ -50,22 +48,9 @@ def fused_available(device: torch.device) -> tuple[bool, str]:
     return True, ""
 
 
-def _median_time(fn, reps: int, warmup: int = 2) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
-def time_steps(model_config: dict, state_dict: dict, diffusion, device, batch: int, fused: bool,
-               reps: int = 7) -> dict:
-    """Median seconds of one training step and one DDIM sampling step of the model built with `fused`."""
+def step_fns(model_config: dict, state_dict: dict, diffusion, device, batch: int, fused: bool):
+    """(one training step, one DDIM sampling step) of the model built with `fused`, as callables over
+    fixed inputs: forward + backward + Adam step; one model call + one DDIM update."""
     from .models import build_model
 
     torch.manual_seed(0)
@@ -75,34 +60,65 @@ def time_steps(model_config: dict, state_dict: dict, diffusion, device, batch: i
     S, C = model_config["image_size"], model_config["in_channels"]
     x0 = torch.rand(batch, C, S, S, device=device) * 2 - 1
     t = torch.randint(0, diffusion.num_timesteps, (batch,), device=device)
+    x = torch.randn(batch, C, S, S, device=device)
 
     def train_step():
+        model.train()
         opt.zero_grad(set_to_none=True)
         x_t, eps = diffusion.schedule.q_sample_with_noise(x0, t, seed=1)
         loss = torch.nn.functional.mse_loss(model(x_t, t), eps)
         loss.backward()
         opt.step()
 
-    x = torch.randn(batch, C, S, S, device=device)
-
     @torch.no_grad()
     def sample_step():
+        model.eval()
         diffusion.sample_step(model, x, 500, 480, sampler="ddim")
 
-    model.train()
-    train_s = _median_time(train_step, reps)
-    model.eval()
-    sample_s = _median_time(sample_step, reps * 2)
-    return {"train_step_s": train_s, "sample_step_s": sample_s}
+    return train_step, sample_step
+
+
+def time_steps(model_config: dict, state_dict: dict, diffusion, device, batch: int, fused_too: bool,
+               reps: int = 9) -> dict:
+    """The training and the sampling step of the eager model and (fused_too) the fused one, timed
+    interleaved (timing.interleaved): {"train": Timing, "sample": Timing}, sides "eager" and "fused"."""
+    from . import timing
+
+    sides = {"eager": step_fns(model_config, state_dict, diffusion, device, batch, fused=False)}
+    if fused_too:
+        sides["fused"] = step_fns(model_config, state_dict, diffusion, device, batch, fused=True)
+    return {"train": timing.interleaved({k: v[0] for k, v in sides.items()}, reps),
+            "sample": timing.interleaved({k: v[1] for k, v in sides.items()}, reps * 2)}
+
+
+def default_threads() -> int:
+    """One fewer than the CPUs this process may use (at least 1, at most torch's default): torch's OpenMP
+    threads wait for one another at every op, so one that shares a core with another process slows them
+    all. Measured on a 2-core machine with the other core busy (benchmarks/demo_threads.py): 2 threads ran
+    the demo's training step slower than 1 thread even at their best, and several times slower in the
+    median, while 1 thread ran at the same speed with and without the busy core."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cpus = os.cpu_count() or 1
+    return max(1, min(torch.get_num_threads(), cpus - 1))
 
 
 def main(args) -> int:
+    from . import timing
     from .data.shapes import valid_fraction
+    from .run_folder import prepare_new_run
     from .train import build_diffusion, load_trained, train
 
+    try:
+        moved = prepare_new_run(args.out, getattr(args, "overwrite", False), command="demo")
+    except ValueError as e:
+        print(f"diffusion_ext {e}", file=sys.stderr)
+        return 2
+    if moved:
+        print(f"moved the earlier run in {args.out} to {moved}")
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if getattr(args, "threads", None):
-        torch.set_num_threads(args.threads)
+    torch.set_num_threads(args.threads or default_threads())
     S = args.image_size
     steps = args.steps or DEMO_STEPS[S]
     ok, why = fused_available(device)
@@ -111,38 +127,36 @@ def main(args) -> int:
               "model and cannot time the fused one", file=sys.stderr)
     cfg = demo_config(args.out, S, steps, args.seed, args.num_samples, ok, args.quiet, str(device))
     print(f"demo: training a pixel DDPM on builtin:shapes {S}×{S} for {steps} steps (batch {DEMO_BATCH}, "
-          f"{'fused' if ok else 'eager'} model, {device}) ...", flush=True)
-    t0 = time.perf_counter()
+          f"{'fused' if ok else 'eager'} model, {device}, torch threads: {torch.get_num_threads()}) ...", flush=True)
+    meter = timing.LoadMeter()
     summary = train(cfg, log=lambda *a: None)
-    train_s = time.perf_counter() - t0
+    load = meter.stop()
     if summary.get("interrupted"):
         print(f"interrupted after step {summary['step']}; the checkpoint is {summary['checkpoint']}")
-        return 130
+        return summary["exit_code"]
     g = torch.Generator().manual_seed(args.seed + 1)
     noise = torch.randn(args.num_samples, 3, S, S, generator=g).clamp(-1, 1)
     noise_frac = valid_fraction(noise)
-    print(f"trained in {train_s:.0f} s; loss {_first_last(os.path.join(args.out, 'log.jsonl'))}")
+    print(f"trained in {load.wall_s:.0f} s ({load.describe()}); loss {_first_last(os.path.join(args.out, 'log.jsonl'))}")
     print(f"samples (DDIM, {cfg.sample_steps} steps, EMA weights): {summary['samples']}")
     print(f"shapes checker accepts {summary['valid_fraction']:.1%} of {args.num_samples} samples "
           f"vs {noise_frac:.1%} of pure noise")
     print(f"loss curve: {summary['loss_curve']}; checkpoint: {summary['checkpoint']}")
 
-    # fused vs eager: the same config and weights, measured here and now
+    # fused vs eager: the same config and weights, measured here and now, interleaved
     m = load_trained(summary["checkpoint"], device, fused=False)
     diffusion = build_diffusion(cfg.to_dict(), device)
-    sd = m.model.state_dict()
-    rows = [("eager", time_steps(m.model.config, sd, diffusion, device, DEMO_BATCH, fused=False))]
+    t = time_steps(m.model.config, m.model.state_dict(), diffusion, device, DEMO_BATCH, fused_too=ok)
+    print(f"\nspeed on {device} (batch {DEMO_BATCH}, {S}×{S}; torch threads {torch.get_num_threads()}):")
+    print("| model | training step (ms) | DDIM sampling step (ms) |\n|---|---|---|")
+    for name in t["train"].times:
+        print(f"| {name} | {t['train'].min(name) * 1e3:.1f} | {t['sample'].min(name) * 1e3:.1f} |")
     if ok:
-        rows.append(("fused", time_steps(m.model.config, sd, diffusion, device, DEMO_BATCH, fused=True)))
-    print(f"\nspeed on {device} (batch {DEMO_BATCH}, {S}×{S}, median of repetitions; torch threads "
-          f"{torch.get_num_threads()}):")
-    print(f"| model | training step (ms) | DDIM sampling step (ms) |\n|---|---|---|")
-    for name, r in rows:
-        print(f"| {name} | {r['train_step_s'] * 1e3:.1f} | {r['sample_step_s'] * 1e3:.1f} |")
-    if ok:
-        e, f = rows[0][1], rows[1][1]
-        print(f"fused / eager speed-up: training step {e['train_step_s'] / f['train_step_s']:.2f}×, "
-              f"sampling step {e['sample_step_s'] / f['sample_step_s']:.2f}×")
+        tr, sa = t["train"], t["sample"]
+        print(f"fused / eager speed-up: training step {tr.min('eager') / tr.min('fused'):.2f}×, "
+              f"sampling step {sa.min('eager') / sa.min('fused'):.2f}×")
+    print(f"training step: {t['train'].describe()}")
+    print(f"sampling step: {t['sample'].describe()}")
     return 0
 
 

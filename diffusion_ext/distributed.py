@@ -33,6 +33,11 @@ def launched_by_torchrun() -> bool:
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ
 
 
+def env_rank() -> int:
+    """This process's global rank as torchrun set it (0 without torchrun), before any process group exists."""
+    return int(os.environ["RANK"]) if launched_by_torchrun() else 0
+
+
 def setup(device_type: str) -> DistInfo:
     """Initialises the default process group when launched by torchrun (or when one is already up)."""
     if dist.is_available() and dist.is_initialized():

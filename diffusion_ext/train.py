@@ -39,14 +39,14 @@ from . import distributed as dist_utils
 from .checkpoint import CheckpointError, export_weights, load_any, load_checkpoint, save_checkpoint, VAE_PREFIX
 from .ema import EMA
 from .logging_utils import JsonlLog, progress_bar, read_jsonl
+from .run_folder import CHECKPOINT_NAME, LOG_NAME, config_differences, prepare_new_run, written_at
 
 TASKS = ("pixel", "vae", "latent", "depth")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-CHECKPOINT_NAME = "checkpoint.pt"
-# what may differ between a run and its resumption
+# what may differ between a run and its resumption (its length, bookkeeping and where it runs; `out` is
+# the run's folder itself, wherever it now lives)
 RESUME_OVERRIDES = ("steps", "quiet", "ckpt_every", "log_every", "sample_every", "num_samples", "sample_steps",
-                    "save_format", "num_workers", "device", "compile")
-LOG_NAME = "log.jsonl"
+                    "save_format", "num_workers", "device", "compile", "max_bad_fraction", "progress_every")
 
 
 @dataclass
@@ -56,6 +56,7 @@ class TrainConfig:
     out: str = "runs/train"
     image_size: int = 64
     data_size: int | None = None         # number of items of a builtin data set (None: its default)
+    max_bad_fraction: float | None = None  # image folders: most unreadable files allowed (None: 0.1)
     # model (None: the task's default)
     base_channels: int = 64
     channel_mults: tuple | None = None   # UNet (1, 2, 2, 2); VAE (1, 2, 4)
@@ -102,6 +103,7 @@ class TrainConfig:
     sample_steps: int = 50               # DDIM steps of the sample grids
     save_format: str = "pt"              # exported EMA weights: pt or safetensors
     quiet: bool = False
+    progress_every: float = 30.0         # seconds between plain progress lines when stdout is not a terminal
 
     def validate(self) -> "TrainConfig":
         def bad(msg):
@@ -120,6 +122,10 @@ class TrainConfig:
                 bad(f"{name} = {v!r}; expected an int >= 1")
         if self.sample_every < 0:
             bad(f"sample_every = {self.sample_every}; expected >= 0")
+        if not self.progress_every > 0:
+            bad(f"progress_every = {self.progress_every}; expected seconds > 0")
+        if self.max_bad_fraction is not None and not 0.0 <= self.max_bad_fraction <= 1.0:
+            bad(f"max_bad_fraction = {self.max_bad_fraction}; expected a fraction in [0, 1]")
         if self.batch_size % self.grad_accum:
             bad(f"batch_size = {self.batch_size} is not divisible by grad_accum = {self.grad_accum}")
         if not self.lr > 0:
@@ -248,6 +254,8 @@ def build_dataset_for(cfg: TrainConfig, split: str = "train"):
     kw = {}
     if cfg.data_size is not None and cfg.data.startswith("builtin:"):
         kw["size"] = cfg.data_size
+    if cfg.max_bad_fraction is not None:
+        kw["max_bad_fraction"] = cfg.max_bad_fraction
     ds = build_dataset(cfg.data, image_size=cfg.image_size, split=split, seed=cfg.seed, **kw)
     want = "depth" if cfg.task == "depth" else "image"
     if getattr(ds, "kind", "image") != want:
@@ -327,26 +335,26 @@ def set_rng_state(state: dict) -> None:
 # the trainer
 # ----------------------------------------------------------------------------------------------------
 class Trainer:
-    """One training run. `Trainer(cfg).run()` trains from scratch, or from the checkpoint in cfg.out
-    with resume=True (or from the path given as resume)."""
+    """One training run. `Trainer(cfg).run()` trains from scratch into the folder cfg.out (refusing one
+    that holds a run, unless overwrite=True moves that run aside), or, with resume=True, continues the run
+    in cfg.out (resume=PATH: from that checkpoint, writing into cfg.out)."""
 
-    def __init__(self, cfg: TrainConfig, resume: bool | str = False, overrides: dict | None = None, log=print):
+    def __init__(self, cfg: TrainConfig, resume: bool | str = False, overrides: dict | None = None, log=print,
+                 overwrite: bool = False):
         self.log_msg = log
+        main = dist_utils.env_rank() == 0  # the process group is not up yet
         ckpt = None
         if resume:
-            path = resume if isinstance(resume, str) else os.path.join(cfg.out, CHECKPOINT_NAME)
-            ckpt = load_checkpoint(path)
-            # the run's identity (data, model, seeds, optimisation) comes from the checkpoint; only its
-            # length, output and bookkeeping may change (overrides, e.g. the options given on the command line)
-            saved = ckpt["config"]
-            if overrides is None:
-                overrides = {k: getattr(cfg, k) for k in RESUME_OVERRIDES}
-            bad = sorted(k for k, v in overrides.items() if k not in RESUME_OVERRIDES and v != saved.get(k))
-            if bad:
-                raise ValueError(f"train --resume: {', '.join(bad)} differ from the checkpoint {path}; a resumed run "
-                                 f"keeps its configuration (only {', '.join(RESUME_OVERRIDES)} may change)")
-            cfg = TrainConfig.from_dict({**saved, **{k: v for k, v in overrides.items() if k in RESUME_OVERRIDES},
-                                         "out": cfg.out})
+            if overwrite:
+                raise ValueError("train: --overwrite starts a new run and --resume continues one; give one of them")
+            ckpt, cfg = self._resume_config(cfg, resume, overrides, main)
+        else:
+            if not isinstance(cfg.data, str) or not cfg.data.startswith("builtin:"):
+                # a path that stays valid when the run is resumed from another folder
+                cfg = dataclasses.replace(cfg, data=os.path.abspath(os.path.expanduser(cfg.data)))
+            moved = prepare_new_run(cfg.out, overwrite, main)
+            if moved:
+                log(f"moved the run that was in {cfg.out} to {moved}")
         self.cfg = cfg = cfg.validate()
         self.dist = dist_utils.setup((cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")).split(":")[0])
         try:
@@ -411,8 +419,42 @@ class Trainer:
             net = torch.compile(net)
         self.net = net
         self._stop = False
+        self._signal = signal.SIGINT  # the signal that stopped the run (another rank's: SIGINT)
 
     # -- set-up ------------------------------------------------------------------------------------------
+    def _resume_config(self, cfg: TrainConfig, resume: bool | str, overrides: dict | None,
+                       main: bool) -> tuple[dict, TrainConfig]:
+        """The checkpoint to continue and the configuration of the resumed run: the checkpoint's, with only
+        its length, output and bookkeeping changed (overrides, e.g. the options given on the command line)."""
+        path = resume if isinstance(resume, str) else os.path.join(cfg.out, CHECKPOINT_NAME)
+        if resume is True and not os.path.isfile(path):
+            raise CheckpointError(f"train --resume: {path}: no such file; {cfg.out} holds no run to continue "
+                                  f"(start one without --resume, or give --out the run's folder)")
+        if isinstance(resume, str) and os.path.realpath(os.path.dirname(path)) != os.path.realpath(cfg.out):
+            prepare_new_run(cfg.out, overwrite=False)  # continuing a checkpoint into another run's folder
+        ckpt = load_checkpoint(path)
+        saved = ckpt["config"]
+        if overrides is None:
+            overrides = {k: getattr(cfg, k) for k in RESUME_OVERRIDES}
+        defaults = TrainConfig().to_dict()
+        diff = config_differences(saved, overrides, defaults, RESUME_OVERRIDES)
+        if diff:
+            raise ValueError(f"train --resume: {path} was trained with another configuration: {'; '.join(diff)}. "
+                             f"A resumed run keeps the configuration that shapes training (only "
+                             f"{', '.join(RESUME_OVERRIDES)} may change): leave these options out to continue "
+                             f"it, or start a new run with another --out")
+        cfg = TrainConfig.from_dict({**saved, **{k: v for k, v in overrides.items() if k in RESUME_OVERRIDES},
+                                     "out": cfg.out})
+        step = int(ckpt["step"])
+        if cfg.steps < step:
+            raise ValueError(f"train --resume: --steps {cfg.steps} is below the checkpoint's step {step} "
+                             f"({path}); give --steps above {step} to train longer")
+        if main:
+            left = "" if cfg.steps > step else ": nothing left to train; writing its final samples and weights"
+            self.log_msg(f"resuming {cfg.out} at step {step} of {cfg.steps} (checkpoint written "
+                         f"{written_at(ckpt, path)}){left}")
+        return ckpt, cfg
+
     def _setup_vae(self, ckpt: dict | None) -> None:
         from .diffusion import measure_scale_factor
         from .models import build_model
@@ -587,7 +629,7 @@ class Trainer:
                 "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
                 "rng": rng_states, "config": self.cfg.to_dict(), "model_kind": self.model_kind,
                 "model_config": self.model_config, "num_classes": self.num_classes,
-                "scale_factor": self.scale_factor, "world_size": self.dist.world_size,
+                "scale_factor": self.scale_factor, "world_size": self.dist.world_size, "written_at": time.time(),
                 "vae": None if vae is None else {"path": vae["path"], "config": vae["config"],
                                                  "state_dict": vae["state_dict"]}}
 
@@ -616,7 +658,7 @@ class Trainer:
     def _on_signal(self, signum, frame):
         if self._stop:  # a second Ctrl-C: stop now, losing the current step
             raise KeyboardInterrupt
-        self._stop = True
+        self._stop, self._signal = True, signal.Signals(signum)
         print(f"\n{signal.Signals(signum).name}: finishing step {self.step + 1}, then saving a checkpoint "
               "(press Ctrl-C again to abort without saving)", file=sys.stderr, flush=True)
 
@@ -636,7 +678,7 @@ class Trainer:
             # torch's default generator (dropout's), or a resumed run would be one draw off
             generator=torch.Generator().manual_seed(mix_seed(cfg.seed, 0x10AD, self.step, self.dist.rank)))
         batches = iter(loader)
-        bar = progress_bar(cfg.steps, self.step, main and not cfg.quiet)
+        bar = progress_bar(cfg.steps, self.step, main and not cfg.quiet, every_s=cfg.progress_every)
         handlers = {}
         if threading_main():
             for s in (signal.SIGINT, signal.SIGTERM):
@@ -660,7 +702,7 @@ class Trainer:
                         if self.scaler.is_enabled():
                             rec["grad_scale"] = float(self.scaler.get_scale())
                         log.write(rec)
-                        bar.set_postfix(loss=f"{loss_v:.4f}")
+                        bar.set_postfix(loss=loss_v)
                 bar.update(1)
                 if cfg.sample_every and step % cfg.sample_every == 0 and step != cfg.steps:
                     self._sample_hook(log)
@@ -674,7 +716,9 @@ class Trainer:
             for s, h in handlers.items():
                 signal.signal(s, h)
             bar.close()
-        summary = {"step": self.step, "interrupted": interrupted, "out": cfg.out, "resumed_from": resumed_from}
+        summary = {"step": self.step, "interrupted": interrupted, "out": cfg.out, "resumed_from": resumed_from,
+                   # a stopped run exits as a shell reports a process ended by that signal (Ctrl-C: 130)
+                   "exit_code": 128 + int(self._signal) if interrupted else 0}
         if main:
             if not interrupted:
                 summary.update(self._sample_hook(log))
@@ -712,9 +756,10 @@ def threading_main() -> bool:
     return threading.current_thread() is threading.main_thread()
 
 
-def train(cfg: TrainConfig, resume: bool | str = False, overrides: dict | None = None, log=print) -> dict:
+def train(cfg: TrainConfig, resume: bool | str = False, overrides: dict | None = None, log=print,
+          overwrite: bool = False) -> dict:
     """Builds a Trainer, runs it, tears down the process group; returns a summary."""
-    trainer = Trainer(cfg, resume=resume, overrides=overrides, log=log)
+    trainer = Trainer(cfg, resume=resume, overrides=overrides, log=log, overwrite=overwrite)
     try:
         return trainer.run()
     finally:

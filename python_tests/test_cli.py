@@ -1,5 +1,8 @@
 """`python -m diffusion_ext train | sample`: the files a run writes, sampling from a checkpoint or exported
-weights, clear errors, and Ctrl-C (finish the step, save, exit cleanly; --resume continues)."""
+weights, clear errors, and Ctrl-C (finish the step, save, exit 130; --resume continues).
+
+Everything runs on the CPU (--device cpu), also on a GPU host: these tests are about the command line.
+(Run folders, output paths and resuming from elsewhere: test_run_folders.py.)"""
 import os
 import signal
 import subprocess
@@ -10,17 +13,14 @@ import pytest
 import torch
 from PIL import Image
 
+import cli_run
 import diffusion_ext
 from diffusion_ext.checkpoint import load_checkpoint
 from diffusion_ext.cli import main
-from diffusion_ext.demo import fused_available
 from diffusion_ext.logging_utils import read_jsonl
 
-FUSED = fused_available(torch.device("cpu"))[0]
-TINY = ["--task", "pixel", "--data", "builtin:shapes", "--image-size", "8", "--data-size", "40",
-        "--base-channels", "16", "--channel-mults", "1,2", "--num-res-blocks", "1", "--attention-resolutions", "",
-        "--dropout", "0", "--head-dim", "16", "--num-groups", "4", "--num-timesteps", "100", "--batch-size", "8",
-        "--lr", "1e-3", "--num-samples", "4", "--sample-steps", "3", "--quiet"] + ([] if FUSED else ["--eager"])
+TINY = [*cli_run.TINY, "--quiet"]
+SAMPLE = cli_run.CPU  # sample's options for the model TINY trains, on the CPU
 
 
 @pytest.fixture(scope="module")
@@ -58,24 +58,23 @@ def test_train_writes_checkpoint_log_samples_and_curve(run_dir):
 def test_sample_writes_a_grid(run_dir, tmp_path, source, capsys):
     out = tmp_path / "grid.png"
     rc = main(["sample", "--checkpoint", str(run_dir / source), "--num", "4", "--steps", "3", "--out", str(out)]
-              + ([] if FUSED else ["--eager"]))
+              + SAMPLE)
     assert rc == 0, capsys.readouterr().err
     assert _png(out) == ((2 + 2 * (8 + 2)) * 8,) * 2  # a 2×2 grid of 8×8 images, upscaled 8× to be seen
 
 
 def test_sample_from_checkpoint_and_weights_agree(run_dir, tmp_path):
     a, b = tmp_path / "a.png", tmp_path / "b.png"
-    eager = [] if FUSED else ["--eager"]
-    main(["sample", "--checkpoint", str(run_dir / "checkpoint.pt"), "--num", "2", "--steps", "2", "--out", str(a)] + eager)
+    main(["sample", "--checkpoint", str(run_dir / "checkpoint.pt"), "--num", "2", "--steps", "2", "--out", str(a)] + SAMPLE)
     main(["sample", "--checkpoint", str(run_dir / "weights.safetensors"), "--num", "2", "--steps", "2", "--out",
-          str(b)] + eager)
+          str(b)] + SAMPLE)
     assert a.read_bytes() == b.read_bytes()  # the exported weights are the checkpoint's EMA weights
 
 
 def test_clear_errors(tmp_path, capsys):
     foreign = tmp_path / "foreign.pt"
     torch.save({"weights": torch.zeros(2)}, foreign)
-    assert main(["sample", "--checkpoint", str(foreign), "--out", str(tmp_path / "x.png")]) == 2
+    assert main(["sample", "--checkpoint", str(foreign), "--out", str(tmp_path / "x.png"), *SAMPLE]) == 2
     err = capsys.readouterr().err
     assert "foreign.pt" in err and "not a diffusion_ext file" in err
     assert main(["train", "--data", "builtin:shapes", "--out", str(tmp_path / "r")]) == 2
@@ -83,13 +82,14 @@ def test_clear_errors(tmp_path, capsys):
     assert main(["train", "--task", "latent", "--data", "builtin:shapes", "--out", str(tmp_path / "r")]) == 2
     assert "needs vae" in capsys.readouterr().err
     assert main(["train", "--resume", "--out", str(tmp_path / "none")]) == 2
-    assert "checkpoint.pt: no such file" in capsys.readouterr().err
+    assert "checkpoint.pt: no such file; " + str(tmp_path / "none") + " holds no run to continue" in \
+        capsys.readouterr().err
     assert main(["train", "--task", "pixel", "--data", "builtin:shapes", "--precision", "fp16", "--device", "cpu",
                  "--out", str(tmp_path / "r")]) == 2
     assert "diffusion_ext train: --precision fp16 needs a CUDA device" in capsys.readouterr().err  # named once
 
 
-def test_ctrl_c_saves_and_resume_continues(tmp_path):
+def test_ctrl_c_saves_and_resume_continues(tmp_path, capsys):
     out = tmp_path / "run"
     env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(diffusion_ext.__file__)),
                OMP_NUM_THREADS="1")
@@ -102,13 +102,15 @@ def test_ctrl_c_saves_and_resume_continues(tmp_path):
         time.sleep(0.2)
     proc.send_signal(signal.SIGINT)
     stdout, stderr = proc.communicate(timeout=120)
-    assert proc.returncode == 0, stderr[-2000:]
-    assert "interrupted after step" in stdout and "--resume" in stdout
+    # saved, then the exit status of a process ended by SIGINT, so a script can tell it from a finished run
+    assert proc.returncode == 130, stderr[-2000:]
+    assert "interrupted after step" in stdout and f"--resume --out {out}" in stdout
     done = [r["step"] for r in read_jsonl(log) if "loss" in r]
     ck = load_checkpoint(out / "checkpoint.pt")
     assert ck["step"] == done[-1] >= 2 and done == list(range(1, done[-1] + 1))  # no step lost
-    # --resume picks up from there, keeping the configuration
+    # --resume picks up from there, keeping the configuration, and says so
     assert main(["train", "--resume", "--out", str(out), "--steps", str(done[-1] + 2)]) == 0
+    assert f"resuming {out} at step {done[-1]} of {done[-1] + 2} (checkpoint written " in capsys.readouterr().out
     steps = [r["step"] for r in read_jsonl(log) if "loss" in r]
     assert steps == list(range(1, done[-1] + 3))
     assert load_checkpoint(out / "checkpoint.pt")["step"] == done[-1] + 2

@@ -205,6 +205,32 @@ def test_image_folder_too_many_corrupt_or_empty(tmp_path):
         ds[0]
 
 
+def test_image_folder_warns_when_most_images_are_much_smaller(tmp_path, caplog):
+    """A folder of 1×1 images would train silently on images blown up to image_size: say so."""
+    write_images(tmp_path / "tiny", 5, size=(1, 1))
+    write_images(tmp_path / "tiny" / "big", 2, size=(20, 14))   # a minority of large ones does not silence it
+    with caplog.at_level(logging.WARNING, logger="diffusion_ext.data"):
+        ds = ImageFolderDataset(tmp_path / "tiny", image_size=16)
+    assert ds.small == (5, 7, (1, 1))
+    assert "5 of 7 images read below" in caplog.text and "smaller than 1/2 of image_size = 16" in caplog.text
+    assert "(median 1×1 px)" in caplog.text and "smaller --image-size" in caplog.text
+    caplog.clear()
+    write_images(tmp_path / "ok", 4, size=(20, 14))
+    with caplog.at_level(logging.WARNING, logger="diffusion_ext.data"):
+        assert ImageFolderDataset(tmp_path / "ok", image_size=28).small is None   # 14 px is half of 28: not "much"
+        assert ImageFolderDataset(tmp_path / "ok", image_size=29).small == (4, 4, (20, 14))
+        assert ImageFolderDataset(tmp_path / "ok", image_size=16, crop=6).small == (4, 4, (20, 14))  # 6 px crops
+    assert caplog.text.count("smaller than 1/2 of image_size") == 2
+
+
+def test_max_bad_fraction_is_for_image_folders(tmp_path):
+    with pytest.raises(ValueError, match=r"max_bad_fraction \(--max-bad-fraction\) applies to folders of JPEG/PNG "
+                                         r"images.*'builtin:shapes' is a ShapesDataset"):
+        build_dataset("builtin:shapes", max_bad_fraction=0.5)
+    write_images(tmp_path, 2)
+    assert build_dataset(str(tmp_path), image_size=8, max_bad_fraction=0.0).max_bad_fraction == 0.0
+
+
 def test_celeba_partition_file(tmp_path):
     img = tmp_path / "img_align_celeba"
     paths = write_images(img, 6)

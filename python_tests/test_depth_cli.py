@@ -18,13 +18,15 @@ from diffusion_ext.metrics import KEYS, depth_metrics
 from diffusion_ext.train import load_trained
 
 FUSED = fused_available(torch.device("cpu"))[0]
-EAGER = [] if FUSED else ["--eager"]
+# every command on the CPU, also on a GPU host (these tests are about the command line), eager where a
+# fused kernel is not built here
+CPU = ["--device", "cpu"] + ([] if FUSED else ["--eager"])
 SIZE = 8
 TINY = ["--task", "depth", "--data", "builtin:depth-scenes", "--image-size", str(SIZE), "--data-size", "16",
         "--base-channels", "16", "--channel-mults", "1,2", "--num-res-blocks", "1", "--attention-resolutions", "4",
         "--dropout", "0", "--head-dim", "16", "--num-groups", "4", "--num-timesteps", "100", "--batch-size", "4",
         "--lr", "1e-3", "--num-samples", "2", "--sample-steps", "2", "--beta-schedule", "cosine",
-        "--prediction-type", "v_prediction", "--quiet"] + EAGER
+        "--prediction-type", "v_prediction", "--quiet"] + CPU
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +63,7 @@ def test_train_depth_writes_a_conditional_unet(run_dir, capsys):
 def test_predict_depth_writes_a_png_beside_the_input(run_dir, tmp_path, capsys):
     img = _write_png(tmp_path / "room.png")
     rc = main(["predict-depth", "--checkpoint", str(run_dir / "checkpoint.pt"), "--image", str(img),
-               "--ensemble", "3", "--steps", "2", *EAGER])
+               "--ensemble", "3", "--steps", "2", *CPU])
     assert rc == 0, capsys.readouterr().err
     assert "ensemble of 3" in capsys.readouterr().out
     out = tmp_path / "room_depth.png"
@@ -71,7 +73,7 @@ def test_predict_depth_writes_a_png_beside_the_input(run_dir, tmp_path, capsys):
     # DDPM (every step of the 100) from the exported weights, to an explicit path
     other = tmp_path / "sub_depth.png"
     rc = main(["predict-depth", "--checkpoint", str(run_dir / "weights.pt"), "--image", str(img), "--sampler", "ddpm",
-               "--out", str(other), *EAGER])
+               "--out", str(other), *CPU])
     assert rc == 0, capsys.readouterr().err
     assert other.exists()
 
@@ -93,7 +95,7 @@ def test_ensemble_is_the_per_pixel_median_of_its_samples(run_dir):
 def test_eval_depth_table_files_and_numbers(run_dir, tmp_path, capsys):
     out = tmp_path / "eval"
     rc = main(["eval-depth", "--checkpoint", str(run_dir / "checkpoint.pt"), "--data", "builtin:depth-scenes",
-               "--data-size", "3", "--steps", "2", "--out", str(out), *EAGER])
+               "--data-size", "3", "--steps", "2", "--out", str(out), *CPU])
     assert rc == 0, capsys.readouterr().err
     printed = capsys.readouterr().out
     for label in ("δ1 ↑", "δ2 ↑", "δ3 ↑", "REL ↓", "SqRel ↓", "RMS ↓", "RMSlog ↓", "log10 ↓"):
@@ -117,7 +119,7 @@ def test_eval_depth_table_files_and_numbers(run_dir, tmp_path, capsys):
 
 def test_eval_depth_options_are_applied(run_dir, tmp_path, capsys):
     base = ["eval-depth", "--checkpoint", str(run_dir / "checkpoint.pt"), "--data", "builtin:depth-scenes",
-            "--data-size", "3", "--steps", "2", *EAGER]
+            "--data-size", "3", "--steps", "2", *CPU]
     results = {}
     for name, extra in {"plain": [], "aligned": ["--align", "scale_shift", "--pooled", "--eigen-crop"]}.items():
         assert main(base + ["--out", str(tmp_path / name)] + extra) == 0, capsys.readouterr().err
@@ -140,7 +142,7 @@ def test_eval_depth_on_nyu_csv_folder_and_mat(run_dir, tmp_path, capsys):
     for name, data in (("csv", folder), ("mat", mat)):
         out = tmp_path / f"eval_{name}"
         rc = main(["eval-depth", "--checkpoint", str(run_dir / "checkpoint.pt"), "--data", str(data), "--steps", "2",
-                   "--eigen-crop", "--out", str(out), *EAGER])
+                   "--eigen-crop", "--out", str(out), *CPU])
         assert rc == 0, capsys.readouterr().err
         rec = json.loads((out / "eval_depth.json").read_text())
         n = len(build_dataset(str(data), image_size=SIZE, split="test"))
@@ -152,18 +154,18 @@ def test_eval_depth_on_nyu_csv_folder_and_mat(run_dir, tmp_path, capsys):
 def test_clear_errors(run_dir, tmp_path, capsys):
     ck = str(run_dir / "checkpoint.pt")
     img = _write_png(tmp_path / "a.png")
-    assert main(["predict-depth", "--checkpoint", ck, "--image", str(img), "--ensemble", "0"]) == 2
+    assert main(["predict-depth", "--checkpoint", ck, "--image", str(img), "--ensemble", "0", *CPU]) == 2
     assert "--ensemble must be at least 1" in capsys.readouterr().err
-    assert main(["predict-depth", "--checkpoint", ck, "--image", str(tmp_path / "missing.png")]) == 2
+    assert main(["predict-depth", "--checkpoint", ck, "--image", str(tmp_path / "missing.png"), *CPU]) == 2
     assert "cannot read --image" in capsys.readouterr().err
-    assert main(["eval-depth", "--checkpoint", ck, "--data", "builtin:shapes", "--data-size", "2"]) == 2
+    assert main(["eval-depth", "--checkpoint", ck, "--data", "builtin:shapes", "--data-size", "2", *CPU]) == 2
     assert "is not a depth data set" in capsys.readouterr().err
     pixel = tmp_path / "pixel"
     assert main(["train", *[a if a != "depth" else "pixel" for a in TINY], "--data", "builtin:shapes",
                  "--out", str(pixel), "--steps", "1"]) == 0
     capsys.readouterr()
     for cmd in (["predict-depth", "--image", str(img)], ["eval-depth", "--data", "builtin:depth-scenes"]):
-        assert main([cmd[0], "--checkpoint", str(pixel / "checkpoint.pt"), *cmd[1:]]) == 2
+        assert main([cmd[0], "--checkpoint", str(pixel / "checkpoint.pt"), *cmd[1:], *CPU]) == 2
         assert "is a pixel model, not a depth model" in capsys.readouterr().err
     assert main(["train", *TINY[2:], "--task", "depth", "--data", "builtin:shapes", "--out", str(tmp_path / "r")]) == 2
     assert "the task needs a 'depth' one" in capsys.readouterr().err

@@ -30,7 +30,17 @@ __all__ = ["build_dataset", "ShapesDataset", "DepthScenesDataset", "ImageFolderD
 
 def build_dataset(spec: str, image_size: int = 64, split: str = "train", seed: int = 0, **kw):
     """The data set named by spec (see the module docstring); builtins take size=N (default 10,000 for
-    train, 1,000 otherwise)."""
+    train, 1,000 otherwise); image folders take max_bad_fraction (the most unreadable files allowed)."""
+    cls, source = _resolve(spec)
+    if "max_bad_fraction" in kw and cls is not ImageFolderDataset:
+        raise ValueError(f"build_dataset: max_bad_fraction (--max-bad-fraction) applies to folders of JPEG/PNG "
+                         f"images, whose unreadable files are skipped; {str(spec)!r} is a {cls.__name__}")
+    return cls(source, image_size=image_size, split=split, seed=seed, **kw) if source is not None else \
+        cls(image_size=image_size, split=split, seed=seed, **kw)
+
+
+def _resolve(spec) -> tuple[type, Path | None]:
+    """(data set class, its path; None for a builtin) of a spec, or a clear error."""
     if not isinstance(spec, (str, Path)) or not str(spec):
         raise ValueError(f"build_dataset: spec must be 'builtin:<name>' or a path, got {spec!r}")
     text = str(spec)
@@ -39,16 +49,16 @@ def build_dataset(spec: str, image_size: int = 64, split: str = "train", seed: i
         if name not in BUILTIN:
             raise ValueError(f"build_dataset: unknown built-in data set {text!r}; "
                              f"choose one of {', '.join('builtin:' + b for b in BUILTIN)}")
-        return BUILTIN[name](image_size=image_size, split=split, seed=seed, **kw)
+        return BUILTIN[name], None
     path = Path(text).expanduser()
     if not path.exists():
         raise FileNotFoundError(f"build_dataset: {text!r} does not exist (and is not 'builtin:<name>', "
                                 f"one of {', '.join('builtin:' + b for b in BUILTIN)})")
     if path.is_file():
         if path.suffix.lower() in MAT_SUFFIXES:
-            return NYUMatDataset(path, image_size=image_size, split=split, seed=seed, **kw)
+            return NYUMatDataset, path
         raise ValueError(f"build_dataset: {text!r} is a file but not a NYU Depth V2 .mat/.h5; give a folder of "
                          f"images, a NYU folder with nyu_train.csv/nyu_test.csv, a .mat file, or builtin:<name>")
     if find_csv(path, "train") is not None or find_csv(path, "test") is not None:
-        return NYUCsvDataset(path, image_size=image_size, split=split, seed=seed, **kw)
-    return ImageFolderDataset(path, image_size=image_size, split=split, seed=seed, **kw)
+        return NYUCsvDataset, path
+    return ImageFolderDataset, path

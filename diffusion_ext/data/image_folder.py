@@ -29,6 +29,8 @@ PARTITION_FILE = "list_eval_partition.txt"
 # CelebA's list_eval_partition.txt: "<file name> <0|1|2>" with 0 train, 1 val, 2 test.
 PARTITION_CODES = {"train": 0, "val": 1, "test": 2}
 _SIGNATURES = (b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff")
+SIZE_SAMPLE = 64     # image headers read at construction to compare the images' size with image_size
+SMALL_FACTOR = 2     # an image "much smaller" than image_size is upscaled more than this
 
 
 def header_ok(path: Path) -> bool:
@@ -127,6 +129,35 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         self.paths = paths
         self.num_skipped = len(bad)
         self.bad_at_read: set[int] = set()
+        self.small = self._check_sizes()
+
+    def _check_sizes(self) -> tuple[int, int, tuple[int, int]] | None:
+        """Warns when most images are much smaller than image_size (their crop would be blown up more than
+        SMALL_FACTOR times: a folder of thumbnails or 1×1 icons trains a model of blur, silently).
+        Reads the headers of up to SIZE_SAMPLE files spread over the folder. Returns (small, read, the
+        median size as (w, h)) when it warned, else None."""
+        from PIL import Image
+
+        n = len(self.paths)
+        k = min(n, SIZE_SAMPLE)
+        picks = [i * n // k for i in range(k)]
+        sizes = []
+        for i in picks:
+            try:
+                with Image.open(self.paths[i]) as im:   # the header only: no decoding
+                    sizes.append(im.size)
+            except Exception:  # noqa: BLE001  (a bad file is __getitem__'s business)
+                continue
+        # the square that load() resizes to image_size: min(w, h), or the crop if smaller
+        small = [wh for wh in sizes if min(*wh, self.crop or min(wh)) * SMALL_FACTOR < self.image_size]
+        if not sizes or 2 * len(small) <= len(sizes):
+            return None
+        median = sorted(sizes, key=min)[len(sizes) // 2]
+        log.warning("ImageFolderDataset: %d of %d images read below %s are smaller than 1/%d of image_size = %d "
+                    "(median %d×%d px): they are blown up to %d×%d and the model learns their blur; use larger "
+                    "images or a smaller --image-size", len(small), len(sizes), self.root, SMALL_FACTOR,
+                    self.image_size, median[0], median[1], self.image_size, self.image_size)
+        return len(small), len(sizes), median
 
     def _find_partition(self, partition):
         if partition is not None:
