@@ -218,13 +218,15 @@ def _gn_fwd_apply_kernel(
     c_off = sample + c.to(tl.int64) * stride_c
     s_lo = tl.program_id(1) * s_per_prog
     s_hi = tl.minimum(s_lo + s_per_prog, HW)
+    x_rows = (x_ptr + c_off)[:, None]
+    y_rows = (y_ptr + c_off)[:, None]
     for s0 in range(s_lo, s_hi, BLOCK_S):
         s = s0 + tl.arange(0, BLOCK_S)
-        off = c_off[:, None] + s.to(tl.int64)[None, :] * stride_s
+        s_off = (s.to(tl.int64) * stride_s)[None, :]
         ok = c_ok[:, None] & (s < HW)[None, :]  # s_per_prog is a multiple of BLOCK_S: s < s_hi too
-        xv = tl.load(x_ptr + off, mask=ok, other=0).to(ACC)
+        xv = tl.load(x_rows + s_off, mask=ok, other=0).to(ACC)
         z = (xv - mean) * scale + beta  # x − μ first: exact for x ≫ σ
-        tl.store(y_ptr + off, _act(z, ACT).to(y_ptr.dtype.element_ty), mask=ok)
+        tl.store(y_rows + s_off, _act(z, ACT).to(y_ptr.dtype.element_ty), mask=ok)
 
 
 # --------------------------------------------------------------------------------------------------------
