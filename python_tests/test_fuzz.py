@@ -140,15 +140,19 @@ def test_fuzz_group_norm_act(data):
     bias = draw(st.one_of(st.none(), tensors(shape=(C,), **params)))
     activation = draw(st.sampled_from(["silu", "relu", "none"] * 3 + ["gelu"]))
     eps = draw(st.sampled_from([1e-5, 1e-5, 1e-3, 0.0]))
+    # FiLM: absent, (N, C) in any layout, or (rarely) anything else
+    N = x.shape[0] if x.dim() >= 1 else 1
+    scale, shift = (draw(st.one_of(st.none(), tensors(shape=(N, C), **params))) if not one_in(draw, 10)
+                    else draw(tensors()) for _ in range(2))
     with dx.use_backend(_backend_for(x.device.type, draw)):
         try:
-            out = ops.group_norm_act(x, num_groups, weight, bias, eps, activation)
+            out = ops.group_norm_act(x, num_groups, weight, bias, eps, activation, scale, shift)
         except CLEAN_ERRORS as e:
             event(f"rejected: {type(e).__name__}")
             return
     event("computed")
-    ref = reference.group_norm_act(x.double(), num_groups, None if weight is None else weight.double(),
-                                   None if bias is None else bias.double(), eps, activation)
+    f64 = [None if t is None else t.double() for t in (x, weight, bias, scale, shift)]
+    ref = reference.group_norm_act(f64[0], num_groups, f64[1], f64[2], eps, activation, f64[3], f64[4])
     if x.numel() and x[0].numel() // max(C, 1) == 0:
         return  # empty groups: PyTorch gives NaN statistics, the kernels a defined 0 (see the op's docs)
     assert _close(out, ref.to(out.dtype))

@@ -245,6 +245,28 @@ def test_group_norm_act_dtype_rules_outside_and_inside_autocast():
     torch.testing.assert_close(out_bf.float(), ref, atol=3e-2, rtol=3e-2)
 
 
+def test_group_norm_act_film_dtype_rules_outside_and_inside_autocast():
+    """scale and shift follow x as γ and β do: a mismatch outside autocast is an error; under fp16 autocast they
+    go to fp32 with the activations, under bf16 to bf16 (from fp32, or as an autocast Linear gives them)."""
+    gn = GroupNormAct(4, 8, fused=True)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 8, 4, 4, generator=g)
+    scale, shift = torch.randn(2, 8, generator=g) * 0.5, torch.randn(2, 8, generator=g) * 0.5
+    with pytest.raises(TypeError, match="diffusion_ext.group_norm_act: scale has dtype"):
+        gn(x, scale.double(), shift)
+    gn_ = torch.nn.functional.group_norm(x, 4, gn.weight, gn.bias, gn.eps)
+    ref = torch.nn.functional.silu(gn_ * (1 + scale[:, :, None, None]) + shift[:, :, None, None])
+    with torch.autocast("cpu", dtype=torch.float16):
+        out16 = gn(x.half(), scale.half(), shift.half())
+    assert out16.dtype == torch.float32
+    torch.testing.assert_close(out16, ref, atol=4e-3, rtol=4e-3)
+    for s, t in ((scale, shift), (scale.bfloat16(), shift.bfloat16())):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out_bf = gn(x.bfloat16(), s, t)
+        assert out_bf.dtype == torch.bfloat16
+        torch.testing.assert_close(out_bf.float(), ref, atol=5e-2, rtol=5e-2)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
 def test_vae_fused_matches_eager(backend_device, dtype):
     backend, device = backend_device
