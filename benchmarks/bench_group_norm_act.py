@@ -1,5 +1,7 @@
 """pytest-benchmark suite of group_norm_act: forward, backward and forward+backward, provider × shape ×
-layout × dtype, against eager (F.group_norm then F.silu) and, on GPU, torch.compile of the same.
+layout × dtype, against eager (F.group_norm then F.silu) and, on GPU, torch.compile of the same; for the
+first shape also with FiLM (scale, shift from one (N, 2C) tensor, as a U-Net's time MLP gives them) against
+eager F.silu(F.group_norm(x)·(1 + scale) + shift). The markdown table holds the plain rows.
 
     pytest benchmarks/bench_group_norm_act.py --benchmark-only
     python benchmarks/bench_group_norm_act.py [cpu|cuda] [--quick|--smoke]   # the markdown table of ratios
@@ -25,8 +27,11 @@ MODES = ["forward", "backward", "forward+backward"]
 LAYOUTS = ["contiguous", "channels_last"]
 
 
-def eager(x, w, b):
-    return F.silu(F.group_norm(x, GROUPS, w, b, 1e-5))
+def eager(x, w, b, scale=None, shift=None):
+    h = F.group_norm(x, GROUPS, w, b, 1e-5)
+    if scale is not None:  # FiLM, as diffusers' ResnetBlock2D writes it
+        h = h * (1 + scale[:, :, None, None]) + shift[:, :, None, None]
+    return F.silu(h)
 
 
 def providers(device):
@@ -37,46 +42,53 @@ def providers(device):
     return out
 
 
-def make_fn(mode, provider, shape, layout, dtype, device):
+def make_fn(mode, provider, shape, layout, dtype, device, film=False):
     g = torch.Generator().manual_seed(0)
     x = torch.randn(shape, generator=g).to(device, dtype)
     if layout == "channels_last":
         x = x.contiguous(memory_format=torch.channels_last)
     w = torch.randn(shape[1], generator=g).to(device, dtype)
     b = torch.randn(shape[1], generator=g).to(device, dtype)
+    emb = torch.randn(shape[0], 2 * shape[1], generator=g).to(device, dtype) if film else None
     gy = torch.randn_like(x)
     if provider == "eager":
         f = eager
     elif provider == "compile":
         f = bench.compiled(eager, dynamic=False)
     else:
-        def f(x, w, b, _backend=provider):
+        def f(x, w, b, scale=None, shift=None, _backend=provider):
             with dx.use_backend(_backend):
-                return dx.ops.group_norm_act(x, GROUPS, w, b, 1e-5, "silu")
-    leaves = [t.requires_grad_(mode != "forward") for t in (x, w, b)]
+                return dx.ops.group_norm_act(x, GROUPS, w, b, 1e-5, "silu", scale, shift)
+    leaves = [t.requires_grad_(mode != "forward") for t in (x, w, b) + ((emb,) if film else ())]
+
+    def call():
+        return f(*leaves[:3], *leaves[3].chunk(2, dim=1)) if film else f(*leaves)
+
     if mode == "forward":
-        return lambda: f(*leaves)
+        return call
     if mode == "backward":
-        y = f(*leaves)
+        y = call()
         return lambda: torch.autograd.grad(y, leaves, gy, retain_graph=True)
-    return lambda: torch.autograd.grad(f(*leaves), leaves, gy)
+    return lambda: torch.autograd.grad(call(), leaves, gy)
 
 
 def _cases():
     for device, shapes, dtypes in (("cpu", CPU_SHAPES, [torch.float32]),
                                    ("cuda", GPU_SHAPES, [torch.bfloat16, torch.float16, torch.float32])):
         for shape in shapes:
-            for layout in LAYOUTS:
-                for dtype in dtypes:
-                    for mode in MODES:
-                        marks = [pytest.mark.gpu] if device == "cuda" else []
-                        yield pytest.param(device, shape, layout, dtype, mode, marks=marks,
-                                           id=f"{device}-{bench.shape_name(shape)}-{layout}-{bench.dtype_name(dtype)}-{mode}")
+            for film in (False, True) if shape == shapes[0] else (False,):
+                for layout in LAYOUTS:
+                    for dtype in dtypes:
+                        for mode in MODES:
+                            marks = [pytest.mark.gpu] if device == "cuda" else []
+                            name = f"{device}-{bench.shape_name(shape)}-{layout}-{bench.dtype_name(dtype)}-{mode}"
+                            yield pytest.param(device, shape, layout, dtype, mode, film, marks=marks,
+                                               id=name + ("-film" if film else ""))
 
 
 @pytest.mark.parametrize("provider", ["eager", "compile", "cpu", "cuda", "triton"])
-@pytest.mark.parametrize("device,shape,layout,dtype,mode", list(_cases()))
-def test_group_norm_act(benchmark, provider, device, shape, layout, dtype, mode):
+@pytest.mark.parametrize("device,shape,layout,dtype,mode,film", list(_cases()))
+def test_group_norm_act(benchmark, provider, device, shape, layout, dtype, mode, film):
     device = torch.device(device)
     if device.type == "cuda" and not torch.cuda.is_available():
         pytest.skip("no CUDA device")
@@ -84,11 +96,12 @@ def test_group_norm_act(benchmark, provider, device, shape, layout, dtype, mode)
         pytest.skip(f"provider {provider!r} is not measured for {device.type} tensors")
     if device.type == "cpu":
         bench.steady_cpu_allocator()
-    fn = make_fn(mode, provider, shape, layout, dtype, device)
+    fn = make_fn(mode, provider, shape, layout, dtype, device, film)
     fn = bench.synced(fn, device)
 
     fn()
-    benchmark.group = f"group_norm_act {mode} {bench.shape_name(shape)} {layout} {bench.dtype_name(dtype)}"
+    benchmark.group = (f"group_norm_act{' FiLM' if film else ''} {mode} {bench.shape_name(shape)} {layout} "
+                       f"{bench.dtype_name(dtype)}")
     assert benchmark(fn) is not None
 
 

@@ -20,14 +20,34 @@ bool is_channels_last(const at::Tensor& x) {
   return t.is_non_overlapping_and_dense() && (x.size(0) == 1 || x.stride(0) == x.numel() / x.size(0));
 }
 
+bool given(const std::optional<at::Tensor>& p) { return p.has_value() && p->defined(); }
+
+void check_dtype_and_device(const char* op, const char* name, const at::Tensor& p, const at::Tensor& x) {
+  TORCH_CHECK_TYPE(p.scalar_type() == x.scalar_type(), op, ": ", name, " has dtype ", p.scalar_type(),
+                   " but x has dtype ", x.scalar_type(), "; expected the same dtype");
+  TORCH_CHECK(p.device() == x.device(), op, ": ", name, " is on ", p.device(), " but x is on ", x.device(),
+              "; expected the same device");
+}
+
 void check_affine(const char* op, const char* name, const std::optional<at::Tensor>& p, const at::Tensor& x) {
-  if (!p.has_value() || !p->defined()) return;
+  if (!given(p)) return;
   TORCH_CHECK(p->dim() == 1 && p->size(0) == x.size(1), op, ": ", name, " has shape ", p->sizes(),
               "; expected [", x.size(1), "], one value per channel");
-  TORCH_CHECK_TYPE(p->scalar_type() == x.scalar_type(), op, ": ", name, " has dtype ", p->scalar_type(),
-                   " but x has dtype ", x.scalar_type(), "; expected the same dtype");
-  TORCH_CHECK(p->device() == x.device(), op, ": ", name, " is on ", p->device(), " but x is on ", x.device(),
-              "; expected the same device");
+  check_dtype_and_device(op, name, *p, x);
+}
+
+// scale or shift of FiLM (common/film.h): (N, C), one value per sample and channel.
+void check_film(const char* op, const char* name, const std::optional<at::Tensor>& p, const at::Tensor& x) {
+  if (!given(p)) return;
+  TORCH_CHECK(p->dim() == 2 && p->size(0) == x.size(0) && p->size(1) == x.size(1), op, ": ", name, " has shape ",
+              p->sizes(), "; expected [", x.size(0), ", ", x.size(1), "], one value per sample and channel (N, C)");
+  check_dtype_and_device(op, name, *p, x);
+}
+
+// The FiLM input as the kernels read it, (n, c) at n·stride(0) + c: as given when its channels are adjacent.
+at::Tensor film_operand(const std::optional<at::Tensor>& p) {
+  if (!given(p)) return {};
+  return p->size(1) <= 1 || p->stride(1) == 1 ? *p : p->contiguous();
 }
 
 GroupNormShape shape_of(const char* op, const at::Tensor& x, int64_t num_groups) {
@@ -60,19 +80,24 @@ Activation parse_activation(const char* op, std::string_view name) {
 
 GroupNormArgs prepare_group_norm_act(const at::Tensor& x, int64_t num_groups, const std::optional<at::Tensor>& weight,
                                      const std::optional<at::Tensor>& bias, double eps, std::string_view activation,
+                                     const std::optional<at::Tensor>& scale, const std::optional<at::Tensor>& shift,
                                      bool allocate) {
   GroupNormArgs a;
   a.shape = shape_of(kOp, x, num_groups);
   check_affine(kOp, "weight", weight, x);
   check_affine(kOp, "bias", bias, x);
+  check_film(kOp, "scale", scale, x);
+  check_film(kOp, "shift", shift, x);
   TORCH_CHECK_VALUE(std::isfinite(eps) && eps > 0, kOp, ": eps = ", eps, "; expected a finite eps > 0");
   a.activation = parse_activation(kOp, activation);
   a.eps = eps;
   if (!allocate) return a;
   a.shape.channels_last = is_channels_last(x);
   a.x = a.shape.channels_last ? x : x.contiguous();
-  if (weight.has_value() && weight->defined()) a.weight = weight->contiguous();
-  if (bias.has_value() && bias->defined()) a.bias = bias->contiguous();
+  if (given(weight)) a.weight = weight->contiguous();
+  if (given(bias)) a.bias = bias->contiguous();
+  a.scale = film_operand(scale);
+  a.shift = film_operand(shift);
   a.y = at::empty_like(a.x);
   const auto acc = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   a.mean = at::empty({a.shape.N, a.shape.G}, x.options().dtype(acc));
@@ -85,12 +110,17 @@ GroupNormBackwardArgs prepare_group_norm_act_backward(const at::Tensor& grad_y, 
                                                       const std::optional<at::Tensor>& weight,
                                                       const std::optional<at::Tensor>& bias, int64_t num_groups,
                                                       std::string_view activation,
-                                                      std::array<bool, 3> output_mask, bool allocate) {
+                                                      std::array<bool, 3> output_mask,
+                                                      const std::optional<at::Tensor>& scale,
+                                                      const std::optional<at::Tensor>& shift,
+                                                      std::array<bool, 2> scale_shift_mask, bool allocate) {
   GroupNormBackwardArgs a;
   a.shape = shape_of(kBackward, x, num_groups);
   check_like(kBackward, "grad_y", grad_y, "x", x);
   check_affine(kBackward, "weight", weight, x);
   check_affine(kBackward, "bias", bias, x);
+  check_film(kBackward, "scale", scale, x);
+  check_film(kBackward, "shift", shift, x);
   const auto acc = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   for (const auto* p : {&mean, &rstd}) {
     TORCH_CHECK(p->dim() == 2 && p->size(0) == a.shape.N && p->size(1) == a.shape.G && p->scalar_type() == acc &&
@@ -108,11 +138,15 @@ GroupNormBackwardArgs prepare_group_norm_act_backward(const at::Tensor& grad_y, 
   a.grad_y = grad_y.strides() == a.x.strides() ? grad_y : at::empty_like(a.x).copy_(grad_y);
   a.mean = mean.contiguous();
   a.rstd = rstd.contiguous();
-  if (weight.has_value() && weight->defined()) a.weight = weight->contiguous();
-  if (bias.has_value() && bias->defined()) a.bias = bias->contiguous();
+  if (given(weight)) a.weight = weight->contiguous();
+  if (given(bias)) a.bias = bias->contiguous();
   if (output_mask[0]) a.grad_x = at::empty_like(a.x);
   if (a.weight.defined() && output_mask[1]) a.grad_weight = at::empty({a.shape.C}, x.options());
   if (a.bias.defined() && output_mask[2]) a.grad_bias = at::empty({a.shape.C}, x.options());
+  a.scale = film_operand(scale);
+  a.shift = film_operand(shift);
+  if (a.scale.defined() && scale_shift_mask[0]) a.grad_scale = at::empty({a.shape.N, a.shape.C}, x.options());
+  if (a.shift.defined() && scale_shift_mask[1]) a.grad_shift = at::empty({a.shape.N, a.shape.C}, x.options());
   return a;
 }
 

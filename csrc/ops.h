@@ -31,11 +31,13 @@ namespace diffusion_ext {
 #define DX_GROUP_NORM_OP_DECLS(dev)                                                                         \
   std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_act_##dev(                                       \
       const at::Tensor& x, int64_t num_groups, const std::optional<at::Tensor>& weight,                     \
-      const std::optional<at::Tensor>& bias, double eps, std::string_view activation);                      \
-  std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_act_backward_##dev(                              \
+      const std::optional<at::Tensor>& bias, double eps, std::string_view activation,                       \
+      const std::optional<at::Tensor>& scale, const std::optional<at::Tensor>& shift);                      \
+  std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> group_norm_act_backward_##dev(      \
       const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& mean, const at::Tensor& rstd,        \
       const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias, int64_t num_groups,   \
-      std::string_view activation, std::array<bool, 3> output_mask);
+      std::string_view activation, std::array<bool, 3> output_mask, const std::optional<at::Tensor>& scale, \
+      const std::optional<at::Tensor>& shift, std::array<bool, 2> scale_shift_mask);
 
 #define DX_ATTENTION_OP_DECLS(dev)                                                                          \
   std::tuple<at::Tensor, at::Tensor> attention_##dev(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, \

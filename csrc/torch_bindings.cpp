@@ -32,14 +32,17 @@ TORCH_LIBRARY(diffusion_ext, m) {
       " float eta, Tensor? noise, int seed, int offset, bool clip_sample, float clip_range,"
       " str prediction_type, float? guidance_scale, Tensor? model_output_uncond) -> Tensor");
   // y = act(GroupNorm(x)); also returns mean and rstd (N, G) for the backward. activation: silu|relu|none.
+  // scale, shift: optional (N, C) FiLM, y = act(GroupNorm(x)·(1 + scale) + shift) (csrc/common/film.h).
   m.def(
-      "group_norm_act(Tensor x, int num_groups, Tensor? weight, Tensor? bias, float eps, str activation)"
-      " -> (Tensor y, Tensor mean, Tensor rstd)");
-  // (grad_x, grad_weight, grad_bias); an output is undefined (None) where output_mask is false or its
-  // parameter is absent. Recomputes the activation from x, mean and rstd.
+      "group_norm_act(Tensor x, int num_groups, Tensor? weight, Tensor? bias, float eps, str activation,"
+      " Tensor? scale=None, Tensor? shift=None) -> (Tensor y, Tensor mean, Tensor rstd)");
+  // (grad_x, grad_weight, grad_bias, grad_scale, grad_shift); an output is undefined (None) where its mask
+  // (output_mask for the first three, scale_shift_mask for the last two) is false or its input is absent.
+  // Recomputes the activation from x, mean and rstd.
   m.def(
       "group_norm_act_backward(Tensor grad_y, Tensor x, Tensor mean, Tensor rstd, Tensor? weight, Tensor? bias,"
-      " int num_groups, str activation, bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
+      " int num_groups, str activation, bool[3] output_mask, Tensor? scale=None, Tensor? shift=None,"
+      " bool[2] scale_shift_mask=[True, True]) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
   // out = softmax(scale·q·kᵀ)·v without materialising the Lq×Lk scores (FlashAttention-2); q (B, H, Lq, D),
   // k and v (B, H, Lk, D). Returns out, a (B, H, Lq, D) view of (B, Lq, H, D) memory, and the row
   // logsumexp lse (B, H, Lq) that the backward recomputes the probabilities from.
@@ -111,15 +114,17 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
                                      clip_range, prediction_type, guidance_scale, model_output_uncond, false);
   });
   m.def("check_group_norm_act", [](const at::Tensor& x, int64_t num_groups, const std::optional<at::Tensor>& weight,
-                                   const std::optional<at::Tensor>& bias, double eps, std::string activation) {
-    diffusion_ext::prepare_group_norm_act(x, num_groups, weight, bias, eps, activation, false);
+                                   const std::optional<at::Tensor>& bias, double eps, std::string activation,
+                                   const std::optional<at::Tensor>& scale, const std::optional<at::Tensor>& shift) {
+    diffusion_ext::prepare_group_norm_act(x, num_groups, weight, bias, eps, activation, scale, shift, false);
   });
   m.def("check_group_norm_act_backward",
         [](const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& mean, const at::Tensor& rstd,
            const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias, int64_t num_groups,
-           std::string activation, std::array<bool, 3> output_mask) {
+           std::string activation, std::array<bool, 3> output_mask, const std::optional<at::Tensor>& scale,
+           const std::optional<at::Tensor>& shift, std::array<bool, 2> scale_shift_mask) {
           diffusion_ext::prepare_group_norm_act_backward(grad_y, x, mean, rstd, weight, bias, num_groups, activation,
-                                                         output_mask, false);
+                                                         output_mask, scale, shift, scale_shift_mask, false);
         });
   m.def("check_attention", [](const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double scale) {
     diffusion_ext::prepare_attention(q, k, v, scale, false);

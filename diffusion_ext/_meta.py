@@ -56,6 +56,21 @@ def group_norm_stats_empty(x: torch.Tensor, num_groups: int) -> torch.Tensor:
     return torch.empty((x.shape[0], num_groups), dtype=acc, device=x.device)
 
 
+def group_norm_film_grad_empty(x: torch.Tensor) -> torch.Tensor:
+    """The gradient of a FiLM scale or shift: (N, C) contiguous, whatever the layout of the input."""
+    return torch.empty(x.shape[:2], dtype=x.dtype, device=x.device)
+
+
+def group_norm_act_backward_empty(x, weight, bias, scale, shift, output_mask, scale_shift_mask):
+    """(grad_x, grad_weight, grad_bias, grad_scale, grad_shift) of group_norm_act_backward, None where the mask
+    is false or the input absent (csrc/group_norm_args.cpp prepare_group_norm_act_backward allocates the same)."""
+    return (group_norm_empty_like(x) if output_mask[0] else None,
+            torch.empty_like(weight) if weight is not None and output_mask[1] else None,
+            torch.empty_like(bias) if bias is not None and output_mask[2] else None,
+            group_norm_film_grad_empty(x) if scale is not None and scale_shift_mask[0] else None,
+            group_norm_film_grad_empty(x) if shift is not None and scale_shift_mask[1] else None)
+
+
 def attention_output_empty(like: torch.Tensor, length: int) -> torch.Tensor:
     """An empty (B, H, L, D) tensor in (B, L, H, D) memory order: the layout of every attention output
     (out, dq, dk, dv), as csrc/attention_args.cpp attention_output_empty allocates it."""

@@ -12,8 +12,8 @@ from . import _loader  # noqa: F401  (registers the C++ ops)
 from . import reference
 import math
 
-from ._meta import (attention_lse_empty, attention_output_empty, flat_batch_empty_like, group_norm_empty_like,
-                    group_norm_stats_empty)
+from ._meta import (attention_lse_empty, attention_output_empty, flat_batch_empty_like,
+                    group_norm_act_backward_empty, group_norm_empty_like, group_norm_stats_empty)
 from .backend import resolve
 
 _ops = torch.ops.diffusion_ext
@@ -97,38 +97,39 @@ torch.library.register_autograd("diffusion_ext::q_sample_with_noise", _q_sample_
 
 
 @torch.library.register_fake("diffusion_ext::group_norm_act")
-def _group_norm_act_fake(x, num_groups, weight, bias, eps, activation):
+def _group_norm_act_fake(x, num_groups, weight, bias, eps, activation, scale=None, shift=None):
     return group_norm_empty_like(x), group_norm_stats_empty(x, num_groups), group_norm_stats_empty(x, num_groups)
 
 
 @torch.library.register_fake("diffusion_ext::group_norm_act_backward")
-def _group_norm_act_backward_fake(grad_y, x, mean, rstd, weight, bias, num_groups, activation, output_mask):
-    grad_x = group_norm_empty_like(x) if output_mask[0] else None
-    grad_w = torch.empty_like(weight) if weight is not None and output_mask[1] else None
-    grad_b = torch.empty_like(bias) if bias is not None and output_mask[2] else None
-    return grad_x, grad_w, grad_b
+def _group_norm_act_backward_fake(grad_y, x, mean, rstd, weight, bias, num_groups, activation, output_mask,
+                                  scale=None, shift=None, scale_shift_mask=(True, True)):
+    return group_norm_act_backward_empty(x, weight, bias, scale, shift, output_mask, scale_shift_mask)
 
 
 # ----------------------------------------------------------------------------------------------------
 # autograd of group_norm_act: the backward op recomputes the activation from x, mean and rstd, so only
-# x (not y, not z) is kept for it. Double backward is refused with a clear error.
+# x (not y, not z) is kept for it, with the (N, C) FiLM scale and shift when given. Double backward is
+# refused with a clear error.
 # ----------------------------------------------------------------------------------------------------
 def _register_group_norm_autograd(forward_op, backward_op):
     def setup_context(ctx, inputs, output):
-        x, num_groups, weight, bias, eps, activation = inputs
+        x, num_groups, weight, bias, eps, activation, scale, shift = inputs
         _, mean, rstd = output
-        ctx.save_for_backward(x, mean, rstd, weight, bias)
+        ctx.save_for_backward(x, mean, rstd, weight, bias, scale, shift)
         ctx.num_groups, ctx.activation = num_groups, activation
         ctx.mark_non_differentiable(mean, rstd)
 
     def backward(ctx, grad_y, _grad_mean, _grad_rstd):
         if torch.is_grad_enabled():
             raise RuntimeError("diffusion_ext.group_norm_act: double backward (create_graph=True) is not supported")
-        x, mean, rstd, weight, bias = ctx.saved_tensors
-        mask = [ctx.needs_input_grad[0], weight is not None and ctx.needs_input_grad[2],
-                bias is not None and ctx.needs_input_grad[3]]
-        grad_x, grad_w, grad_b = backward_op(grad_y, x, mean, rstd, weight, bias, ctx.num_groups, ctx.activation, mask)
-        return grad_x, None, grad_w, grad_b, None, None
+        x, mean, rstd, weight, bias, scale, shift = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        mask = [need[0], weight is not None and need[2], bias is not None and need[3]]
+        film_mask = [scale is not None and need[6], shift is not None and need[7]]
+        grad_x, grad_w, grad_b, grad_scale, grad_shift = backward_op(
+            grad_y, x, mean, rstd, weight, bias, ctx.num_groups, ctx.activation, mask, scale, shift, film_mask)
+        return grad_x, None, grad_w, grad_b, None, None, grad_scale, grad_shift
 
     torch.library.register_autograd(forward_op, backward, setup_context=setup_context)
 
@@ -229,15 +230,20 @@ def ddim_step(model_output: torch.Tensor, t: torch.Tensor, t_prev: torch.Tensor,
 
 
 def group_norm_act(x: torch.Tensor, num_groups: int, weight: torch.Tensor | None = None,
-                   bias: torch.Tensor | None = None, eps: float = 1e-5, activation: str = "silu") -> torch.Tensor:
+                   bias: torch.Tensor | None = None, eps: float = 1e-5, activation: str = "silu",
+                   scale: torch.Tensor | None = None, shift: torch.Tensor | None = None) -> torch.Tensor:
     """act(GroupNorm(x)) in one fused pass, differentiable in x, weight and bias. x is (N, C, *);
-    activation is "silu" (the U-Net's), "relu" (the VAE's) or "none" (plain GroupNorm)."""
+    activation is "silu" (the U-Net's), "relu" (the VAE's) or "none" (plain GroupNorm).
+    scale, shift: optional (N, C) FiLM in x's dtype, act(GroupNorm(x)·(1 + scale) + shift) — the
+    "scale_shift" time-embedding norm of Nichol & Dhariwal 2021 and diffusers' ResnetBlock2D; either may be
+    given alone, and both are differentiable."""
+    args = (x, num_groups, weight, bias, float(eps), activation, scale, shift)
     backend = resolve("group_norm_act", x.device)
     if backend == "torch":
-        return reference.group_norm_act(x, num_groups, weight, bias, eps, activation)
+        return reference.group_norm_act(*args)
     if backend == "triton":
-        return _triton_differentiable("group_norm_act")(x, num_groups, weight, bias, float(eps), activation)[0]
-    return _ops.group_norm_act(x, num_groups, weight, bias, float(eps), activation)[0]
+        return _triton_differentiable("group_norm_act")(*args)[0]
+    return _ops.group_norm_act(*args)[0]
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None) -> torch.Tensor:

@@ -164,11 +164,19 @@ def ddim_step(model_output, t, t_prev, x_t, alphas_cumprod, eta=0.0, noise=None,
 _ACTIVATIONS = {"silu": torch.nn.functional.silu, "relu": torch.nn.functional.relu, "none": lambda z: z}
 
 
-def group_norm_act(x, num_groups, weight=None, bias=None, eps=1e-5, activation="silu"):
-    """act(GroupNorm(x)) (Wu & He 2018) as eager PyTorch writes it: F.group_norm, then the activation."""
+def group_norm_act(x, num_groups, weight=None, bias=None, eps=1e-5, activation="silu", scale=None, shift=None):
+    """act(GroupNorm(x)) (Wu & He 2018) as eager PyTorch writes it: F.group_norm, then the activation. With
+    FiLM, scale and shift (N, C) act in between as diffusers' ResnetBlock2D applies its time embedding under
+    time_embedding_norm="scale_shift": h·(1 + scale) + shift (Nichol & Dhariwal 2021)."""
     if activation not in _ACTIVATIONS:
         raise ValueError(f"reference: unknown activation {activation!r}")
-    return _ACTIVATIONS[activation](torch.nn.functional.group_norm(x, num_groups, weight, bias, eps))
+    h = torch.nn.functional.group_norm(x, num_groups, weight, bias, eps)
+    per_channel = (slice(None), slice(None)) + (None,) * (x.dim() - 2)  # (N, C) -> (N, C, 1, ..., 1)
+    if scale is not None:
+        h = h * (1 + scale[per_channel])
+    if shift is not None:
+        h = h + shift[per_channel]
+    return _ACTIVATIONS[activation](h)
 
 
 def attention(q, k, v, scale=None):

@@ -47,7 +47,7 @@ def _attn_backward(**kw):
 def _gn_backward(**kw):
     x = torch.randn(2, 6, 3, 3)
     args = dict(grad_y=torch.randn_like(x), x=x, mean=torch.zeros(2, 3), rstd=torch.ones(2, 3), weight=None,
-                bias=None, num_groups=3, activation="silu", output_mask=[True, True, True])
+                bias=None, num_groups=3, activation="silu", output_mask=[True, True, True], scale=None, shift=None)
     args.update(kw)
     return torch.ops.diffusion_ext.group_norm_act_backward(*args.values())
 
@@ -108,7 +108,17 @@ CASES = [
      [G, "activation", "gelu"]),
     ("gn_eps_zero", lambda: ops.group_norm_act(_x(2, 6, 4), 3, eps=0.0), ValueError, [G, "eps"]),
     ("gn_eps_nan", lambda: ops.group_norm_act(_x(2, 6, 4), 3, eps=float("nan")), ValueError, [G, "eps"]),
+    ("gn_scale_1d", lambda: ops.group_norm_act(_x(2, 6, 4), 3, scale=_C6), RuntimeError, [G, "scale", "[2, 6]"]),
+    ("gn_shift_batch", lambda: ops.group_norm_act(_x(2, 6, 4), 3, shift=torch.zeros(3, 6)), RuntimeError,
+     [G, "shift", "[3, 6]", "expected [2, 6]"]),
+    ("gn_scale_dtype", lambda: ops.group_norm_act(_x(2, 6, 4), 3, scale=torch.zeros(2, 6, dtype=torch.float64)),
+     TypeError, [G, "scale", "dtype"]),
+    ("gn_shift_dtype", lambda: ops.group_norm_act(_x(2, 6, 4), 3, shift=torch.zeros(2, 6, dtype=torch.float16)),
+     TypeError, [G, "shift", "dtype"]),
     ("gnb_stats_shape", lambda: _gn_backward(mean=torch.zeros(2, 2)), RuntimeError, [GB, "mean"]),
+    ("gnb_scale_shape", lambda: _gn_backward(scale=torch.zeros(2, 3)), RuntimeError, [GB, "scale", "[2, 6]"]),
+    ("gnb_shift_dtype", lambda: _gn_backward(shift=torch.zeros(2, 6, dtype=torch.float64)), TypeError,
+     [GB, "shift", "dtype"]),
     ("gnb_stats_dtype", lambda: _gn_backward(rstd=torch.ones(2, 3, dtype=torch.float64)), RuntimeError, [GB, "rstd"]),
     ("gnb_grad_shape", lambda: _gn_backward(grad_y=torch.randn(2, 6, 3, 4)), RuntimeError, [GB, "grad_y", "shape"]),
     ("attn_rank", lambda: ops.attention(_qkv()[0], _qkv()[0], _qkv()[0]), ValueError, [A, "q", "4 dims"]),
@@ -191,6 +201,8 @@ def test_device_mismatch_is_rejected():
         ops.q_sample(_x().cuda(), T2.cuda(), _x().cuda(), _table())
     with pytest.raises(RuntimeError, match="diffusion_ext.attention: k is on"):
         ops.attention(_qkv().cuda(), _qkv(), _qkv().cuda())
+    with pytest.raises(RuntimeError, match="diffusion_ext.group_norm_act: scale is on"):
+        ops.group_norm_act(_x(2, 6, 4).cuda(), 3, scale=torch.zeros(2, 6))
 
 
 # ---------------------------------------------------------------------------------------------------

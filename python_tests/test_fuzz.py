@@ -167,32 +167,41 @@ def test_fuzz_group_norm_act(data):
     bias = draw(st.one_of(st.none(), tensors(shape=(C,), **params)))
     activation = draw(st.sampled_from(["silu", "relu", "none"] * 3 + ["gelu"]))
     eps = draw(st.sampled_from([1e-5, 1e-5, 1e-3, 0.0]))
+    # FiLM: absent, (N, C) in any layout, or (rarely) anything else
+    N = x.shape[0] if x.dim() >= 1 else 1
+    scale, shift = (draw(st.one_of(st.none(), tensors(shape=(N, C), **params))) if not one_in(draw, 10)
+                    else draw(tensors()) for _ in range(2))
     with dx.use_backend(_backend_for(x.device.type, draw)):
         try:
-            out = ops.group_norm_act(x, num_groups, weight, bias, eps, activation)
+            out = ops.group_norm_act(x, num_groups, weight, bias, eps, activation, scale, shift)
         except Exception as e:
             event(_rejected(e))
             return
     event("computed")
     if x.numel() and x[0].numel() // max(C, 1) == 0:
         return  # empty groups: PyTorch gives NaN statistics, the kernels a defined 0 (see the op's docs)
-    w64, b64 = (None if p is None else p.double() for p in (weight, bias))
+    w64, b64, s64, t64 = (None if p is None else p.double() for p in (weight, bias, scale, shift))
     if x.numel() and x[0].numel() == num_groups:  # one value per group: F.group_norm refuses, so eq. 1 by hand
-        ref = _group_norm_one_value_groups(x.double(), w64, b64, eps, activation)
+        ref = _group_norm_one_value_groups(x.double(), w64, b64, eps, activation, s64, t64)
     else:
-        ref = reference.group_norm_act(x.double(), num_groups, w64, b64, eps, activation)
+        ref = reference.group_norm_act(x.double(), num_groups, w64, b64, eps, activation, s64, t64)
     assert _close(out, ref.to(out.dtype))
 
 
-def _group_norm_one_value_groups(x, weight, bias, eps, activation):
+def _group_norm_one_value_groups(x, weight, bias, eps, activation, scale, shift):
     """Groups of one value (F.group_norm raises "Expected more than 1 value per channel"): μ = x, σ² = 0, so
-    x̂ = 0·(0 + ε)^(-1/2) (NaN for ε = 0, as the kernels give) and y = act(x̂·γ + β)."""
+    x̂ = 0·(0 + ε)^(-1/2) (NaN for ε = 0, as the kernels give) and y = act((x̂·γ + β)·(1 + s) + t)."""
     shape = (1, x.shape[1]) + (1,) * (x.dim() - 2)
+    per_sample = (x.shape[0], x.shape[1]) + (1,) * (x.dim() - 2)
     y = (x - x) / torch.sqrt(torch.zeros_like(x) + eps)
     if weight is not None:
         y = y * weight.view(shape)
     if bias is not None:
         y = y + bias.view(shape)
+    if scale is not None:
+        y = y * (1 + scale.reshape(per_sample))
+    if shift is not None:
+        y = y + shift.reshape(per_sample)
     return reference._ACTIVATIONS[activation](y)
 
 

@@ -1,5 +1,6 @@
 """group_norm_act: output and all three gradients against nn.GroupNorm + the activation, over
-backend × dtype × layout × shape × activation; gradcheck; opcheck; torch.compile; the module."""
+backend × dtype × layout × shape × activation; the same with FiLM (scale, shift) and their gradients;
+gradcheck; opcheck; torch.compile; the module."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -34,17 +35,26 @@ def _make(shape, layout, dtype, device, g, offset=0.0):
     return x.to(device=device, dtype=dtype)
 
 
-def _run(fn, x, w, b, gy, *args):
-    x, w, b = (t.detach().requires_grad_(True) for t in (x, w, b))
-    y = fn(x, *args[:1], w, b, *args[1:])
-    grads = torch.autograd.grad(y, (x, w, b), gy)
+def _run(fn, x, w, b, gy, num_groups, eps, activation, scale=None, shift=None):
+    """(y, grad_x, grad_w, grad_b[, grad_scale][, grad_shift]) of fn (an ops.group_norm_act-like function)."""
+    leaves = [None if t is None else t.detach().requires_grad_(True) for t in (x, w, b, scale, shift)]
+    y = fn(leaves[0], num_groups, leaves[1], leaves[2], eps, activation, leaves[3], leaves[4])
+    grads = torch.autograd.grad(y, [t for t in leaves if t is not None], gy)
     return (y.detach(), *grads)
 
 
-def _oracle(x, w, b, gy, num_groups, activation):
+def _oracle(x, w, b, gy, num_groups, activation, scale=None, shift=None):
     # fp64 on contiguous copies: PyTorch's contiguous CPU path is the accurate one (two-pass moments)
-    c = [t.detach().double().contiguous() for t in (x, w, b, gy)]
-    return _run(reference.group_norm_act, c[0], c[1], c[2], c[3], num_groups, 1e-5, activation)
+    c = [None if t is None else t.detach().double().contiguous() for t in (x, w, b, gy, scale, shift)]
+    return _run(reference.group_norm_act, c[0], c[1], c[2], c[3], num_groups, 1e-5, activation, c[4], c[5])
+
+
+def _assert_all_match(names, out, ref, oracle):
+    for name, o, r, r64 in zip(names, out, ref, oracle):
+        try:
+            assert_matches_oracle(o, r, r64)
+        except AssertionError as e:
+            raise AssertionError(f"{name}: {e}") from None
 
 
 @pytest.mark.parametrize("activation", ACTIVATIONS)
@@ -64,13 +74,63 @@ def test_matches_group_norm_then_activation(backend_device, shape, num_groups, l
     with dx.use_backend("torch"):
         ref = _run(ops.group_norm_act, x, w, b, gy, num_groups, 1e-5, activation)
     oracle = _oracle(x, w, b, gy, num_groups, activation)
-    for name, o, r, r64 in zip(("y", "grad_x", "grad_weight", "grad_bias"), out, ref, oracle):
-        try:
-            assert_matches_oracle(o, r, r64)
-        except AssertionError as e:
-            raise AssertionError(f"{name}: {e}") from None
+    _assert_all_match(("y", "grad_x", "grad_weight", "grad_bias"), out, ref, oracle)
     if layout == "channels_last":
         assert out[0].stride() == x.stride(), "channels_last output keeps the layout, no copy"
+
+
+# FiLM: (which inputs, activation). "both" takes scale and shift as the two halves of one (N, 2C) tensor, as
+# the U-Nets make them with torch.chunk: strided views that the kernels read in place.
+FILM_CASES = [("scale", "silu"), ("shift", "relu"), ("both", "silu"), ("both", "none")]
+FILM_SHAPES = [((2, 6, 5, 7), 3), ((1, 320, 4, 4), 32), ((3, 8, 1, 1), 8), ((2, 4), 2), ((2, 6, 3, 2, 5), 3)]
+
+
+def _film_inputs(which, N, C, dtype, device, g):
+    st = (torch.randn(N, 2 * C, generator=g, dtype=torch.float64) * 0.5).to(device, dtype)
+    scale, shift = st.chunk(2, dim=1)
+    if which == "both":
+        return scale, shift
+    return (scale.contiguous(), None) if which == "scale" else (None, shift.contiguous())
+
+
+@pytest.mark.parametrize("film,activation", FILM_CASES)
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("shape,num_groups", FILM_SHAPES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_film_matches_group_norm_scale_shift_then_activation(backend_device, shape, num_groups, layout, film,
+                                                             activation, dtype):
+    """act(GN(x)·(1 + scale) + shift): output and the gradients of x, weight, bias, scale and shift."""
+    backend, device = backend_device
+    if backend == "triton" and device == "cpu" and (dtype != torch.float32 or layout == "strided"):
+        pytest.skip("the interpreter is slow: fp32 and the two fast layouts suffice there")
+    g = torch.Generator().manual_seed(sum(shape) + len(film))
+    x = _make(shape, layout, dtype, device, g, offset=0.5)
+    w = (torch.randn(shape[1], generator=g, dtype=torch.float64) * 0.5 + 1).to(device, dtype)
+    b = (torch.randn(shape[1], generator=g, dtype=torch.float64) * 0.5).to(device, dtype)
+    scale, shift = _film_inputs(film, shape[0], shape[1], dtype, device, g)
+    gy = _make(shape, "contiguous", dtype, device, g)
+    args = (x, w, b, gy, num_groups, 1e-5, activation, scale, shift)
+    out = _run(ops.group_norm_act, *args)
+    with dx.use_backend("torch"):
+        ref = _run(ops.group_norm_act, *args)
+    oracle = _oracle(x, w, b, gy, num_groups, activation, scale, shift)
+    names = ["y", "grad_x", "grad_weight", "grad_bias"] + ["grad_scale"] * (scale is not None) + \
+        ["grad_shift"] * (shift is not None)
+    assert len(out) == len(names) == len(oracle)
+    _assert_all_match(names, out, ref, oracle)
+    if layout == "channels_last":
+        assert out[0].stride() == x.stride(), "channels_last output keeps the layout, no copy"
+
+
+def test_film_of_zero_is_the_plain_op(backend_device):
+    """scale = shift = 0 gives γ' = γ·1 and β' = β·1 + 0 exactly: the output equals the plain op's bit for bit."""
+    _, device = backend_device
+    g = torch.Generator().manual_seed(5)
+    for layout in ("contiguous", "channels_last"):
+        x = _make((2, 8, 5, 5), layout, torch.float32, device, g)
+        w, b = torch.randn(8, generator=g).to(device), torch.randn(8, generator=g).to(device)
+        zero = torch.zeros(2, 8, device=device)
+        assert torch.equal(ops.group_norm_act(x, 4, w, b, scale=zero, shift=zero), ops.group_norm_act(x, 4, w, b))
 
 
 def test_large_mean_is_stable(backend_device):
@@ -109,14 +169,20 @@ def test_empty_batch(backend_device):
 
 
 def test_gradcheck_cpu_fp64():
+    """x, weight and bias; with FiLM, scale and shift too, then scale alone and shift alone without affine."""
     with dx.use_backend("cpu"):
         for act in ACTIVATIONS:
             for layout in ("contiguous", "channels_last"):
                 g = torch.Generator().manual_seed(1)
                 x = _make((2, 4, 3, 3), layout, torch.float64, "cpu", g).requires_grad_(True)
-                w = torch.randn(4, dtype=torch.float64, generator=g, requires_grad=True)
-                b = torch.randn(4, dtype=torch.float64, generator=g, requires_grad=True)
+                w, b = (torch.randn(4, dtype=torch.float64, generator=g, requires_grad=True) for _ in range(2))
+                s, t = (torch.randn(2, 4, dtype=torch.float64, generator=g, requires_grad=True) for _ in range(2))
                 assert torch.autograd.gradcheck(lambda x, w, b: ops.group_norm_act(x, 2, w, b, 1e-5, act), (x, w, b))
+                assert torch.autograd.gradcheck(
+                    lambda x, w, b, s, t: ops.group_norm_act(x, 2, w, b, 1e-5, act, s, t), (x, w, b, s, t))
+                assert torch.autograd.gradcheck(lambda x, s: ops.group_norm_act(x, 2, None, None, 1e-5, act, s), (x, s))
+                assert torch.autograd.gradcheck(
+                    lambda x, t: ops.group_norm_act(x, 2, None, None, 1e-5, act, shift=t), (x, t))
 
 
 def test_double_backward_is_a_clear_error():
@@ -130,21 +196,36 @@ def test_double_backward_is_a_clear_error():
 def _opcheck_args(device):
     x = torch.randn(2, 6, 5, 3, device=device)
     w, b = torch.randn(6, device=device), torch.randn(6, device=device)
+    scale, shift = torch.randn(2, 12, device=device).chunk(2, dim=1)  # strided views, read in place
     cl = x.contiguous(memory_format=torch.channels_last)
     y, mean, rstd = torch.ops.diffusion_ext.group_norm_act(x, 3, w, b, 1e-5, "silu")
+    fwd, bwd = torch.ops.diffusion_ext.group_norm_act.default, torch.ops.diffusion_ext.group_norm_act_backward.default
     return [
-        (torch.ops.diffusion_ext.group_norm_act.default, (x, 3, w, b, 1e-5, "silu")),
-        (torch.ops.diffusion_ext.group_norm_act.default, (cl, 3, None, None, 1e-5, "relu")),
-        (torch.ops.diffusion_ext.group_norm_act_backward.default,
-         (torch.randn_like(x), x, mean, rstd, w, b, 3, "silu", [True, True, True])),
-        (torch.ops.diffusion_ext.group_norm_act_backward.default,
-         (torch.randn_like(x), x, mean, rstd, w, b, 3, "none", [True, False, True])),
+        (fwd, (x, 3, w, b, 1e-5, "silu")),
+        (fwd, (cl, 3, None, None, 1e-5, "relu")),
+        (fwd, (x, 3, w, b, 1e-5, "silu", scale, shift)),
+        (fwd, (cl, 3, w, None, 1e-5, "none", None, shift.contiguous())),
+        (bwd, (torch.randn_like(x), x, mean, rstd, w, b, 3, "silu", [True, True, True])),
+        (bwd, (torch.randn_like(x), x, mean, rstd, w, b, 3, "none", [True, False, True])),
+        (bwd, (torch.randn_like(x), x, mean, rstd, w, b, 3, "silu", [True, True, True], scale, shift)),
+        (bwd, (torch.randn_like(cl), cl, mean, rstd, None, b, 3, "relu", [False, False, True], scale, None,
+               [True, False])),
     ]
 
 
 def test_opcheck_cpu():
     for op, args in _opcheck_args("cpu"):
         torch.library.opcheck(op, args)
+
+
+def test_opcheck_triton_on_cpu():
+    """The Triton custom ops (schemas as csrc/torch_bindings.cpp's, fakes, autograd), under the interpreter."""
+    if "triton" not in dx.available_backends("cpu"):
+        pytest.skip("Triton is not available")
+    fwd = ops._triton_differentiable("group_norm_act")  # registers its autograd, as the backend's first use does
+    bwd = ops._triton().group_norm_act_backward
+    for op, args in _opcheck_args("cpu"):
+        torch.library.opcheck(fwd if op is torch.ops.diffusion_ext.group_norm_act.default else bwd, args)
 
 
 @pytest.mark.gpu
@@ -159,14 +240,22 @@ def test_compile_fullgraph_forward_backward(backend_device):
     _, device = backend_device
     m = dx.nn.GroupNormAct(4, 8).to(device)
     x = torch.randn(2, 8, 5, 5, device=device, requires_grad=True)
+    emb = torch.randn(2, 16, device=device, requires_grad=True)
 
     def f(x):
         return m(x).square().sum()
 
+    def f_film(x, emb):  # FiLM from halves of one tensor, as a U-Net's time MLP gives them
+        scale, shift = emb.chunk(2, dim=1)
+        return m(x, scale, shift).square().sum()
+
     torch._dynamo.reset()
-    compiled = torch.compile(f, fullgraph=True, backend="aot_eager" if device == "cpu" else "inductor")
-    (g1,) = torch.autograd.grad(compiled(x), x)
+    backend = "aot_eager" if device == "cpu" else "inductor"
+    (g1,) = torch.autograd.grad(torch.compile(f, fullgraph=True, backend=backend)(x), x)
     (g2,) = torch.autograd.grad(f(x), x)
+    torch.testing.assert_close(g1, g2)
+    g1 = torch.autograd.grad(torch.compile(f_film, fullgraph=True, backend=backend)(x, emb), (x, emb))
+    g2 = torch.autograd.grad(f_film(x, emb), (x, emb))
     torch.testing.assert_close(g1, g2)
 
 
@@ -191,3 +280,28 @@ def test_module_rejects():
         dx.nn.GroupNormAct(3, 8)
     with pytest.raises(ValueError, match="activation"):
         dx.nn.GroupNormAct(2, 8, activation="gelu")
+
+
+def test_triton_film_across_split_chunks():
+    """The Triton kernels with programs shrunk (tile) and multiplied (target_programs) so that the statistics
+    and the backward's sums come in several chunks per group and per (n, channel tile): FiLM's sums are then
+    merged over the chunks and folded with (1 + s) before ∂γ, ∂β, a and b. Against the oracle rule."""
+    if "triton" not in dx.available_backends("cpu"):
+        pytest.skip("Triton is not available")
+    from diffusion_ext.triton.group_norm_act import launch_group_norm_act, launch_group_norm_act_backward
+
+    g = torch.Generator().manual_seed(9)
+    for layout in ("contiguous", "channels_last"):
+        x = _make((2, 8, 9, 7), layout, torch.float32, "cpu", g, offset=0.5)
+        w, b = (torch.randn(8, generator=g) * 0.5 + 1 for _ in range(2))
+        scale, shift = _film_inputs("both", 2, 8, torch.float32, "cpu", g)
+        gy = _make((2, 8, 9, 7), "contiguous", torch.float32, "cpu", g)
+        kw = dict(tile=16, target_programs=64)
+        y, mean, rstd = launch_group_norm_act(x, 4, w, b, 1e-5, "silu", scale, shift, **kw)
+        grads = launch_group_norm_act_backward(gy, x, mean, rstd, w, b, 4, "silu", [True] * 3, scale, shift,
+                                               [True, True], **kw)
+        with dx.use_backend("torch"):
+            ref = _run(ops.group_norm_act, x, w, b, gy, 4, 1e-5, "silu", scale, shift)
+        oracle = _oracle(x, w, b, gy, 4, "silu", scale, shift)
+        _assert_all_match(("y", "grad_x", "grad_weight", "grad_bias", "grad_scale", "grad_shift"), (y, *grads),
+                          ref, oracle)

@@ -6,6 +6,7 @@
   here, contiguous and channels_last;
 - the blocks compute the equations of the issue, written out here with torch.nn.functional;
 - the fused model really runs the diffusion_ext ops and the eager one never does;
+- UNet with time_embedding_norm="scale_shift" (AdaGN): the same, and its ResBlock written out;
 - UNet: shapes over odd configs, attention exactly at the configured resolutions and in the bottleneck,
   the sinusoidal embedding against its formula computed here in fp64, class conditioning with the null
   class, dropout;
@@ -35,6 +36,10 @@ from diffusion_ext.nn import GroupNormAct, SpatialSelfAttention
 TINY_UNET = dict(in_channels=3, out_channels=2, base_channels=8, channel_mults=(1, 2), num_res_blocks=1,
                  attention_resolutions=(8,), image_size=16, dropout=0.0, head_dim=8, num_groups=4, num_classes=3)
 TINY_VAE = dict(in_channels=3, latent_channels=4, base_channels=8, channel_mults=(1, 2), num_groups=4)
+# The same U-Net with AdaGN: every ResBlock's second norm is group_norm_act with FiLM (scale, shift).
+TINY_UNET_SS = {**TINY_UNET, "time_embedding_norm": "scale_shift"}
+MODEL_CASES = [pytest.param("unet", TINY_UNET, id="unet"), pytest.param("unet", TINY_UNET_SS, id="unet_scale_shift"),
+               pytest.param("vae", TINY_VAE, id="vae")]
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -132,7 +137,7 @@ def _assert_fused_matches_eager(model, eager, fn, x, device, dtype, memory_forma
 # ----------------------------------------------------------------------------------------------------
 # fused and eager: the same parameters, the same function
 # ----------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("kind,cfg", [("unet", TINY_UNET), ("vae", TINY_VAE)], ids=["unet", "vae"])
+@pytest.mark.parametrize("kind,cfg", MODEL_CASES)
 def test_fused_and_eager_have_the_same_state_dict(kind, cfg):
     fused, eager = MODELS[kind](**cfg, fused=True), MODELS[kind](**cfg, fused=False)
     sf, se = fused.state_dict(), eager.state_dict()
@@ -147,7 +152,7 @@ def test_fused_and_eager_have_the_same_state_dict(kind, cfg):
     assert all(torch.equal(v, fused.state_dict()[k]) for k, v in eager.state_dict().items())
 
 
-@pytest.mark.parametrize("kind,cfg", [("unet", TINY_UNET), ("vae", TINY_VAE)], ids=["unet", "vae"])
+@pytest.mark.parametrize("kind,cfg", MODEL_CASES)
 def test_fused_runs_the_diffusion_ext_ops_and_eager_does_not(kind, cfg, monkeypatch):
     calls = {"ops.group_norm_act": 0, "ops.attention": 0, "reference.group_norm_act": 0, "reference.attention": 0}
 
@@ -182,19 +187,21 @@ def _unet_fn(t, y):
     return lambda m, x: m(x, t.to(x.device), y.to(x.device))
 
 
+@pytest.mark.parametrize("cfg", [TINY_UNET, TINY_UNET_SS], ids=["default", "scale_shift"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
-def test_unet_fused_matches_eager(backend_device, dtype):
+def test_unet_fused_matches_eager(backend_device, dtype, cfg):
     backend, device = backend_device
     if backend == "triton" and device == "cpu" and dtype == torch.float64:
         pytest.skip("the interpreter is slow: fp32 suffices there")
-    fused, eager = _pair(UNet, TINY_UNET)
+    fused, eager = _pair(UNet, cfg)
     x, t, y = _unet_inputs()
     _assert_fused_matches_eager(fused, eager, _unet_fn(t, y), x, device, dtype)
 
 
+@pytest.mark.parametrize("cfg", [TINY_UNET, TINY_UNET_SS], ids=["default", "scale_shift"])
 @pytest.mark.parametrize("which", ["fused", "eager"])
-def test_unet_channels_last_matches_contiguous(which):
-    fused, eager = _pair(UNet, TINY_UNET)
+def test_unet_channels_last_matches_contiguous(which, cfg):
+    fused, eager = _pair(UNet, cfg)
     x, t, y = _unet_inputs()
     model = fused if which == "fused" else eager
     # the model under test, channels_last in fp32, against the eager model (contiguous fp32, and fp64)
@@ -202,7 +209,7 @@ def test_unet_channels_last_matches_contiguous(which):
                                 memory_format=torch.channels_last)
 
 
-@pytest.mark.parametrize("kind,cfg", [("unet", TINY_UNET), ("vae", TINY_VAE)], ids=["unet", "vae"])
+@pytest.mark.parametrize("kind,cfg", MODEL_CASES)
 def test_fused_model_runs_under_bf16_autocast_like_the_eager_one(kind, cfg):
     """Mixed precision as the trainer runs it: fp32 parameters, bf16 activations from autocast's convs.
     The fused GroupNormAct takes the bf16 activations with γ, β cast to them (autocast runs the eager
@@ -243,6 +250,28 @@ def test_group_norm_act_dtype_rules_outside_and_inside_autocast():
         out_bf = gn(x.bfloat16())
     assert out_bf.dtype == torch.bfloat16
     torch.testing.assert_close(out_bf.float(), ref, atol=3e-2, rtol=3e-2)
+
+
+def test_group_norm_act_film_dtype_rules_outside_and_inside_autocast():
+    """scale and shift follow x as γ and β do: a mismatch outside autocast is an error; under fp16 autocast they
+    go to fp32 with the activations, under bf16 to bf16 (from fp32, or as an autocast Linear gives them)."""
+    gn = GroupNormAct(4, 8, fused=True)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 8, 4, 4, generator=g)
+    scale, shift = torch.randn(2, 8, generator=g) * 0.5, torch.randn(2, 8, generator=g) * 0.5
+    with pytest.raises(TypeError, match="diffusion_ext.group_norm_act: scale has dtype"):
+        gn(x, scale.double(), shift)
+    gn_ = torch.nn.functional.group_norm(x, 4, gn.weight, gn.bias, gn.eps)
+    ref = torch.nn.functional.silu(gn_ * (1 + scale[:, :, None, None]) + shift[:, :, None, None])
+    with torch.autocast("cpu", dtype=torch.float16):
+        out16 = gn(x.half(), scale.half(), shift.half())
+    assert out16.dtype == torch.float32
+    torch.testing.assert_close(out16, ref, atol=4e-3, rtol=4e-3)
+    for s, t in ((scale, shift), (scale.bfloat16(), shift.bfloat16())):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out_bf = gn(x.bfloat16(), s, t)
+        assert out_bf.dtype == torch.bfloat16
+        torch.testing.assert_close(out_bf.float(), ref, atol=5e-2, rtol=5e-2)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
@@ -292,6 +321,30 @@ def test_resblock_is_the_ddpm_block(fused, cin, cout):
         torch.manual_seed(3)
         a = F.dropout(F.silu(F.group_norm(h, 4, blk.norm2.weight, blk.norm2.bias, 1e-5)), 0.5, training=True)
     assert max_err(out, skip + F.conv2d(a, blk.conv2.weight, blk.conv2.bias, padding=1)) < 1e-12
+
+
+@pytest.mark.parametrize("fused", [True, False])
+@pytest.mark.parametrize("cin,cout", [(8, 8), (8, 12)])
+def test_resblock_scale_shift_is_adagn(fused, cin, cout):
+    """time_embedding_norm="scale_shift": (scale, shift) = the two halves of W·SiLU(emb) + b (2·cout values), h =
+    conv1(SiLU(GN(x))); out = skip(x) + conv2(SiLU(GN(h)·(1 + scale) + shift)) (guided-diffusion's ResBlock with
+    use_scale_shift_norm, diffusers' ResnetBlock2D with time_embedding_norm="scale_shift")."""
+    blk = _randomize(ResBlock(cin, cout, emb_dim=16, dropout=0.0, num_groups=4, fused=fused,
+                              time_embedding_norm="scale_shift")).double()
+    assert blk.emb_proj.out_features == 2 * cout
+    x = torch.randn(2, cin, 6, 5, dtype=torch.float64)
+    emb = torch.randn(2, 16, dtype=torch.float64)
+    F = torch.nn.functional
+    h = F.conv2d(F.silu(F.group_norm(x, 4, blk.norm1.weight, blk.norm1.bias, 1e-5)), blk.conv1.weight,
+                 blk.conv1.bias, padding=1)
+    e = F.linear(F.silu(emb), blk.emb_proj.weight, blk.emb_proj.bias)
+    scale, shift = e[:, :cout, None, None], e[:, cout:, None, None]
+    h = F.silu(F.group_norm(h, 4, blk.norm2.weight, blk.norm2.bias, 1e-5) * (1 + scale) + shift)
+    h = F.conv2d(h, blk.conv2.weight, blk.conv2.bias, padding=1)
+    skip = x if cin == cout else F.conv2d(x, blk.skip.weight, blk.skip.bias)
+    assert max_err(blk(x, emb), skip + h) < 1e-12
+    with pytest.raises(ValueError, match="ResBlock: time_embedding_norm = 'ada'"):
+        ResBlock(cin, cout, emb_dim=16, num_groups=4, time_embedding_norm="ada")
 
 
 @pytest.mark.parametrize("fused", [True, False])
@@ -637,6 +690,8 @@ CONFIG_ERRORS = [
     ("unet_channel_mults_zero", UNet, dict(channel_mults=(1, 0)), ["UNet", "channel_mults[1]"]),
     ("unet_num_classes", UNet, dict(num_classes=0), ["UNet", "num_classes"]),
     ("unet_in_channels_bool", UNet, dict(in_channels=True), ["UNet", "in_channels"]),
+    ("unet_time_embedding_norm", UNet, dict(time_embedding_norm="ada_group"),
+     ["UNet", "time_embedding_norm", "'ada_group'", "'scale_shift'"]),
     ("vae_base_vs_groups", VAE, dict(base_channels=8, channel_mults=(2, 4), num_groups=16),
      ["VAE", "base_channels", "num_groups"]),
     ("vae_width_vs_groups", VAE, dict(base_channels=6, channel_mults=(1, 2), num_groups=6, latent_channels=4),
@@ -682,7 +737,7 @@ def test_input_errors(name, call, fragments):
 # ----------------------------------------------------------------------------------------------------
 # build_model: the way checkpoints rebuild a model
 # ----------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("kind,cfg", [("unet", TINY_UNET), ("vae", TINY_VAE)], ids=["unet", "vae"])
+@pytest.mark.parametrize("kind,cfg", MODEL_CASES)
 @pytest.mark.parametrize("fused", [True, False])
 def test_build_model_round_trip(kind, cfg, fused):
     src = _randomize(MODELS[kind](**cfg, fused=not fused))
@@ -721,11 +776,12 @@ def test_build_model_errors(args, exc, fragments):
         assert f in str(e.value), (f, str(e.value))
 
 
-def test_fused_unet_compiles_as_one_graph_with_its_gradients():
+@pytest.mark.parametrize("cfg", [TINY_UNET, TINY_UNET_SS], ids=["default", "scale_shift"])
+def test_fused_unet_compiles_as_one_graph_with_its_gradients(cfg):
     """torch.compile(fullgraph=True) over the fused UNet (what `train --compile` wraps): the custom ops trace
     through their fake implementations and autograd formulas with no graph break (the label check steps
     aside while compiling), and the compiled forward and backward equal the eager run of the same model."""
-    fused, _ = _pair(UNet, TINY_UNET)
+    fused, _ = _pair(UNet, cfg)
     x, t, y = _unet_inputs()
     x = x.float()
     g_out = torch.randn(2, 2, 16, 16, generator=torch.Generator().manual_seed(4))

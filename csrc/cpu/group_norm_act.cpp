@@ -6,6 +6,8 @@
 // partial sums in double, combined per group (Chan et al.), then a second pass over the rows.
 // Backward (per group, M = C/G·HW elements): dz = dy·act'(z), x̂ = (x − μ)·rstd,
 //   dβ_c = Σ dz, dγ_c = Σ dz·x̂, dx = rstd·(dz·γ − mean(dz·γ) − x̂·mean(dz·γ·x̂)).
+// FiLM (scale, shift) only changes the per-channel coefficients: γ', β' per (n, c) (common/film.h, F1-F3),
+// prepared before the loops, which stay the same.
 #include "group_norm_kernels.h"  // first: it selects at::vec's capability
 
 #include <ATen/Dispatch.h>
@@ -16,6 +18,7 @@
 #include <cmath>
 #include <vector>
 
+#include "../common/film.h"
 #include "../group_norm_args.h"
 #include "../ops.h"
 
@@ -33,6 +36,48 @@ std::vector<acc_t> channel_param(const at::Tensor& p, int64_t C, acc_t fill) {
     for (int64_t c = 0; c < C; ++c) out[c] = static_cast<acc_t>(q[c]);
   });
   return out;
+}
+
+// p[n, c] for n < N, c < C of an (N, C) FiLM input, (n, c) at n·stride(0) + c; `fill` where p is undefined.
+template <typename acc_t>
+std::vector<acc_t> sample_channel_param(const at::Tensor& p, int64_t N, int64_t C, acc_t fill) {
+  std::vector<acc_t> out(N * C, fill);
+  if (!p.defined()) return out;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.scalar_type(), "sample_channel_param", [&] {
+    const scalar_t* q = p.const_data_ptr<scalar_t>();
+    for (int64_t n = 0; n < N; ++n) {
+      for (int64_t c = 0; c < C; ++c) out[n * C + c] = static_cast<acc_t>(q[n * p.stride(0) + c]);
+    }
+  });
+  return out;
+}
+
+// The affine coefficients the loops apply to sample n: γ, β of each channel, or with FiLM γ', β' of each
+// (n, c) (F1). `stride` is 0 without FiLM and C with it, so sample n's are at [n·stride, n·stride + C) either way.
+template <typename acc_t>
+struct ChannelAffine {
+  std::vector<acc_t> gamma, beta;
+  int64_t stride = 0;
+  const acc_t* gamma_of(int64_t n) const { return gamma.data() + n * stride; }
+  const acc_t* beta_of(int64_t n) const { return beta.data() + n * stride; }
+};
+
+template <typename acc_t, typename Args>
+ChannelAffine<acc_t> channel_affine(const Args& a) {
+  const int64_t N = a.shape.N, C = a.shape.C;
+  ChannelAffine<acc_t> k{channel_param<acc_t>(a.weight, C, acc_t(1)), channel_param<acc_t>(a.bias, C, acc_t(0)), 0};
+  if (!a.film()) return k;
+  const auto s = sample_channel_param<acc_t>(a.scale, N, C, acc_t(0));
+  const auto t = sample_channel_param<acc_t>(a.shift, N, C, acc_t(0));
+  ChannelAffine<acc_t> f{std::vector<acc_t>(N * C), std::vector<acc_t>(N * C), C};
+  for (int64_t n = 0; n < N; ++n) {
+    for (int64_t c = 0; c < C; ++c) {
+      const auto g = film_affine(k.gamma[c], k.beta[c], s[n * C + c], t[n * C + c]);
+      f.gamma[n * C + c] = g.gamma;
+      f.beta[n * C + c] = g.beta;
+    }
+  }
+  return f;
 }
 
 // μ and rstd of group (n, g) from the per-channel moments m[c] of sample n; returns μ in double.
@@ -64,13 +109,14 @@ void forward(const GroupNormArgs& a) {
   scalar_t* y = a.y.mutable_data_ptr<scalar_t>();
   acc_t* mean = a.mean.mutable_data_ptr<acc_t>();
   acc_t* rstd = a.rstd.mutable_data_ptr<acc_t>();
-  const auto gamma = channel_param<acc_t>(a.weight, C, acc_t(1));
-  const auto beta = channel_param<acc_t>(a.bias, C, acc_t(0));
+  const auto aff = channel_affine<acc_t>(a);
   if (!s.channels_last) {
     at::parallel_for(0, s.N * G, 1, [&](int64_t begin, int64_t end) {
       std::vector<Moments> m(Cg);
       for (int64_t ng = begin; ng < end; ++ng) {
         const int64_t c0 = (ng % G) * Cg;
+        const acc_t* gamma = aff.gamma_of(ng / G);
+        const acc_t* beta = aff.beta_of(ng / G);
         const scalar_t* xg = x + (ng / G * C + c0) * HW;
         for (int64_t c = 0; c < Cg; ++c) {  // 1. moments of each channel, shifted by its first element
           const double K = HW ? static_cast<double>(xg[c * HW]) : 0.0;
@@ -117,7 +163,7 @@ void forward(const GroupNormArgs& a) {
       for (int64_t c = c0; c < c0 + Cg; ++c) {
         mu_c[n * C + c] = mu.hi;
         mu_lo[n * C + c] = mu.lo;
-        scale[n * C + c] = rstd[ng] * gamma[c];
+        scale[n * C + c] = rstd[ng] * aff.gamma_of(n)[c];
       }
     }
   });
@@ -127,10 +173,29 @@ void forward(const GroupNormArgs& a) {
       for (int64_t r = first; r < last; ++r) {
         const int64_t off = (n * HW + r) * C;
         normalize_activate_row<kAct>(x + off, y + off, C, mu_c.data() + n * C, mu_lo.data() + n * C,
-                                     scale.data() + n * C, beta.data());
+                                     scale.data() + n * C, aff.beta_of(n));
       }
     }
   });
+}
+
+// FiLM's share of the backward, from S1 = ds and S2 = db per (n, c): ∂s, ∂t (F2), then (1 + s) folded into the
+// sums (F3) for the plain reduction over the batch.
+template <typename scalar_t>
+void film_backward(const GroupNormBackwardArgs& a, std::vector<double>& ds, std::vector<double>& db) {
+  const int64_t N = a.shape.N, C = a.shape.C;
+  const auto gamma = channel_param<double>(a.weight, C, 1.0);
+  const auto beta = channel_param<double>(a.bias, C, 0.0);
+  scalar_t* g_scale = a.grad_scale.defined() ? a.grad_scale.mutable_data_ptr<scalar_t>() : nullptr;
+  scalar_t* g_shift = a.grad_shift.defined() ? a.grad_shift.mutable_data_ptr<scalar_t>() : nullptr;
+  const auto s = sample_channel_param<double>(a.scale, N, C, 0.0);
+  for (int64_t i = 0; i < N * C; ++i) {
+    const auto g = film_grads(gamma[i % C], beta[i % C], ds[i], db[i]);
+    if (g_scale != nullptr) g_scale[i] = static_cast<scalar_t>(g.scale);
+    if (g_shift != nullptr) g_shift[i] = static_cast<scalar_t>(g.shift);
+    ds[i] *= 1.0 + s[i];
+    db[i] *= 1.0 + s[i];
+  }
 }
 
 template <Activation kAct, typename scalar_t>
@@ -144,12 +209,12 @@ void backward(const GroupNormBackwardArgs& a) {
   const acc_t* mean = a.mean.const_data_ptr<acc_t>();
   const acc_t* rstd = a.rstd.const_data_ptr<acc_t>();
   scalar_t* gx = a.grad_x.defined() ? a.grad_x.mutable_data_ptr<scalar_t>() : nullptr;
-  const auto gamma = channel_param<acc_t>(a.weight, C, acc_t(1));
-  const auto beta = channel_param<acc_t>(a.bias, C, acc_t(0));
+  const auto aff = channel_affine<acc_t>(a);
   std::vector<double> ds(N * C, 0.0), db(N * C, 0.0);  // Σdz and Σdz·x̂ per (n, c)
-  // a_c, b_c of each channel's group: mean(dz·γ) and mean(dz·γ·x̂) over the group
+  // a_c, b_c of each channel's group: mean(dz·γ) and mean(dz·γ·x̂) over the group (γ' with FiLM)
   auto group_terms = [&](int64_t ng, acc_t* a_out, acc_t* b_out) {
     const int64_t n = ng / G, c0 = ng % G * Cg;
+    const acc_t* gamma = aff.gamma_of(n);
     double sa = 0, sb = 0;
     for (int64_t c = c0; c < c0 + Cg; ++c) {
       sa += gamma[c] * ds[n * C + c];
@@ -163,6 +228,8 @@ void backward(const GroupNormBackwardArgs& a) {
       std::vector<acc_t> dz(gx != nullptr ? Cg * HW : 0);  // the group's dz, from pass 1 to pass 2
       for (int64_t ng = begin; ng < end; ++ng) {
         const int64_t c0 = ng % G * Cg, base = (ng / G * C + c0) * HW;
+        const acc_t* gamma = aff.gamma_of(ng / G);
+        const acc_t* beta = aff.beta_of(ng / G);
         for (int64_t c = 0; c < Cg; ++c) {  // 1. Σdz, Σdz·x̂ of each channel
           ShiftedSums sums;
           backward_run<kAct>(dy + base + c * HW, x + base + c * HW, HW, mean[ng], rstd[ng], gamma[c0 + c],
@@ -196,7 +263,7 @@ void backward(const GroupNormBackwardArgs& a) {
         std::vector<acc_t> tmp(2 * C);
         for (int64_t nk = begin; nk < end; ++nk) {
           const int64_t n = nk / chunks, first = nk % chunks * rows, last = std::min(HW, first + rows);
-          const ChannelCoefs<acc_t> k{mu_c.data() + n * C, rstd_c.data() + n * C, gamma.data(), beta.data(),
+          const ChannelCoefs<acc_t> k{mu_c.data() + n * C, rstd_c.data() + n * C, aff.gamma_of(n), aff.beta_of(n),
                                       a_c.data() + n * C, b_c.data() + n * C};
           for (int64_t r = first; r < last; ++r) {
             const int64_t off = (n * HW + r) * C;
@@ -227,7 +294,8 @@ void backward(const GroupNormBackwardArgs& a) {
       rows_pass(true);  // 2. dx
     }
   }
-  // dγ_c = Σ_n Σdz·x̂, dβ_c = Σ_n Σdz
+  if (a.film()) film_backward<scalar_t>(a, ds, db);
+  // dγ_c = Σ_n Σdz·x̂, dβ_c = Σ_n Σdz (with FiLM, the sums now carry (1 + s) of F3)
   auto reduce_over_batch = [&](const at::Tensor& out, const std::vector<double>& sums) {
     if (!out.defined()) return;
     scalar_t* o = out.mutable_data_ptr<scalar_t>();  // the parameters' dtype is x's (checked)
@@ -246,8 +314,10 @@ void backward(const GroupNormBackwardArgs& a) {
 std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_act_cpu(const at::Tensor& x, int64_t num_groups,
                                                                   const std::optional<at::Tensor>& weight,
                                                                   const std::optional<at::Tensor>& bias, double eps,
-                                                                  std::string_view activation) {
-  auto a = prepare_group_norm_act(x, num_groups, weight, bias, eps, activation);
+                                                                  std::string_view activation,
+                                                                  const std::optional<at::Tensor>& scale,
+                                                                  const std::optional<at::Tensor>& shift) {
+  auto a = prepare_group_norm_act(x, num_groups, weight, bias, eps, activation, scale, shift);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.x.scalar_type(), "group_norm_act_cpu", [&] {
     switch (a.activation) {
       case Activation::kSilu: forward<Activation::kSilu, scalar_t>(a); break;
@@ -258,11 +328,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_act_cpu(const at::Tens
   return {a.y, a.mean, a.rstd};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_act_backward_cpu(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> group_norm_act_backward_cpu(
     const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& mean, const at::Tensor& rstd,
     const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias, int64_t num_groups,
-    std::string_view activation, std::array<bool, 3> output_mask) {
-  auto a = prepare_group_norm_act_backward(grad_y, x, mean, rstd, weight, bias, num_groups, activation, output_mask);
+    std::string_view activation, std::array<bool, 3> output_mask, const std::optional<at::Tensor>& scale,
+    const std::optional<at::Tensor>& shift, std::array<bool, 2> scale_shift_mask) {
+  auto a = prepare_group_norm_act_backward(grad_y, x, mean, rstd, weight, bias, num_groups, activation, output_mask,
+                                           scale, shift, scale_shift_mask);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.x.scalar_type(), "group_norm_act_backward_cpu", [&] {
     switch (a.activation) {
       case Activation::kSilu: backward<Activation::kSilu, scalar_t>(a); break;
@@ -270,7 +342,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_act_backward_cpu(
       default: backward<Activation::kNone, scalar_t>(a); break;
     }
   });
-  return {a.grad_x, a.grad_weight, a.grad_bias};
+  return {a.grad_x, a.grad_weight, a.grad_bias, a.grad_scale, a.grad_shift};
 }
 
 TORCH_LIBRARY_IMPL(diffusion_ext, CPU, m) {

@@ -11,12 +11,16 @@
 //   (4) ∂β_c = Σ_{n,s} dz,   ∂γ_c = Σ_{n,s} dz·x̂
 //   (5) a = (1/M)·Σ_group dz·γ,   b = (1/M)·Σ_group dz·γ·x̂                                per (n, g)
 //   (6) ∂x = ρ·(dz·γ − a − x̂·b)
-// γ = 1 and β = 0 where weight and bias are absent. Everything accumulates in acc_t = opmath_type (fp32,
-// fp64 for fp64 x). Statistics are (count, mean, M2) triples: each thread computes them exactly for a
-// chunk of up to 32 values held in registers (two passes over the registers, shifted by the chunk's first
-// value), and chunks, threads, blocks and partial results are merged with Chan et al.'s formula (1979).
-// No Σx² − (Σx)²/M anywhere, so x = 1000 + small noise keeps its variance. Every merge happens in a
-// fixed order: results are bitwise reproducible run to run.
+// γ = 1 and β = 0 where weight and bias are absent. With FiLM (scale, shift), eqs. 2, 3, 5 and 6 use the
+// per-(n, c) γ', β' of common/film.h (F1), tabulated once per call by gn_film_affine_kernel; gn_bwd_film_kernel
+// turns the sums of eq. 4 into ∂s, ∂t (F2) and folds (1 + s) into them (F3), so that ∂γ, ∂β of eq. 4 then run
+// unchanged. The FiLM kernels are separate instantiations (kFilm): without it they are the plain group norm's,
+// instruction for instruction. Everything accumulates in acc_t = opmath_type (fp32, fp64 for fp64 x).
+// Statistics are (count, mean, M2) triples: each thread computes them exactly for a chunk of up to 32 values
+// held in registers (two passes over the registers, shifted by the chunk's first value), and chunks, threads,
+// blocks and partial results are merged with Chan et al.'s formula (1979). No Σx² − (Σx)²/M anywhere, so
+// x = 1000 + small noise keeps its variance. Every merge happens in a fixed order: results are bitwise
+// reproducible run to run.
 //
 // The kernels (one launch plan per layout, chosen on the host):
 //   forward, channels_first (a group is the contiguous run x[ng·M, (ng+1)·M)):
@@ -28,7 +32,8 @@
 //     packs): gn_fwd_cl_partial_kernel (per channel statistics over a chunk of rows, merged per group in
 //     the block when the tile holds every channel) -> gn_combine_kernel -> gn_cl_apply_kernel.
 //   backward, either layout: per (n, c) and row chunk r the sums (Σ dz, Σ dz·x̂) into a [N, R, C]
-//     workspace (gn_bwd_cf_reduce_kernel or gn_bwd_cl_reduce_kernel); then gn_bwd_param_grad_kernel (eq. 4,
+//     workspace (gn_bwd_cf_reduce_kernel or gn_bwd_cl_reduce_kernel); with FiLM gn_bwd_film_kernel (∂s, ∂t,
+//     and for ∂γ, ∂β the sums folded to [N, 1, C] when there is a scale); then gn_bwd_param_grad_kernel (eq. 4,
 //     summed over n and r) and gn_bwd_coef_kernel (eq. 5); then ∂x by gn_cf_apply_kernel or
 //     gn_cl_apply_kernel with BackwardOp (eq. 6).
 // Loads and stores move 16-byte packs of VL = 16 / sizeof(scalar_t) elements where the pointers are aligned
@@ -49,6 +54,7 @@
 #include <type_traits>
 
 #include "../common/activations.h"
+#include "../common/film.h"
 #include "../group_norm_args.h"
 #include "../ops.h"
 
@@ -217,8 +223,30 @@ struct GroupParams {
   acc_t mean, rstd, a, b;
 };
 
-// Where the per-group and per-channel parameters live.
-template <typename scalar_t>
+// The γ, β that eqs. 2, 3, 5 and 6 apply to the channels of one sample: γ_c, β_c, or with FiLM γ'_nc, β'_nc
+// (F1) from the table gn_film_affine_kernel makes once per call (one 2·acc_t load per channel where computing
+// them in place would take four loads and the registers of four pointers). Made once (ParamSrc::sample) where
+// a block or thread stays in one sample, so that the per-pack code indexes by channel alone.
+template <typename scalar_t, bool kFilm>
+struct SampleAffine {
+  using acc_t = acc_type<scalar_t>;
+  const scalar_t* gamma;      // [C] γ, or nullptr: γ = 1 (read without FiLM)
+  const scalar_t* beta;       // [C] β, or nullptr: β = 0 (read without FiLM)
+  const Affine<acc_t>* film;  // [C] this sample's γ', β' (read with FiLM)
+
+  __device__ __forceinline__ Affine<acc_t> operator()(int64_t c) const {
+    if constexpr (kFilm) {
+      return film[c];
+    } else {
+      return {gamma != nullptr ? static_cast<acc_t>(gamma[c]) : acc_t(1),
+              beta != nullptr ? static_cast<acc_t>(beta[c]) : acc_t(0)};
+    }
+  }
+};
+
+// Where the per-group, per-channel and (FiLM) per-(n, c) parameters live. scale, shift and the γ', β' table are
+// read only when kFilm: the plain kernels never look at them.
+template <typename scalar_t, bool kFilm = false>
 struct ParamSrc {
   using acc_t = acc_type<scalar_t>;
   const acc_t* mean;      // [N, G] μ
@@ -227,6 +255,10 @@ struct ParamSrc {
   const scalar_t* gamma;  // [C] γ, or nullptr: γ = 1
   const scalar_t* beta;   // [C] β, or nullptr: β = 0
   int64_t G, Cg;
+  const scalar_t* scale;  // [N, C] s, (n, c) at n·scale_sn + c, or nullptr: s = 0
+  const scalar_t* shift;  // [N, C] t, (n, c) at n·shift_sn + c, or nullptr: t = 0
+  int64_t scale_sn, shift_sn, C;
+  const Affine<acc_t>* film;  // [N, C] γ', β' (F1), made by gn_film_affine_kernel from the above
 
   __device__ __forceinline__ GroupParams<acc_t> group(int64_t ng) const {
     GroupParams<acc_t> p{mean[ng], rstd[ng], acc_t(0), acc_t(0)};
@@ -236,11 +268,20 @@ struct ParamSrc {
     }
     return p;
   }
-  __device__ __forceinline__ acc_t gamma_of(int64_t c) const {
-    return gamma != nullptr ? static_cast<acc_t>(gamma[c]) : acc_t(1);
+  __device__ __forceinline__ SampleAffine<scalar_t, kFilm> sample(int64_t n) const {
+    return {gamma, beta, kFilm ? film + n * C : nullptr};
   }
-  __device__ __forceinline__ acc_t beta_of(int64_t c) const {
-    return beta != nullptr ? static_cast<acc_t>(beta[c]) : acc_t(0);
+  // γ_c, β_c, or with FiLM γ'_nc, β'_nc
+  __device__ __forceinline__ Affine<acc_t> affine(int64_t n, int64_t c) const { return sample(n)(c); }
+  // γ_c, β_c, s_nc and t_nc as given
+  __device__ __forceinline__ Affine<acc_t> channel(int64_t c) const {
+    return SampleAffine<scalar_t, false>{gamma, beta, nullptr}(c);
+  }
+  __device__ __forceinline__ acc_t scale_of(int64_t n, int64_t c) const {
+    return scale != nullptr ? static_cast<acc_t>(scale[n * scale_sn + c]) : acc_t(0);
+  }
+  __device__ __forceinline__ acc_t shift_of(int64_t n, int64_t c) const {
+    return shift != nullptr ? static_cast<acc_t>(shift[n * shift_sn + c]) : acc_t(0);
   }
 };
 
@@ -302,12 +343,12 @@ __device__ __forceinline__ Welford<acc_t> thread_stats(const scalar_t* __restric
   return w;
 }
 
-// out = Op(x, dy) over the packs [begin, end) of one group, the pointers at the group's first element.
+// out = Op(x, dy) over the packs [begin, end) of one group (n, g), the pointers at the group's first element.
 // Pack it holds elements it·VL .. it·VL + VL − 1, all of channel c0 + it·VL / HW (VL divides HW).
-template <class Op, int VL, typename scalar_t, typename acc_t, typename index_t>
+template <class Op, int VL, typename scalar_t, typename acc_t, typename index_t, bool kFilm>
 __device__ __forceinline__ void apply_group_range(scalar_t* __restrict__ out, const scalar_t* __restrict__ x,
                                                   const scalar_t* __restrict__ dy, const GroupParams<acc_t>& gp,
-                                                  const ParamSrc<scalar_t>& src, int64_t c0, index_t HW,
+                                                  const SampleAffine<scalar_t, kFilm>& aff, int64_t c0, index_t HW,
                                                   index_t begin, index_t end) {
   const index_t nthreads = blockDim.x;
   for (index_t it0 = begin + static_cast<index_t>(threadIdx.x); it0 < end; it0 += kUnroll * nthreads) {
@@ -325,10 +366,9 @@ __device__ __forceinline__ void apply_group_range(scalar_t* __restrict__ out, co
     for (int u = 0; u < kUnroll; ++u) {
       const index_t it = it0 + u * nthreads;
       if (it < end) {
-        const int64_t c = c0 + static_cast<int64_t>((it * VL) / HW);
-        const acc_t gamma = src.gamma_of(c), beta = src.beta_of(c);
+        const Affine<acc_t> k = aff(c0 + static_cast<int64_t>((it * VL) / HW));
 #pragma unroll
-        for (int j = 0; j < VL; ++j) xv[u][j] = Op::apply(gp, gamma, beta, xv[u][j], dv[u][j]);
+        for (int j = 0; j < VL; ++j) xv[u][j] = Op::apply(gp, k.gamma, k.beta, xv[u][j], dv[u][j]);
         store_pack<VL>(out + it * VL, xv[u]);
       }
     }
@@ -339,13 +379,13 @@ __device__ __forceinline__ void apply_group_range(scalar_t* __restrict__ out, co
 // (eq. 2). When the group fits in the block's registers (M <= 32·blockDim.x: 16384 elements at 512
 // threads) x is read once; otherwise twice, the second time from L2 (the block has just read it).
 // Grid: N·G blocks; block: a power of two in [64, 512] threads.
-template <typename scalar_t, int VL, Activation kAct, typename index_t>
+template <typename scalar_t, int VL, Activation kAct, typename index_t, bool kFilm>
 __global__ void __launch_bounds__(kGroupThreadsMax) gn_fwd_cf_fused_kernel(
     scalar_t* __restrict__ y,                  // [N, C, HW] contiguous, out
     acc_type<scalar_t>* __restrict__ mean,     // [N, G] μ, out
     acc_type<scalar_t>* __restrict__ rstd,     // [N, G] ρ, out
     const scalar_t* __restrict__ x,            // [N, C, HW] contiguous: group ng is x[ng·M, (ng+1)·M)
-    const ParamSrc<scalar_t> src,              // γ, β [C] (its mean, rstd are not read), G, Cg
+    const ParamSrc<scalar_t, kFilm> src,       // γ, β [C]; scale, shift [N, C] (its mean, rstd are not read)
     const index_t HW,                          // spatial size; VL divides it
     const index_t M,                           // Cg·HW >= 1
     const double eps) {
@@ -381,15 +421,15 @@ __global__ void __launch_bounds__(kGroupThreadsMax) gn_fwd_cf_fused_kernel(
       rstd[ng] = gp.rstd;
     }
     // 2. y = act((x − μ)·ρ·γ + β) (eq. 2) from the registers
+    const SampleAffine<scalar_t, kFilm> aff = src.sample(ng / src.G);  // made here: not live during step 1
 #pragma unroll
     for (int u = 0; u < kResident; ++u) {
       const index_t it = static_cast<index_t>(threadIdx.x) + u * nthreads;
       if (it < packs) {
-        const int64_t c = c0 + static_cast<int64_t>((it * VL) / HW);
-        const acc_t gamma = src.gamma_of(c), beta = src.beta_of(c);
+        const Affine<acc_t> k = aff(c0 + static_cast<int64_t>((it * VL) / HW));
 #pragma unroll
         for (int j = 0; j < VL; ++j) {
-          v[u * VL + j] = ForwardOp<kAct>::apply(gp, gamma, beta, v[u * VL + j], acc_t(0));
+          v[u * VL + j] = ForwardOp<kAct>::apply(gp, k.gamma, k.beta, v[u * VL + j], acc_t(0));
         }
         store_pack<VL>(y + base + it * VL, v + u * VL);
       }
@@ -404,8 +444,8 @@ __global__ void __launch_bounds__(kGroupThreadsMax) gn_fwd_cf_fused_kernel(
     rstd[ng] = gp.rstd;
   }
   // 2. y = act((x − μ)·ρ·γ + β) (eq. 2), reading the group again (from L2: the block just read it)
-  apply_group_range<ForwardOp<kAct>, VL>(y + base, x + base, static_cast<const scalar_t*>(nullptr), gp, src, c0,
-                                         HW, index_t(0), packs);
+  apply_group_range<ForwardOp<kAct>, VL>(y + base, x + base, static_cast<const scalar_t*>(nullptr), gp,
+                                         src.sample(ng / src.G), c0, HW, index_t(0), packs);
 }
 
 // Forward for few groups, step 1: the statistics of chunk s of group ng, packs [s·chunk, (s+1)·chunk).
@@ -430,12 +470,12 @@ __global__ void __launch_bounds__(kGroupThreadsMax) gn_fwd_cf_partial_kernel(
 
 // out = Op(x, dy) over chunk s of group ng (the forward's y, or the backward's ∂x). Grid: N·G·S blocks,
 // block b = ng·S + s.
-template <class Op, typename scalar_t, int VL, typename index_t>
+template <class Op, typename scalar_t, int VL, typename index_t, bool kFilm>
 __global__ void __launch_bounds__(kGroupThreadsMax) gn_cf_apply_kernel(
     scalar_t* __restrict__ out,      // [N, C, HW] contiguous, out: y or ∂x
     const scalar_t* __restrict__ x,  // [N, C, HW] contiguous: group ng is x[ng·M, (ng+1)·M)
     const scalar_t* __restrict__ dy, // [N, C, HW] contiguous (backward), or nullptr (forward)
-    const ParamSrc<scalar_t> src,    // μ, ρ [N, G]; (a, b) [N, G, 2] (backward); γ, β [C]
+    const ParamSrc<scalar_t, kFilm> src,  // μ, ρ [N, G]; (a, b) [N, G, 2] (backward); γ, β [C]; scale, shift
     const index_t HW,                // spatial size; VL divides it
     const index_t M,                 // Cg·HW
     const index_t chunk,             // packs per chunk
@@ -445,19 +485,19 @@ __global__ void __launch_bounds__(kGroupThreadsMax) gn_cf_apply_kernel(
   const index_t packs = M / VL;
   const index_t begin = static_cast<index_t>(s) * chunk;
   const index_t end = min_of<index_t>(packs, begin + chunk);
-  apply_group_range<Op, VL>(out + base, x + base, dy == nullptr ? dy : dy + base, src.group(ng), src,
-                            (ng % src.G) * src.Cg, HW, begin, end);
+  apply_group_range<Op, VL>(out + base, x + base, dy == nullptr ? dy : dy + base, src.group(ng),
+                            src.sample(ng / src.G), (ng % src.G) * src.Cg, HW, begin, end);
 }
 
 // Backward, step 1 for channels_first: the sums of eq. 4 over chunk r of each row (n, c). A block is
 // kTileThreads / tpr rows of tpr threads (tpr a power of two >= 32, so a warp lies in one row).
 // Grid: ceil(N·C / rows per block)·R blocks, block b covers rows (b / R)·rpb ... and chunk r = b % R.
-template <typename scalar_t, int VL, Activation kAct, typename index_t>
+template <typename scalar_t, int VL, Activation kAct, typename index_t, bool kFilm>
 __global__ void __launch_bounds__(kTileThreads) gn_bwd_cf_reduce_kernel(
     SumPair<acc_type<scalar_t>>* __restrict__ ws,  // [N, R, C] out: (Σ dz, Σ dz·x̂) over chunk r of row (n, c)
     const scalar_t* __restrict__ dy,  // [N, C, HW] contiguous: row (n, c) is [(n·C + c)·HW, +HW)
     const scalar_t* __restrict__ x,   // [N, C, HW] contiguous, as dy
-    const ParamSrc<scalar_t> src,     // μ, ρ [N, G]; γ, β [C]
+    const ParamSrc<scalar_t, kFilm> src,  // μ, ρ [N, G]; γ, β [C]; scale, shift [N, C]
     const int64_t rows,               // N·C
     const int64_t C,
     const index_t HW,                 // VL divides it
@@ -475,7 +515,7 @@ __global__ void __launch_bounds__(kTileThreads) gn_bwd_cf_reduce_kernel(
   if (row < rows) {
     const int64_t n = row / C, c = row % C;
     const GroupParams<acc_t> gp = src.group(n * src.G + c / src.Cg);
-    const acc_t gamma = src.gamma_of(c), beta = src.beta_of(c);
+    const Affine<acc_t> k = src.affine(n, c);
     const scalar_t* xr = x + row * static_cast<int64_t>(HW);
     const scalar_t* dyr = dy + row * static_cast<int64_t>(HW);
     const index_t packs = HW / VL;
@@ -497,7 +537,7 @@ __global__ void __launch_bounds__(kTileThreads) gn_bwd_cf_reduce_kernel(
 #pragma unroll
           for (int j = 0; j < VL; ++j) {
             const acc_t xhat = (xv[u][j] - gp.mean) * gp.rstd;            // eq. 2
-            const acc_t dz = dz_of<kAct>(dv[u][j], xhat, gamma, beta);    // eq. 3
+            const acc_t dz = dz_of<kAct>(dv[u][j], xhat, k.gamma, k.beta);  // eq. 3
             acc.dz += dz;                                                  // eq. 4
             acc.dz_xhat += dz * xhat;
           }
@@ -640,12 +680,12 @@ __global__ void __launch_bounds__(kTileThreads) gn_fwd_cl_partial_kernel(
 
 // out = Op(x, dy) over one tile (the forward's y, or the backward's ∂x). Each thread holds the parameters of
 // its VL channels and walks its rows.
-template <class Op, typename scalar_t, int VL>
+template <class Op, typename scalar_t, int VL, bool kFilm>
 __global__ void __launch_bounds__(kTileThreads, 2) gn_cl_apply_kernel(
     scalar_t* __restrict__ out,       // [N, HW, C] in memory, out: y or ∂x
     const scalar_t* __restrict__ x,   // [N, HW, C] in memory: element (n, s, c) at (n·HW + s)·C + c
     const scalar_t* __restrict__ dy,  // [N, HW, C] in memory (backward), or nullptr (forward)
-    const ParamSrc<scalar_t> src,     // μ, ρ [N, G]; (a, b) [N, G, 2] (backward); γ, β [C]
+    const ParamSrc<scalar_t, kFilm> src,  // μ, ρ [N, G]; (a, b) [N, G, 2] (backward); γ, β [C]; scale, shift
     const Tile tile) {
   using acc_t = acc_type<scalar_t>;
   constexpr int kU = tile_unroll<VL>();
@@ -657,8 +697,9 @@ __global__ void __launch_bounds__(kTileThreads, 2) gn_cl_apply_kernel(
   for (int j = 0; j < VL; ++j) {
     const int64_t c = p.cv * VL + j;
     gp[j] = src.group(p.n * src.G + c / src.Cg);
-    gamma[j] = src.gamma_of(c);
-    beta[j] = src.beta_of(c);
+    const Affine<acc_t> k = src.affine(p.n, c);
+    gamma[j] = k.gamma;
+    beta[j] = k.beta;
   }
   const int64_t C = tile.C;
   const int64_t base = p.n * tile.HW * C + p.cv * VL;
@@ -686,12 +727,12 @@ __global__ void __launch_bounds__(kTileThreads, 2) gn_cl_apply_kernel(
 }
 
 // Backward step 1 for channels_last: the sums of eq. 4 of each channel over the rows of the tile.
-template <typename scalar_t, int VL, Activation kAct>
+template <typename scalar_t, int VL, Activation kAct, bool kFilm>
 __global__ void __launch_bounds__(kTileThreads, 2) gn_bwd_cl_reduce_kernel(
     SumPair<acc_type<scalar_t>>* __restrict__ ws,  // [N, R, C] out: (Σ dz, Σ dz·x̂) over row chunk r
     const scalar_t* __restrict__ dy,  // [N, HW, C] in memory: element (n, s, c) at (n·HW + s)·C + c
     const scalar_t* __restrict__ x,   // [N, HW, C] in memory, as dy
-    const ParamSrc<scalar_t> src,     // μ, ρ [N, G]; γ, β [C]
+    const ParamSrc<scalar_t, kFilm> src,  // μ, ρ [N, G]; γ, β [C]; scale, shift [N, C]
     const Tile tile) {
   using acc_t = acc_type<scalar_t>;
   constexpr int kU = tile_unroll<VL>();
@@ -708,8 +749,9 @@ __global__ void __launch_bounds__(kTileThreads, 2) gn_bwd_cl_reduce_kernel(
     for (int j = 0; j < VL; ++j) {
       const int64_t c = p.cv * VL + j;
       gp[j] = src.group(p.n * src.G + c / src.Cg);
-      gamma[j] = src.gamma_of(c);
-      beta[j] = src.beta_of(c);
+      const Affine<acc_t> k = src.affine(p.n, c);
+      gamma[j] = k.gamma;
+      beta[j] = k.beta;
     }
     const int64_t base = p.n * tile.HW * C + p.cv * VL;
     for (int64_t s0 = p.row_begin + p.ty; s0 < p.row_end; s0 += kU * tile.TY) {
@@ -773,12 +815,13 @@ __global__ void __launch_bounds__(kTileThreads) gn_combine_kernel(
 }
 
 // a and b of eq. 5: one warp per group (n, g) sums γ_c·Σdz and γ_c·Σdz·x̂ over its channels and the R
-// chunks. Grid: ceil(N·G / 8) blocks of kTileThreads.
-template <typename scalar_t>
+// chunks (γ'_nc with FiLM: the product eq. 6 forms, so that dz·γ' − a cancels exactly when M = 1).
+// Grid: ceil(N·G / 8) blocks of kTileThreads.
+template <typename scalar_t, bool kFilm>
 __global__ void __launch_bounds__(kTileThreads) gn_bwd_coef_kernel(
     acc_type<scalar_t>* __restrict__ coef,               // [N, G, 2] out: (a, b)
     const SumPair<acc_type<scalar_t>>* __restrict__ ws,  // [N, R, C] sums of eq. 4
-    const scalar_t* __restrict__ gamma,                  // [C] or nullptr: γ = 1
+    const ParamSrc<scalar_t, kFilm> src,                 // γ [C] or nullptr: γ = 1; scale [N, C]
     const int64_t NG, const int64_t G, const int64_t Cg, const int64_t C, const int64_t R,
     const int64_t M) {                                   // Cg·HW
   using acc_t = acc_type<scalar_t>;
@@ -789,7 +832,7 @@ __global__ void __launch_bounds__(kTileThreads) gn_bwd_coef_kernel(
   SumPair<acc_t> s{acc_t(0), acc_t(0)};
   for (int64_t k = lane; k < R * Cg; k += kWarp) {
     const int64_t r = k / Cg, c = g * Cg + k % Cg;
-    const acc_t ga = gamma != nullptr ? static_cast<acc_t>(gamma[c]) : acc_t(1);
+    const acc_t ga = src.affine(n, c).gamma;
     const SumPair<acc_t> q = ws[(n * R + r) * C + c];
     s.dz += ga * q.dz;
     s.dz_xhat += ga * q.dz_xhat;
@@ -799,6 +842,48 @@ __global__ void __launch_bounds__(kTileThreads) gn_bwd_coef_kernel(
     const acc_t m = static_cast<acc_t>(M);
     coef[2 * ng] = s.dz / m;           // a
     coef[2 * ng + 1] = s.dz_xhat / m;  // b
+  }
+}
+
+// FiLM's γ', β' (F1) of every (n, c), once per call, for SampleAffine. One thread per (n, c).
+// Grid: ceil(N·C / kTileThreads) blocks of kTileThreads.
+template <typename scalar_t>
+__global__ void __launch_bounds__(kTileThreads) gn_film_affine_kernel(
+    Affine<acc_type<scalar_t>>* __restrict__ out,  // [N, C] out
+    const ParamSrc<scalar_t, true> src,            // γ, β [C]; scale, shift [N, C]
+    const int64_t NC) {
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * kTileThreads + threadIdx.x;
+  if (i >= NC) return;
+  const int64_t n = i / src.C, c = i % src.C;
+  const auto k = src.channel(c);
+  out[i] = film_affine(k.gamma, k.beta, src.scale_of(n, c), src.shift_of(n, c));
+}
+
+// FiLM's share of the backward (common/film.h): per (n, c), S1 = Σ dz and S2 = Σ dz·x̂ summed over the R row
+// chunks of ws, then ∂s and ∂t (F2) and, when `folded` is given, (1 + s)·(S1, S2) (F3), on which the plain
+// gn_bwd_param_grad_kernel then runs with R = 1. One thread per (n, c), consecutive threads on consecutive
+// channels. Grid: ceil(N·C / kTileThreads) blocks of kTileThreads.
+template <typename scalar_t>
+__global__ void __launch_bounds__(kTileThreads) gn_bwd_film_kernel(
+    scalar_t* __restrict__ grad_scale,                    // [N, C] out, or nullptr
+    scalar_t* __restrict__ grad_shift,                    // [N, C] out, or nullptr
+    SumPair<acc_type<scalar_t>>* __restrict__ folded,     // [N, C] out: (1 + s)·(S1, S2), or nullptr
+    const SumPair<acc_type<scalar_t>>* __restrict__ ws,   // [N, R, C] sums of eq. 4
+    const ParamSrc<scalar_t, true> src,                   // γ, β [C]; scale [N, C]
+    const int64_t NC, const int64_t R, const int64_t C) {
+  using acc_t = acc_type<scalar_t>;
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * kTileThreads + threadIdx.x;
+  if (i >= NC) return;
+  const int64_t n = i / C, c = i % C;
+  SumPair<acc_t> s{acc_t(0), acc_t(0)};
+  for (int64_t r = 0; r < R; ++r) s = merge(s, ws[(n * R + r) * C + c]);
+  const Affine<acc_t> k = src.channel(c);
+  const FilmGrads<acc_t> g = film_grads(k.gamma, k.beta, s.dz, s.dz_xhat);
+  if (grad_scale != nullptr) grad_scale[i] = static_cast<scalar_t>(g.scale);
+  if (grad_shift != nullptr) grad_shift[i] = static_cast<scalar_t>(g.shift);
+  if (folded != nullptr) {
+    const acc_t f = acc_t(1) + src.scale_of(n, c);
+    folded[i] = {f * s.dz, f * s.dz_xhat};
   }
 }
 
@@ -918,6 +1003,16 @@ void dispatch_index(int64_t numel, const Fn& fn) {
   }
 }
 
+// fn(std::true_type{}) when b, else fn(std::false_type{}): a runtime choice made a template argument.
+template <typename Fn>
+void dispatch_bool(bool b, const Fn& fn) {
+  if (b) {
+    fn(std::true_type{});
+  } else {
+    fn(std::false_type{});
+  }
+}
+
 int sm_count() { return at::cuda::getCurrentDeviceProperties()->multiProcessorCount; }
 
 template <typename acc_t>
@@ -925,7 +1020,32 @@ at::Tensor workspace(const at::Tensor& like, int64_t n_acc) {
   return at::empty({n_acc}, like.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
 }
 
-template <typename scalar_t, Activation kAct>
+// γ, β and (kFilm) scale and shift of a call, with the statistics μ, ρ [N, G]. With FiLM, the γ', β' table is
+// made here into film_t, which must outlive the kernels that read it.
+template <typename scalar_t, bool kFilm, typename Args>
+ParamSrc<scalar_t, kFilm> param_src(const Args& a, const acc_type<scalar_t>* mean, const acc_type<scalar_t>* rstd,
+                                    at::Tensor& film_t, cudaStream_t stream) {
+  using acc_t = acc_type<scalar_t>;
+  const auto ptr = [](const at::Tensor& t) -> const scalar_t* {
+    return t.defined() ? t.const_data_ptr<scalar_t>() : nullptr;
+  };
+  const auto row_stride = [](const at::Tensor& t) -> int64_t { return t.defined() ? t.stride(0) : 0; };
+  ParamSrc<scalar_t, kFilm> src{mean, rstd, nullptr, ptr(a.weight), ptr(a.bias), a.shape.G,
+                                a.shape.channels_per_group(), ptr(a.scale), ptr(a.shift), row_stride(a.scale),
+                                row_stride(a.shift), a.shape.C, nullptr};
+  if constexpr (kFilm) {
+    const int64_t NC = a.shape.N * a.shape.C;
+    film_t = workspace<acc_t>(a.x, NC * 2);
+    auto* table = reinterpret_cast<Affine<acc_t>*>(film_t.mutable_data_ptr<acc_t>());
+    gn_film_affine_kernel<scalar_t><<<grid_of("diffusion_ext.group_norm_act", ceil_div(NC, kTileThreads)),
+                                      kTileThreads, 0, stream>>>(table, src, NC);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    src.film = table;
+  }
+  return src;
+}
+
+template <typename scalar_t, Activation kAct, bool kFilm>
 void forward(const GroupNormArgs& a, cudaStream_t stream) {
   using acc_t = acc_type<scalar_t>;
   constexpr int kV = pack_width<scalar_t>();
@@ -937,13 +1057,8 @@ void forward(const GroupNormArgs& a, cudaStream_t stream) {
   const scalar_t* x = a.x.const_data_ptr<scalar_t>();
   acc_t* mean = a.mean.mutable_data_ptr<acc_t>();
   acc_t* rstd = a.rstd.mutable_data_ptr<acc_t>();
-  const ParamSrc<scalar_t> src{mean,
-                               rstd,
-                               nullptr,
-                               a.weight.defined() ? a.weight.const_data_ptr<scalar_t>() : nullptr,
-                               a.bias.defined() ? a.bias.const_data_ptr<scalar_t>() : nullptr,
-                               G,
-                               Cg};
+  at::Tensor film_t;
+  const ParamSrc<scalar_t, kFilm> src = param_src<scalar_t, kFilm>(a, mean, rstd, film_t, stream);
   const auto combine = [&](const Welford<acc_t>* ws, int64_t R, int64_t J, int64_t sN, int64_t sR, int64_t sG) {
     gn_combine_kernel<acc_t><<<grid_of(kOp, ceil_div(NG, kTileThreads / kWarp)), kTileThreads, 0, stream>>>(
         mean, rstd, ws, NG, G, R, J, sN, sR, sG, a.eps);
@@ -958,7 +1073,7 @@ void forward(const GroupNormArgs& a, cudaStream_t stream) {
         const int64_t packs = M / VL;
         const Split sp = cf_split(NG, packs, sms);
         if (sp.S == 1) {
-          gn_fwd_cf_fused_kernel<scalar_t, VL, kAct, index_t>
+          gn_fwd_cf_fused_kernel<scalar_t, VL, kAct, index_t, kFilm>
               <<<grid_of(kOp, NG), threads_for(packs, 64, kGroupThreadsMax), 0, stream>>>(
                   y, mean, rstd, x, src, static_cast<index_t>(HW), static_cast<index_t>(M), a.eps);
           C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -972,7 +1087,7 @@ void forward(const GroupNormArgs& a, cudaStream_t stream) {
             ws, x, static_cast<index_t>(M), static_cast<index_t>(sp.chunk), sp.S);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
         combine(ws, /*R=*/sp.S, /*J=*/1, /*sN=*/G * sp.S, /*sR=*/1, /*sG=*/sp.S);  // ws[(n·G + g)·S + s]
-        gn_cf_apply_kernel<ForwardOp<kAct>, scalar_t, VL, index_t><<<blocks, threads, 0, stream>>>(
+        gn_cf_apply_kernel<ForwardOp<kAct>, scalar_t, VL, index_t, kFilm><<<blocks, threads, 0, stream>>>(
             y, x, nullptr, src, static_cast<index_t>(HW), static_cast<index_t>(M), static_cast<index_t>(sp.chunk),
             sp.S);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -995,12 +1110,13 @@ void forward(const GroupNormArgs& a, cudaStream_t stream) {
     } else {
       combine(ws, tile.R, /*J=*/Cg, /*sN=*/tile.R * C, /*sR=*/C, /*sG=*/Cg);  // ws[(n·R + r)·C + g·Cg + j]
     }
-    gn_cl_apply_kernel<ForwardOp<kAct>, scalar_t, VL><<<blocks, kTileThreads, 0, stream>>>(y, x, nullptr, src, tile);
+    gn_cl_apply_kernel<ForwardOp<kAct>, scalar_t, VL, kFilm>
+        <<<blocks, kTileThreads, 0, stream>>>(y, x, nullptr, src, tile);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }
 
-template <typename scalar_t, Activation kAct>
+template <typename scalar_t, Activation kAct, bool kFilm>
 void backward(const GroupNormBackwardArgs& a, cudaStream_t stream) {
   using acc_t = acc_type<scalar_t>;
   constexpr int kV = pack_width<scalar_t>();
@@ -1013,29 +1129,43 @@ void backward(const GroupNormBackwardArgs& a, cudaStream_t stream) {
   scalar_t* dx = a.grad_x.defined() ? a.grad_x.mutable_data_ptr<scalar_t>() : nullptr;
   scalar_t* dw = a.grad_weight.defined() ? a.grad_weight.mutable_data_ptr<scalar_t>() : nullptr;
   scalar_t* db = a.grad_bias.defined() ? a.grad_bias.mutable_data_ptr<scalar_t>() : nullptr;
-  const scalar_t* gamma = a.weight.defined() ? a.weight.const_data_ptr<scalar_t>() : nullptr;
-  ParamSrc<scalar_t> src{a.mean.const_data_ptr<acc_t>(),
-                         a.rstd.const_data_ptr<acc_t>(),
-                         nullptr,
-                         gamma,
-                         a.bias.defined() ? a.bias.const_data_ptr<scalar_t>() : nullptr,
-                         G,
-                         Cg};
-  at::Tensor coef_t;
-  // After the sums of eq. 4 are in ws [N, R, C]: ∂γ, ∂β (eq. 4) and, for ∂x, a and b (eq. 5).
+  at::Tensor coef_t, film_t, fold_t;
+  ParamSrc<scalar_t, kFilm> src =
+      param_src<scalar_t, kFilm>(a, a.mean.const_data_ptr<acc_t>(), a.rstd.const_data_ptr<acc_t>(), film_t, stream);
+  // After the sums of eq. 4 are in ws [N, R, C]: ∂x's a and b (eq. 5); with FiLM ∂s, ∂t (F2), and with a scale
+  // the sums folded with (1 + s) (F3) into [N, 1, C]; then ∂γ, ∂β (eq. 4).
   const auto finish_sums = [&](const SumPair<acc_t>* ws, int64_t R) {
+    if (dx != nullptr) {
+      coef_t = workspace<acc_t>(a.x, NG * 2);
+      acc_t* coef = coef_t.mutable_data_ptr<acc_t>();
+      gn_bwd_coef_kernel<scalar_t, kFilm>
+          <<<grid_of(kOp, ceil_div(NG, kTileThreads / kWarp)), kTileThreads, 0, stream>>>(coef, ws, src, NG, G, Cg,
+                                                                                           C, R, M);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      src.coef = coef;
+    }
+    if constexpr (kFilm) {
+      scalar_t* ds = a.grad_scale.defined() ? a.grad_scale.mutable_data_ptr<scalar_t>() : nullptr;
+      scalar_t* dt = a.grad_shift.defined() ? a.grad_shift.mutable_data_ptr<scalar_t>() : nullptr;
+      SumPair<acc_t>* folded = nullptr;
+      if (a.scale.defined() && (dw != nullptr || db != nullptr)) {
+        fold_t = workspace<acc_t>(a.x, N * C * 2);
+        folded = reinterpret_cast<SumPair<acc_t>*>(fold_t.mutable_data_ptr<acc_t>());
+      }
+      if (ds != nullptr || dt != nullptr || folded != nullptr) {
+        gn_bwd_film_kernel<scalar_t><<<grid_of(kOp, ceil_div(N * C, kTileThreads)), kTileThreads, 0, stream>>>(
+            ds, dt, folded, ws, src, N * C, R, C);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      }
+      if (folded != nullptr) {
+        ws = folded;
+        R = 1;
+      }
+    }
     if (dw != nullptr || db != nullptr) {
       gn_bwd_param_grad_kernel<scalar_t><<<grid_of(kOp, ceil_div(C, kWarp)), kTileThreads, 0, stream>>>(
           dw, db, ws, N * R, C);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
-    }
-    if (dx != nullptr) {
-      coef_t = workspace<acc_t>(a.x, NG * 2);
-      acc_t* coef = coef_t.mutable_data_ptr<acc_t>();
-      gn_bwd_coef_kernel<scalar_t><<<grid_of(kOp, ceil_div(NG, kTileThreads / kWarp)), kTileThreads, 0, stream>>>(
-          coef, ws, gamma, NG, G, Cg, C, R, M);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-      src.coef = coef;
     }
   };
 
@@ -1058,7 +1188,7 @@ void backward(const GroupNormBackwardArgs& a, cudaStream_t stream) {
         R = ceil_div(row_packs, chunk);
         at::Tensor ws_t = workspace<acc_t>(a.x, N * R * C * 2);
         auto* ws = reinterpret_cast<SumPair<acc_t>*>(ws_t.mutable_data_ptr<acc_t>());
-        gn_bwd_cf_reduce_kernel<scalar_t, VL, kAct, index_t>
+        gn_bwd_cf_reduce_kernel<scalar_t, VL, kAct, index_t, kFilm>
             <<<grid_of(kOp, row_blocks * R), kTileThreads, 0, stream>>>(
                 ws, dy, x, src, N * C, C, static_cast<index_t>(HW), static_cast<index_t>(chunk), R, tpr);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -1067,7 +1197,7 @@ void backward(const GroupNormBackwardArgs& a, cudaStream_t stream) {
         // 3. ∂x (eq. 6)
         if (dx != nullptr) {
           const Split sp = cf_split(NG, M / VL, sms);
-          gn_cf_apply_kernel<BackwardOp<kAct>, scalar_t, VL, index_t>
+          gn_cf_apply_kernel<BackwardOp<kAct>, scalar_t, VL, index_t, kFilm>
               <<<grid_of(kOp, NG * sp.S), threads_for(sp.chunk, 64, kGroupThreadsMax), 0, stream>>>(
                   dx, x, dy, src, static_cast<index_t>(HW), static_cast<index_t>(M), static_cast<index_t>(sp.chunk),
                   sp.S);
@@ -1085,13 +1215,14 @@ void backward(const GroupNormBackwardArgs& a, cudaStream_t stream) {
     // 1. sums of eq. 4 per channel and row chunk
     at::Tensor ws_t = workspace<acc_t>(a.x, N * tile.R * C * 2);
     auto* ws = reinterpret_cast<SumPair<acc_t>*>(ws_t.mutable_data_ptr<acc_t>());
-    gn_bwd_cl_reduce_kernel<scalar_t, VL, kAct><<<blocks, kTileThreads, 0, stream>>>(ws, dy, x, src, tile);
+    gn_bwd_cl_reduce_kernel<scalar_t, VL, kAct, kFilm><<<blocks, kTileThreads, 0, stream>>>(ws, dy, x, src, tile);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     // 2. ∂γ, ∂β; a, b
     finish_sums(ws, tile.R);
     // 3. ∂x (eq. 6)
     if (dx != nullptr) {
-      gn_cl_apply_kernel<BackwardOp<kAct>, scalar_t, VL><<<blocks, kTileThreads, 0, stream>>>(dx, x, dy, src, tile);
+      gn_cl_apply_kernel<BackwardOp<kAct>, scalar_t, VL, kFilm>
+          <<<blocks, kTileThreads, 0, stream>>>(dx, x, dy, src, tile);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
   });
@@ -1102,8 +1233,10 @@ void backward(const GroupNormBackwardArgs& a, cudaStream_t stream) {
 std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_act_cuda(const at::Tensor& x, int64_t num_groups,
                                                                    const std::optional<at::Tensor>& weight,
                                                                    const std::optional<at::Tensor>& bias, double eps,
-                                                                   std::string_view activation) {
-  GroupNormArgs a = prepare_group_norm_act(x, num_groups, weight, bias, eps, activation);
+                                                                   std::string_view activation,
+                                                                   const std::optional<at::Tensor>& scale,
+                                                                   const std::optional<at::Tensor>& shift) {
+  GroupNormArgs a = prepare_group_norm_act(x, num_groups, weight, bias, eps, activation, scale, shift);
   const c10::cuda::CUDAGuard guard(a.x.device());
   if (a.x.numel() == 0) {
     // No elements: every group (if any) is empty, with μ = 0 and σ² = 0, so ρ = 1/√ε (as the CPU kernel).
@@ -1113,32 +1246,46 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_act_cuda(const at::Ten
   }
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.x.scalar_type(), "group_norm_act_cuda", [&] {
-    dispatch_activation(a.activation, [&](auto act) { forward<scalar_t, decltype(act)::value>(a, stream); });
+    dispatch_activation(a.activation, [&](auto act) {
+      dispatch_bool(a.film(), [&](auto film) {
+        forward<scalar_t, decltype(act)::value, decltype(film)::value>(a, stream);
+      });
+    });
   });
   return {a.y, a.mean, a.rstd};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_act_backward_cuda(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> group_norm_act_backward_cuda(
     const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& mean, const at::Tensor& rstd,
     const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias, int64_t num_groups,
-    std::string_view activation, std::array<bool, 3> output_mask) {
+    std::string_view activation, std::array<bool, 3> output_mask, const std::optional<at::Tensor>& scale,
+    const std::optional<at::Tensor>& shift, std::array<bool, 2> scale_shift_mask) {
   GroupNormBackwardArgs a = prepare_group_norm_act_backward(grad_y, x, mean, rstd, weight, bias, num_groups,
-                                                            activation, output_mask);
+                                                            activation, output_mask, scale, shift, scale_shift_mask);
   const c10::cuda::CUDAGuard guard(a.x.device());
+  const auto outputs = [&] {
+    return std::make_tuple(a.grad_x, a.grad_weight, a.grad_bias, a.grad_scale, a.grad_shift);
+  };
   if (a.x.numel() == 0) {
-    // Empty sums: ∂γ = ∂β = 0; ∂x is empty.
-    if (a.grad_weight.defined()) a.grad_weight.zero_();
-    if (a.grad_bias.defined()) a.grad_bias.zero_();
-    return {a.grad_x, a.grad_weight, a.grad_bias};
+    // Empty sums: ∂γ = ∂β = ∂s = ∂t = 0; ∂x is empty.
+    for (at::Tensor* g : {&a.grad_weight, &a.grad_bias, &a.grad_scale, &a.grad_shift}) {
+      if (g->defined()) g->zero_();
+    }
+    return outputs();
   }
-  if (!a.grad_x.defined() && !a.grad_weight.defined() && !a.grad_bias.defined()) {
-    return {a.grad_x, a.grad_weight, a.grad_bias};
+  if (!a.grad_x.defined() && !a.grad_weight.defined() && !a.grad_bias.defined() && !a.grad_scale.defined() &&
+      !a.grad_shift.defined()) {
+    return outputs();
   }
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.x.scalar_type(), "group_norm_act_backward_cuda", [&] {
-    dispatch_activation(a.activation, [&](auto act) { backward<scalar_t, decltype(act)::value>(a, stream); });
+    dispatch_activation(a.activation, [&](auto act) {
+      dispatch_bool(a.film(), [&](auto film) {
+        backward<scalar_t, decltype(act)::value, decltype(film)::value>(a, stream);
+      });
+    });
   });
-  return {a.grad_x, a.grad_weight, a.grad_bias};
+  return outputs();
 }
 
 TORCH_LIBRARY_IMPL(diffusion_ext, CUDA, m) {

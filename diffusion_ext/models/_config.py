@@ -24,3 +24,9 @@ def divisible_by_groups(cls: str, what: str, channels: int, num_groups: int) -> 
     if channels % num_groups:
         raise ValueError(f"{cls}: {what} = {channels} is not divisible by num_groups = {num_groups} (GroupNorm "
                          f"needs whole groups); pick base_channels and channel_mults so every level's width is")
+
+
+def one_of(cls: str, name: str, v, choices: tuple) -> str:
+    if v not in choices:
+        raise ValueError(f"{cls}: {name} = {v!r}; expected one of {', '.join(repr(c) for c in choices)}")
+    return v

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import torch
 
-from ._config import divisible_by_groups, int_list, positive_int
-from .blocks import AttentionBlock, Downsample, ResBlock, TimestepSequential, Upsample
+from ._config import divisible_by_groups, int_list, one_of, positive_int
+from .blocks import TIME_EMBEDDING_NORMS, AttentionBlock, Downsample, ResBlock, TimestepSequential, Upsample
 from .embeddings import TimestepEmbedding
 from ..nn import GroupNormAct
 
@@ -32,6 +32,10 @@ class UNet(torch.nn.Module):
     (Diffusion.training_loss(p_uncond=...)) gives both the conditional and the unconditional prediction
     needed for classifier-free guidance. y=None means the null class.
 
+    time_embedding_norm: "default" adds the embedding to each ResBlock's activations before its second norm;
+    "scale_shift" modulates that norm with it, GN(h)·(1 + scale) + shift (AdaGN, Nichol & Dhariwal 2021), the
+    embedding projections giving 2C values (ResBlock).
+
     fused=True builds the diffusion_ext kernels (GroupNormAct, flash attention), fused=False the eager
     PyTorch equivalents, with the same parameter names. `config` holds the constructor arguments (except
     fused) as JSON types, so `UNet(**m.config, fused=...)` rebuilds the model.
@@ -40,7 +44,7 @@ class UNet(torch.nn.Module):
     def __init__(self, in_channels: int = 3, out_channels: int = 3, base_channels: int = 64,
                  channel_mults=(1, 2, 2, 2), num_res_blocks: int = 2, attention_resolutions=(16,),
                  image_size: int = 64, dropout: float = 0.1, head_dim: int | None = 32, num_groups: int = 32,
-                 num_classes: int | None = None, fused: bool = True):
+                 num_classes: int | None = None, time_embedding_norm: str = "default", fused: bool = True):
         super().__init__()
         c = "UNet"
         for name, v in (("in_channels", in_channels), ("out_channels", out_channels),
@@ -51,6 +55,7 @@ class UNet(torch.nn.Module):
         attn_res = int_list(c, "attention_resolutions", attention_resolutions, allow_empty=True)
         if num_classes is not None:
             positive_int(c, "num_classes", num_classes)
+        one_of(c, "time_embedding_norm", time_embedding_norm, TIME_EMBEDDING_NORMS)
         if head_dim is not None:
             positive_int(c, "head_dim", head_dim)
         if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
@@ -84,7 +89,7 @@ class UNet(torch.nn.Module):
         self.config = dict(in_channels=in_channels, out_channels=out_channels, base_channels=base_channels,
                            channel_mults=mults, num_res_blocks=num_res_blocks, attention_resolutions=attn_res,
                            image_size=image_size, dropout=float(dropout), head_dim=head_dim, num_groups=num_groups,
-                           num_classes=num_classes)
+                           num_classes=num_classes, time_embedding_norm=time_embedding_norm)
         self.in_channels, self.out_channels, self.num_classes = in_channels, out_channels, num_classes
         self.fused = fused
         self.downsample_factor = 2 ** (levels - 1)
@@ -93,7 +98,7 @@ class UNet(torch.nn.Module):
         emb_dim = 4 * ch
 
         def res(cin, cout):
-            return ResBlock(cin, cout, emb_dim, dropout, G, fused)
+            return ResBlock(cin, cout, emb_dim, dropout, G, fused, time_embedding_norm)
 
         def attn(channels):
             return AttentionBlock(channels, head_dim=head_dim, num_groups=G, fused=fused)

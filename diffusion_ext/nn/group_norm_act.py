@@ -1,4 +1,4 @@
-"""GroupNormAct: nn.Sequential(nn.GroupNorm(G, C), nn.SiLU()) as one fused op."""
+"""GroupNormAct: nn.Sequential(nn.GroupNorm(G, C), nn.SiLU()) as one fused op, with optional FiLM."""
 from __future__ import annotations
 
 import torch
@@ -30,22 +30,29 @@ class GroupNormAct(torch.nn.Module):
             self.register_parameter("weight", None)
             self.register_parameter("bias", None)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, scale: torch.Tensor | None = None,
+                shift: torch.Tensor | None = None) -> torch.Tensor:
+        """act(GroupNorm(x)), or with the optional (N, C) FiLM scale and shift act(GroupNorm(x)·(1 + scale) + shift)
+        (ops.group_norm_act)."""
         if not self.fused:
-            return reference.group_norm_act(x, self.num_groups, self.weight, self.bias, self.eps, self.activation)
+            return reference.group_norm_act(x, self.num_groups, self.weight, self.bias, self.eps, self.activation,
+                                            scale, shift)
         weight, bias = self.weight, self.bias
-        if weight is not None and weight.dtype != x.dtype and torch.is_autocast_enabled(x.device.type):
-            # Mixed precision: low-precision activations from autocast's convs, fp32 parameters; the op
-            # takes one dtype (and normalises in fp32 whatever it is). bf16 has fp32's range: run on the
-            # activations as they come with γ, β cast to them, rather than upcast the activations as
-            # autocast does for F.group_norm (twice the memory traffic for the same statistics). fp16
-            # does not: dγ, dβ are sums over N·H·W that a GradScaler's 2^16 could overflow, so the
-            # activations go to fp32 as autocast would take them.
-            if x.dtype == torch.bfloat16:
-                weight, bias = weight.to(x.dtype), bias.to(x.dtype)
-            else:
-                x = x.to(weight.dtype)
-        return ops.group_norm_act(x, self.num_groups, weight, bias, self.eps, self.activation)
+        if torch.is_autocast_enabled(x.device.type):
+            if weight is not None and weight.dtype != x.dtype:
+                # Mixed precision: low-precision activations from autocast's convs, fp32 parameters; the op
+                # takes one dtype (and normalises in fp32 whatever it is). bf16 has fp32's range: run on the
+                # activations as they come with γ, β cast to them, rather than upcast the activations as
+                # autocast does for F.group_norm (twice the memory traffic for the same statistics). fp16
+                # does not: dγ, dβ are sums over N·H·W that a GradScaler's 2^16 could overflow, so the
+                # activations go to fp32 as autocast would take them.
+                if x.dtype == torch.bfloat16:
+                    weight, bias = weight.to(x.dtype), bias.to(x.dtype)
+                else:
+                    x = x.to(weight.dtype)
+            # scale and shift (an autocast Linear's output, or fp32) follow x as γ and β do
+            scale, shift = (None if t is None else t.to(x.dtype) for t in (scale, shift))
+        return ops.group_norm_act(x, self.num_groups, weight, bias, self.eps, self.activation, scale, shift)
 
     def extra_repr(self) -> str:
         return (f"{self.num_groups}, {self.num_channels}, eps={self.eps}, affine={self.affine}, "

@@ -19,8 +19,8 @@ What "every specialisation" means here, per op (the cases below say which call r
   reverse steps: DDPM and DDIM × prediction type × variance × guidance × noise none / given / made × dtype ×
     table dtype, and the coefficient pre-pass of each.
   group_norm_act: dtype × layout (channels-first, channels-last with G = 1 and G > 1) × activation × affine
-    or not, at the project's model shapes (UNet and VAE levels, 1×1 and odd spatial sizes, latents) so
-    that every tile geometry and the split/combine paths occur, forward and backward.
+    or not × FiLM scale/shift or not, at the project's model shapes (UNet and VAE levels, 1×1 and odd
+    spatial sizes, latents) so that every tile geometry and the split/combine paths occur, forward and backward.
   attention: dtype × head-dim bucket (16 … 256) at the GPU tile table entry of each kernel (fwd, Δ, dK/dV,
     dQ), head dims that are not powers of two, L = 1 and short L (capped tiles), few heads (the SM-filling
     shrink of the parallel block).
@@ -160,24 +160,31 @@ GN_DTYPE_SHAPES = ((8, 128, 32, 32),)  # the other dtypes: a common geometry
 # each activation and each (weight, bias) presence at least once
 GN_FLAGS = (("silu", True, True), ("relu", True, True), ("none", True, True), ("silu", False, False),
             ("silu", True, False), ("relu", False, True))
+# FiLM (scale, shift) presence: both (AdaGN), and each alone
+GN_FILM = ((True, True), (True, False), (False, True))
 
 
 def _group_norm_cases(reduced: bool = False) -> Iterator[Case]:
     gn = _mod("group_norm_act")
 
-    def case(dtype, layout, shape, G, act="silu", has_w=True, has_b=True):
-        C = shape[1]
+    def case(dtype, layout, shape, G, act="silu", has_w=True, has_b=True, film=(False, False)):
+        N, C = shape[:2]
         x = _empty(shape, dtype, layout)
         w = torch.empty(C, dtype=dtype) if has_w else None
         b = torch.empty(C, dtype=dtype) if has_b else None
+        # FiLM as diffusers' ResnetBlock2D makes it: scale and shift halves of one (N, 2C) projection
+        st = torch.empty(N, 2 * C, dtype=dtype)
+        s, t = (half if on else None for half, on in zip(st.chunk(2, dim=1), film))
 
         def fwd_bwd():
-            y, mean, rstd = gn.launch_group_norm_act(x, G, w, b, 1e-5, act)
+            y, mean, rstd = gn.launch_group_norm_act(x, G, w, b, 1e-5, act, s, t)
             gn.launch_group_norm_act_backward(torch.empty_like(y), x, mean, rstd, w, b, G, act,
-                                              [True, w is not None, b is not None])
+                                              [True, w is not None, b is not None], s, t)
 
+        film_name = {(False, False): "", (True, True): ", FiLM scale+shift", (True, False): ", FiLM scale",
+                     (False, True): ", FiLM shift"}[tuple(film)]
         return Case("group_norm_act", f"{_name(dtype)} {layout} {'x'.join(map(str, shape))}, G={G}, {act}, "
-                                      f"weight={has_w}, bias={has_b}", fwd_bwd)
+                                      f"weight={has_w}, bias={has_b}{film_name}", fwd_bwd)
 
     layouts = ("contiguous", "channels_last")
     groups = lambda C: sorted({1, min(32, C)})  # noqa: E731  (one group: a layout branch of its own)
@@ -185,6 +192,9 @@ def _group_norm_cases(reduced: bool = False) -> Iterator[Case]:
     for (dtype, layout) in ((torch.float32, "contiguous"), (torch.bfloat16, "channels_last")):
         for flags in GN_FLAGS:
             yield case(dtype, layout, (8, 128, 32, 32), 32, *flags)
+        for film in GN_FILM:
+            for has_w in (True, False):  # with γ the backward folds (1 + s) into the ∂γ, ∂β sums
+                yield case(dtype, layout, (8, 128, 32, 32), 32, "silu", has_w, has_w, film)
     if reduced:
         return
     # every tile geometry, in fp32
@@ -198,6 +208,7 @@ def _group_norm_cases(reduced: bool = False) -> Iterator[Case]:
             for shape in GN_DTYPE_SHAPES:
                 for G in groups(shape[1]):
                     yield case(dtype, layout, shape, G)
+                    yield case(dtype, layout, shape, G, film=(True, True))
 
 
 # head dims: every bucket at its power of two (tile table entries) and in-bucket values that are not

@@ -18,6 +18,10 @@ Backward (per group, M = Cg·HW; dz = dy·act'(z), x̂ = (x − μ)·rstd):
   2. _gn_bwd_coef_kernel, grid (N·G): a = Σ_group dz·γ / M, b = Σ_group dz·γ·x̂ / M;
   3. _gn_bwd_dx_kernel, same tiles: dx = rstd·(dz·γ − a − x̂·b);
   4. _gn_bwd_param_kernel, grid (⌈C/BLOCK_C⌉): dγ_c = Σ_n Σ dz·x̂, dβ_c = Σ_n Σ dz (no atomics: deterministic).
+FiLM (optional (N, C) scale s and shift t, csrc/common/film.h): z = (γ·x̂ + β)·(1 + s) + t, i.e. the per-(n, c)
+γ' = γ·(1 + s), β' = β·(1 + s) + t in every element-wise kernel and in step 2 (HAS_S, HAS_T: loaded once per
+program, outside the loops), and after step 1 _gn_bwd_film_kernel, grid (N, ⌈C/BLOCK_C⌉): ds = γ·Σ dz·x̂ + β·Σ dz,
+dt = Σ dz, and with a scale the sums folded with (1 + s) into [N, 1, C], on which step 4 runs unchanged.
 All sums accumulate in fp32 (fp64 for fp64 x).
 """
 from __future__ import annotations
@@ -29,7 +33,8 @@ import triton
 import triton.language as tl
 
 from .._loader import _C
-from .._meta import group_norm_channels_last, group_norm_empty_like, group_norm_stats_empty
+from .._meta import (group_norm_act_backward_empty, group_norm_channels_last, group_norm_empty_like,
+                     group_norm_film_grad_empty, group_norm_stats_empty)
 from .q_sample import _acc
 from .scalars import join_float, split_float
 from .target import launch, profile
@@ -190,11 +195,29 @@ def _channel_params(w_ptr, b_ptr, mean_ptr, rstd_ptr, n, c, c_ok, G, Cg,
 
 
 @triton.jit
+def _film_params(w_ptr, b_ptr, s_ptr, t_ptr, mean_ptr, rstd_ptr, n, c, c_ok, G, Cg, s_stride, t_stride,
+                 HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_S: tl.constexpr, HAS_T: tl.constexpr,
+                 ACC: tl.constexpr):
+    # _channel_params with FiLM: γ' = γ·(1 + s), β' = β·(1 + s) + t of sample n (film.h, F1); s at n·s_stride + c
+    ng, mean, rstd, gamma, beta = _channel_params(w_ptr, b_ptr, mean_ptr, rstd_ptr, n, c, c_ok, G, Cg,
+                                                  HAS_W, HAS_B, ACC)
+    if HAS_S:
+        k = 1.0 + tl.load(s_ptr + n.to(tl.int64) * s_stride + c, mask=c_ok, other=0).to(ACC)
+        gamma = gamma * k
+        beta = beta * k
+    if HAS_T:
+        beta = beta + tl.load(t_ptr + n.to(tl.int64) * t_stride + c, mask=c_ok, other=0).to(ACC)
+    return ng, mean, rstd, gamma, beta
+
+
+@triton.jit
 def _gn_fwd_apply_kernel(
     x_ptr,  # x: (n, c, s) at n·C·HW + c·stride_c + s·stride_s
     y_ptr,  # y, same layout
     w_ptr,  # [C] γ, read when HAS_W
     b_ptr,  # [C] β, read when HAS_B
+    s_ptr,  # [N, C] FiLM scale at n·s_stride + c, read when HAS_S
+    t_ptr,  # [N, C] FiLM shift at n·t_stride + c, read when HAS_T
     mean_ptr,  # [N·G] ACC μ
     rstd_ptr,  # [N·G] ACC rstd
     C, HW, G, Cg,
@@ -202,15 +225,16 @@ def _gn_fwd_apply_kernel(
     stride_s,  # 1 (channels_first) or C (channels_last)
     c_tiles,  # channel tiles per sample: program_id(0) = n·c_tiles + tile
     s_per_prog,  # spatial positions per program along program_id(1), a multiple of BLOCK_S
-    ACT: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr, ACC: tl.constexpr,
-    BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
+    s_stride, t_stride,  # row strides of scale and shift
+    ACT: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_S: tl.constexpr, HAS_T: tl.constexpr,
+    ACC: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
     pid = tl.program_id(0)
     n = pid // c_tiles
     c = (pid % c_tiles) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_ok = c < C
-    _, mean, rstd, gamma, beta = _channel_params(w_ptr, b_ptr, mean_ptr, rstd_ptr, n, c, c_ok, G, Cg,
-                                                 HAS_W, HAS_B, ACC)
+    _, mean, rstd, gamma, beta = _film_params(w_ptr, b_ptr, s_ptr, t_ptr, mean_ptr, rstd_ptr, n, c, c_ok, G, Cg,
+                                              s_stride, t_stride, HAS_W, HAS_B, HAS_S, HAS_T, ACC)
     scale = (rstd * gamma)[:, None]
     mean = mean[:, None]
     beta = beta[:, None]
@@ -238,6 +262,8 @@ def _gn_bwd_reduce_kernel(
     dy_ptr,  # grad_y, same layout
     w_ptr,  # [C] γ, read when HAS_W
     b_ptr,  # [C] β, read when HAS_B
+    s_ptr,  # [N, C] FiLM scale at n·s_stride + c, read when HAS_S
+    t_ptr,  # [N, C] FiLM shift at n·t_stride + c, read when HAS_T
     mean_ptr,  # [N·G] ACC μ
     rstd_ptr,  # [N·G] ACC rstd
     part_ds_ptr,  # [N, SPLIT_S, C] ACC Σ_s dz·x̂ over this program's spatial chunk
@@ -247,15 +273,16 @@ def _gn_bwd_reduce_kernel(
     stride_s,  # 1 or C
     c_tiles,  # program_id(0) = n·c_tiles + tile
     s_per_prog,  # a multiple of BLOCK_S
-    ACT: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr, ACC: tl.constexpr,
-    BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
+    s_stride, t_stride,  # row strides of scale and shift
+    ACT: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_S: tl.constexpr, HAS_T: tl.constexpr,
+    ACC: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
     pid = tl.program_id(0)
     n = pid // c_tiles
     c = (pid % c_tiles) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_ok = c < C
-    _, mean, rstd, gamma, beta = _channel_params(w_ptr, b_ptr, mean_ptr, rstd_ptr, n, c, c_ok, G, Cg,
-                                                 HAS_W, HAS_B, ACC)
+    _, mean, rstd, gamma, beta = _film_params(w_ptr, b_ptr, s_ptr, t_ptr, mean_ptr, rstd_ptr, n, c, c_ok, G, Cg,
+                                              s_stride, t_stride, HAS_W, HAS_B, HAS_S, HAS_T, ACC)
     mean = mean[:, None]
     rstd = rstd[:, None]
     gamma = gamma[:, None]
@@ -283,6 +310,7 @@ def _gn_bwd_reduce_kernel(
 @triton.jit
 def _gn_bwd_coef_kernel(
     w_ptr,  # [C] γ, read when HAS_W
+    s_ptr,  # [N, C] FiLM scale at n·s_stride + c, read when HAS_S: γ' = γ·(1 + s)
     part_ds_ptr,  # [N, split, C] ACC partial Σ dz·x̂
     part_db_ptr,  # [N, split, C] ACC partial Σ dz
     coef_a_ptr,  # [N·G] ACC a = Σ_group dz·γ / M
@@ -290,7 +318,8 @@ def _gn_bwd_coef_kernel(
     C, G, Cg,
     split,
     group_size,  # M = Cg·HW
-    HAS_W: tl.constexpr, ACC: tl.constexpr,
+    s_stride,
+    HAS_W: tl.constexpr, HAS_S: tl.constexpr, ACC: tl.constexpr,
     BLOCK_K: tl.constexpr, BLOCK_CG: tl.constexpr,
 ):
     ng = tl.program_id(0)
@@ -306,6 +335,8 @@ def _gn_bwd_coef_kernel(
             gamma = tl.load(w_ptr + c, mask=c_ok, other=0).to(ACC)[None, :]
         else:
             gamma = tl.full([1, BLOCK_CG], 1.0, ACC)
+        if HAS_S:  # γ' of the element-wise kernels (the same product, so dz·γ' − a cancels exactly when M = 1)
+            gamma = gamma * (1.0 + tl.load(s_ptr + n.to(tl.int64) * s_stride + c, mask=c_ok, other=0).to(ACC))[None, :]
         for k0 in range(0, split, BLOCK_K):
             k = k0 + tl.arange(0, BLOCK_K)
             off = ((n.to(tl.int64) * split + k) * C)[:, None] + c[None, :]
@@ -324,6 +355,8 @@ def _gn_bwd_dx_kernel(
     dx_ptr,  # grad_x, same layout
     w_ptr,  # [C] γ, read when HAS_W
     b_ptr,  # [C] β, read when HAS_B
+    s_ptr,  # [N, C] FiLM scale at n·s_stride + c, read when HAS_S
+    t_ptr,  # [N, C] FiLM shift at n·t_stride + c, read when HAS_T
     mean_ptr,  # [N·G] ACC μ
     rstd_ptr,  # [N·G] ACC rstd
     coef_a_ptr,  # [N·G] ACC a
@@ -333,15 +366,16 @@ def _gn_bwd_dx_kernel(
     stride_s,  # 1 or C
     c_tiles,  # program_id(0) = n·c_tiles + tile
     s_per_prog,  # a multiple of BLOCK_S
-    ACT: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr, ACC: tl.constexpr,
-    BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
+    s_stride, t_stride,  # row strides of scale and shift
+    ACT: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_S: tl.constexpr, HAS_T: tl.constexpr,
+    ACC: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
     pid = tl.program_id(0)
     n = pid // c_tiles
     c = (pid % c_tiles) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_ok = c < C
-    ng, mean, rstd, gamma, beta = _channel_params(w_ptr, b_ptr, mean_ptr, rstd_ptr, n, c, c_ok, G, Cg,
-                                                  HAS_W, HAS_B, ACC)
+    ng, mean, rstd, gamma, beta = _film_params(w_ptr, b_ptr, s_ptr, t_ptr, mean_ptr, rstd_ptr, n, c, c_ok, G, Cg,
+                                               s_stride, t_stride, HAS_W, HAS_B, HAS_S, HAS_T, ACC)
     a = tl.load(coef_a_ptr + ng, mask=c_ok, other=0)[:, None]
     b = tl.load(coef_b_ptr + ng, mask=c_ok, other=0)[:, None]
     mean = mean[:, None]
@@ -364,6 +398,61 @@ def _gn_bwd_dx_kernel(
 
 
 @triton.jit
+def _column_sums(a_ptr, b_ptr, row0, rows, c, c_ok, C, WANT_A: tl.constexpr, WANT_B: tl.constexpr, ACC: tl.constexpr,
+                 BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    # Σ over rows [row0, row0 + rows) of the [*, C] ACC tables a and b, at the BLOCK_C columns c (in a fixed
+    # order: no atomics)
+    acc_a = tl.zeros([BLOCK_R, BLOCK_C], dtype=ACC)
+    acc_b = tl.zeros([BLOCK_R, BLOCK_C], dtype=ACC)
+    for r0 in range(0, rows, BLOCK_R):
+        r = r0 + tl.arange(0, BLOCK_R)
+        off = ((row0 + r).to(tl.int64) * C)[:, None] + c[None, :]
+        ok = (r < rows)[:, None] & c_ok[None, :]
+        if WANT_A:
+            acc_a += tl.load(a_ptr + off, mask=ok, other=0)
+        if WANT_B:
+            acc_b += tl.load(b_ptr + off, mask=ok, other=0)
+    return tl.sum(acc_a, axis=0), tl.sum(acc_b, axis=0)
+
+
+@triton.jit
+def _gn_bwd_film_kernel(
+    part_ds_ptr,  # [N, split, C] ACC partial Σ dz·x̂ (S2)
+    part_db_ptr,  # [N, split, C] ACC partial Σ dz (S1)
+    w_ptr,  # [C] γ, read when HAS_W
+    b_ptr,  # [C] β, read when HAS_B
+    s_ptr,  # [N, C] FiLM scale at n·s_stride + c, read when FOLD
+    dscale_ptr,  # [N, C] grad_scale, written when WANT_DS
+    dshift_ptr,  # [N, C] grad_shift, written when WANT_DT
+    fold_ds_ptr,  # [N, C] ACC (1 + s)·S2, written when FOLD
+    fold_db_ptr,  # [N, C] ACC (1 + s)·S1, written when FOLD
+    C, split, s_stride,
+    HAS_W: tl.constexpr, HAS_B: tl.constexpr, WANT_DS: tl.constexpr, WANT_DT: tl.constexpr,
+    FOLD: tl.constexpr, ACC: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    # per (n, c): S1, S2 over the split chunks; ∂s = γ·S2 + β·S1, ∂t = S1 (film.h, F2); (1 + s)·(S1, S2) (F3)
+    n = tl.program_id(0)
+    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_ok = c < C
+    s2, s1 = _column_sums(part_ds_ptr, part_db_ptr, n.to(tl.int64) * split, split, c, c_ok, C, True, True, ACC,
+                          BLOCK_K, BLOCK_C)
+    nc = n.to(tl.int64) * C + c
+    if WANT_DS:
+        ds = s2
+        if HAS_W:
+            ds = ds * tl.load(w_ptr + c, mask=c_ok, other=0).to(ACC)
+        if HAS_B:
+            ds += s1 * tl.load(b_ptr + c, mask=c_ok, other=0).to(ACC)
+        tl.store(dscale_ptr + nc, ds.to(dscale_ptr.dtype.element_ty), mask=c_ok)
+    if WANT_DT:
+        tl.store(dshift_ptr + nc, s1.to(dshift_ptr.dtype.element_ty), mask=c_ok)
+    if FOLD:
+        k1 = 1.0 + tl.load(s_ptr + n.to(tl.int64) * s_stride + c, mask=c_ok, other=0).to(ACC)
+        tl.store(fold_ds_ptr + nc, k1 * s2, mask=c_ok)
+        tl.store(fold_db_ptr + nc, k1 * s1, mask=c_ok)
+
+
+@triton.jit
 def _gn_bwd_param_kernel(
     part_ds_ptr,  # [rows = N·split, C] ACC partial Σ dz·x̂
     part_db_ptr,  # [rows, C] ACC partial Σ dz
@@ -375,20 +464,11 @@ def _gn_bwd_param_kernel(
 ):
     c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_ok = c < C
-    acc_dw = tl.zeros([BLOCK_R, BLOCK_C], dtype=ACC)
-    acc_db = tl.zeros([BLOCK_R, BLOCK_C], dtype=ACC)
-    for r0 in range(0, rows, BLOCK_R):
-        r = r0 + tl.arange(0, BLOCK_R)
-        off = (r.to(tl.int64) * C)[:, None] + c[None, :]
-        ok = (r < rows)[:, None] & c_ok[None, :]
-        if WANT_DW:
-            acc_dw += tl.load(part_ds_ptr + off, mask=ok, other=0)
-        if WANT_DB:
-            acc_db += tl.load(part_db_ptr + off, mask=ok, other=0)
+    dw, db = _column_sums(part_ds_ptr, part_db_ptr, 0, rows, c, c_ok, C, WANT_DW, WANT_DB, ACC, BLOCK_R, BLOCK_C)
     if WANT_DW:
-        tl.store(dw_ptr + c, tl.sum(acc_dw, axis=0).to(dw_ptr.dtype.element_ty), mask=c_ok)
+        tl.store(dw_ptr + c, dw.to(dw_ptr.dtype.element_ty), mask=c_ok)
     if WANT_DB:
-        tl.store(db_ptr + c, tl.sum(acc_db, axis=0).to(db_ptr.dtype.element_ty), mask=c_ok)
+        tl.store(db_ptr + c, db.to(db_ptr.dtype.element_ty), mask=c_ok)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -449,8 +529,23 @@ def _layout(x: torch.Tensor) -> tuple[torch.Tensor, bool]:
     return x.contiguous(), False
 
 
+class _Film:
+    """The FiLM inputs as the kernels take them: pointer arguments (x stands in for an absent one), row strides
+    and the HAS_S / HAS_T flags. A view with unit channel stride is read as it is (csrc/group_norm_args.cpp
+    film_operand)."""
+
+    def __init__(self, x: torch.Tensor, scale: Optional[torch.Tensor], shift: Optional[torch.Tensor]):
+        scale, shift = (t if t is None or t.shape[1] <= 1 or t.stride(1) == 1 else t.contiguous()
+                        for t in (scale, shift))
+        self.scale, self.shift = scale, shift
+        self.ptrs = tuple(x if t is None else t for t in (scale, shift))
+        self.strides = tuple(0 if t is None else t.stride(0) for t in (scale, shift))
+        self.flags = dict(HAS_S=scale is not None, HAS_T=shift is not None)
+
+
 def launch_group_norm_act(x: torch.Tensor, num_groups: int, weight: Optional[torch.Tensor],
-                          bias: Optional[torch.Tensor], eps: float, activation: str, *,
+                          bias: Optional[torch.Tensor], eps: float, activation: str,
+                          scale: Optional[torch.Tensor] = None, shift: Optional[torch.Tensor] = None, *,
                           tile: int = TILE, target_programs: Optional[int] = None):
     """(y, mean, rstd). tile and target_programs size the programs (tests shrink them to reach the
     multi-block and split paths on small inputs)."""
@@ -490,19 +585,23 @@ def launch_group_norm_act(x: torch.Tensor, num_groups: int, weight: Optional[tor
     if split > 1:
         launch(_gn_fwd_combine_kernel, (N * G,), part[0], part[1], part[2], mean, rstd, split, eps_hi, eps_lo,
                ACC=acc, BLOCK_K=_p2(split), num_warps=_warps(_p2(split)))
-    # 2. y = act((x − μ)·rstd·γ + β)
+    # 2. y = act((x − μ)·rstd·γ + β), with FiLM's γ', β'
+    film = _Film(x, scale, shift)
     launch(_gn_fwd_apply_kernel, geo.grid,
-        x, y, x if weight is None else weight, x if bias is None else bias, mean, rstd, *geo.tile_args(),
-        ACT=_ACTIVATION[activation], HAS_W=weight is not None, HAS_B=bias is not None, ACC=acc,
-        BLOCK_C=geo.BLOCK_C, BLOCK_S=geo.BLOCK_S, num_warps=geo.num_warps)
+        x, y, x if weight is None else weight, x if bias is None else bias, *film.ptrs, mean, rstd,
+        *geo.tile_args(), *film.strides, ACT=_ACTIVATION[activation], HAS_W=weight is not None,
+        HAS_B=bias is not None, **film.flags, ACC=acc, BLOCK_C=geo.BLOCK_C, BLOCK_S=geo.BLOCK_S,
+        num_warps=geo.num_warps)
     return y, mean, rstd
 
 
 def launch_group_norm_act_backward(grad_y: torch.Tensor, x: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor,
                                    weight: Optional[torch.Tensor], bias: Optional[torch.Tensor], num_groups: int,
-                                   activation: str, output_mask, *, tile: int = TILE,
-                                   target_programs: Optional[int] = None):
-    """(grad_x, grad_weight, grad_bias), None where output_mask is false or the parameter is absent."""
+                                   activation: str, output_mask, scale: Optional[torch.Tensor] = None,
+                                   shift: Optional[torch.Tensor] = None, scale_shift_mask=(True, True), *,
+                                   tile: int = TILE, target_programs: Optional[int] = None):
+    """(grad_x, grad_weight, grad_bias, grad_scale, grad_shift), None where the mask (output_mask,
+    scale_shift_mask) is false or the input is absent."""
     x, channels_last = _layout(x)
     dy = grad_y if grad_y.stride() == x.stride() else torch.empty_like(x).copy_(grad_y)  # x's layout
     want_dx = bool(output_mask[0])
@@ -514,41 +613,60 @@ def launch_group_norm_act_backward(grad_y: torch.Tensor, x: torch.Tensor, mean: 
     N, C, HW, G, Cg = geo.N, geo.C, geo.HW, geo.G, geo.Cg
     dw = torch.zeros((C,), dtype=x.dtype, device=x.device) if want_dw else None
     db = torch.zeros((C,), dtype=x.dtype, device=x.device) if want_db else None
-    if N * C * HW == 0 or not (want_dx or want_dw or want_db):
-        return dx, dw, db
+    want_ds = scale is not None and bool(scale_shift_mask[0])
+    want_dt = shift is not None and bool(scale_shift_mask[1])
+    dscale = group_norm_film_grad_empty(x).zero_() if want_ds else None
+    dshift = group_norm_film_grad_empty(x).zero_() if want_dt else None
+    if N * C * HW == 0 or not (want_dx or want_dw or want_db or want_ds or want_dt):
+        return dx, dw, db, dscale, dshift
     acc = _acc(x)
     mean, rstd = mean.contiguous(), rstd.contiguous()
     weight = None if weight is None else weight.contiguous()
     bias = None if bias is None else bias.contiguous()
     w_arg, b_arg = (x if weight is None else weight), (x if bias is None else bias)
-    flags = dict(ACT=_ACTIVATION[activation], HAS_W=weight is not None, HAS_B=bias is not None, ACC=acc)
+    film = _Film(x, scale, shift)
+    flags = dict(ACT=_ACTIVATION[activation], HAS_W=weight is not None, HAS_B=bias is not None, **film.flags, ACC=acc)
     # 1. per (n, spatial chunk, c): Σ dz·x̂ and Σ dz
     part = torch.empty((2, N, geo.split_s, C), dtype=mean.dtype, device=x.device)
     launch(_gn_bwd_reduce_kernel, geo.grid,
-        x, dy, w_arg, b_arg, mean, rstd, part[0], part[1], *geo.tile_args(), **flags,
+        x, dy, w_arg, b_arg, *film.ptrs, mean, rstd, part[0], part[1], *geo.tile_args(), *film.strides, **flags,
         BLOCK_C=geo.BLOCK_C, BLOCK_S=geo.BLOCK_S, num_warps=geo.num_warps)
+    # FiLM: ∂s, ∂t; with a scale, the sums folded with (1 + s) into [N, 1, C] for step 4
+    sums, split = part, geo.split_s
+    fold = scale is not None and (want_dw or want_db)
+    if want_ds or want_dt or fold:
+        folded = torch.empty((2, N, 1, C), dtype=mean.dtype, device=x.device) if fold else part
+        block_c = min(_p2(C), 256)
+        block_k = min(_p2(split), max(1, tile // block_c))
+        launch(_gn_bwd_film_kernel, (N, triton.cdiv(C, block_c)),
+            part[0], part[1], w_arg, b_arg, film.ptrs[0], x if dscale is None else dscale,
+            x if dshift is None else dshift, folded[0], folded[1], C, split, film.strides[0],
+            HAS_W=weight is not None, HAS_B=bias is not None, WANT_DS=want_ds, WANT_DT=want_dt, FOLD=fold, ACC=acc,
+            BLOCK_K=block_k, BLOCK_C=block_c, num_warps=_warps(block_k * block_c))
+        if fold:
+            sums, split = folded, 1
     if want_dx:
         # 2. a, b per (n, g); 3. grad_x
         coef = torch.empty((2, N * G), dtype=mean.dtype, device=x.device)
         block_k = min(_p2(geo.split_s), 64)
         block_cg = min(_p2(Cg), max(1, tile // block_k))
         launch(_gn_bwd_coef_kernel, (N * G,),
-            w_arg, part[0], part[1], coef[0], coef[1], C, G, Cg, geo.split_s, Cg * HW,
-            HAS_W=weight is not None, ACC=acc, BLOCK_K=block_k, BLOCK_CG=block_cg,
-            num_warps=_warps(block_k * block_cg))
+            w_arg, film.ptrs[0], part[0], part[1], coef[0], coef[1], C, G, Cg, geo.split_s, Cg * HW,
+            film.strides[0], HAS_W=weight is not None, HAS_S=film.flags["HAS_S"], ACC=acc, BLOCK_K=block_k,
+            BLOCK_CG=block_cg, num_warps=_warps(block_k * block_cg))
         launch(_gn_bwd_dx_kernel, geo.grid,
-            x, dy, dx, w_arg, b_arg, mean, rstd, coef[0], coef[1], *geo.tile_args(), **flags,
-            BLOCK_C=geo.BLOCK_C, BLOCK_S=geo.BLOCK_S, num_warps=geo.num_warps)
+            x, dy, dx, w_arg, b_arg, *film.ptrs, mean, rstd, coef[0], coef[1], *geo.tile_args(), *film.strides,
+            **flags, BLOCK_C=geo.BLOCK_C, BLOCK_S=geo.BLOCK_S, num_warps=geo.num_warps)
     if want_dw or want_db:
         # 4. grad_weight, grad_bias: the partials summed over (n, chunk)
         block_c = min(_p2(C), 256)
-        rows = N * geo.split_s
+        rows = N * split
         block_r = min(_p2(rows), max(1, tile // block_c))
         launch(_gn_bwd_param_kernel, (triton.cdiv(C, block_c),),
-            part[0], part[1], x if dw is None else dw, x if db is None else db, C, rows,
+            sums[0], sums[1], x if dw is None else dw, x if db is None else db, C, rows,
             WANT_DW=want_dw, WANT_DB=want_db, ACC=acc, BLOCK_R=block_r, BLOCK_C=block_c,
             num_warps=_warps(block_r * block_c))
-    return dx, dw, db
+    return dx, dw, db, dscale, dshift
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -557,34 +675,36 @@ def launch_group_norm_act_backward(grad_y: torch.Tensor, x: torch.Tensor, mean: 
 # --------------------------------------------------------------------------------------------------------
 @torch.library.custom_op(
     "diffusion_ext_triton::group_norm_act", mutates_args=(),
-    schema="(Tensor x, int num_groups, Tensor? weight, Tensor? bias, float eps, str activation)"
-           " -> (Tensor y, Tensor mean, Tensor rstd)")
+    schema="(Tensor x, int num_groups, Tensor? weight, Tensor? bias, float eps, str activation,"
+           " Tensor? scale=None, Tensor? shift=None) -> (Tensor y, Tensor mean, Tensor rstd)")
 def group_norm_act(x: torch.Tensor, num_groups: int, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
-                   eps: float, activation: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    _C.check_group_norm_act(x, num_groups, weight, bias, eps, activation)
-    return launch_group_norm_act(x, num_groups, weight, bias, eps, activation)
+                   eps: float, activation: str, scale: Optional[torch.Tensor] = None,
+                   shift: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    _C.check_group_norm_act(x, num_groups, weight, bias, eps, activation, scale, shift)
+    return launch_group_norm_act(x, num_groups, weight, bias, eps, activation, scale, shift)
 
 
 @torch.library.custom_op(
     "diffusion_ext_triton::group_norm_act_backward", mutates_args=(),
     schema="(Tensor grad_y, Tensor x, Tensor mean, Tensor rstd, Tensor? weight, Tensor? bias, int num_groups,"
-           " str activation, bool[3] output_mask) -> (Tensor, Tensor, Tensor)")
+           " str activation, bool[3] output_mask, Tensor? scale=None, Tensor? shift=None,"
+           " bool[2] scale_shift_mask=[True, True]) -> (Tensor, Tensor, Tensor, Tensor, Tensor)")
 def group_norm_act_backward(grad_y: torch.Tensor, x: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor,
                             weight: Optional[torch.Tensor], bias: Optional[torch.Tensor], num_groups: int,
-                            activation: str, output_mask: list[bool]
-                            ) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor]]:
-    _C.check_group_norm_act_backward(grad_y, x, mean, rstd, weight, bias, num_groups, activation, output_mask)
-    return launch_group_norm_act_backward(grad_y, x, mean, rstd, weight, bias, num_groups, activation, output_mask)
+                            activation: str, output_mask: list[bool], scale: Optional[torch.Tensor] = None,
+                            shift: Optional[torch.Tensor] = None, scale_shift_mask: list[bool] = (True, True)):
+    _C.check_group_norm_act_backward(grad_y, x, mean, rstd, weight, bias, num_groups, activation, output_mask,
+                                     scale, shift, scale_shift_mask)
+    return launch_group_norm_act_backward(grad_y, x, mean, rstd, weight, bias, num_groups, activation, output_mask,
+                                          scale, shift, scale_shift_mask)
 
 
 @group_norm_act.register_fake
-def _(x, num_groups, weight, bias, eps, activation):
+def _(x, num_groups, weight, bias, eps, activation, scale=None, shift=None):
     return group_norm_empty_like(x), group_norm_stats_empty(x, num_groups), group_norm_stats_empty(x, num_groups)
 
 
 @group_norm_act_backward.register_fake
-def _(grad_y, x, mean, rstd, weight, bias, num_groups, activation, output_mask):
-    grad_x = group_norm_empty_like(x) if output_mask[0] else None
-    grad_w = torch.empty_like(weight) if weight is not None and output_mask[1] else None
-    grad_b = torch.empty_like(bias) if bias is not None and output_mask[2] else None
-    return grad_x, grad_w, grad_b
+def _(grad_y, x, mean, rstd, weight, bias, num_groups, activation, output_mask, scale=None, shift=None,
+      scale_shift_mask=(True, True)):
+    return group_norm_act_backward_empty(x, weight, bias, scale, shift, output_mask, scale_shift_mask)
