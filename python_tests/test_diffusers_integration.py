@@ -579,6 +579,28 @@ def test_scheduler_step_with_timesteps_on_the_device_path(case, monkeypatch):
         torch.testing.assert_close(xa, xb, rtol=2e-6, atol=2e-6)
 
 
+@pytest.mark.parametrize("cls,kw", [(DDPMScheduler, {}), (DDIMScheduler, dict(eta=1.0))], ids=["ddpm", "ddim"])
+def test_scheduler_step_with_a_bf16_model_output_and_an_fp32_sample(cls, kw, monkeypatch):
+    """Under autocast the model answers in bf16 while the pipeline's sample stays fp32: diffusers computes
+    in fp32 and draws its noise in bf16; so does the fused step (noise drawn in bf16, then fp32)."""
+    ours, theirs = cls(num_train_timesteps=40), cls(num_train_timesteps=40)
+    dxd.patch(ours)
+    for s in (ours, theirs):
+        s.set_timesteps(5)
+    calls = _spy(monkeypatch, "ddpm_step", "ddim_step")
+    x = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(0))
+    eps = (0.5 * x).bfloat16()
+    ga, gb = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    for t in ours.timesteps:
+        a = ours.step(eps, t, x, generator=ga, **kw).prev_sample
+        b = theirs.step(eps, t, x, generator=gb, **kw).prev_sample
+        assert a.dtype == b.dtype == torch.float32
+        # diffusers rounds σ·z to bf16 before adding it; the fused step adds it in fp32
+        torch.testing.assert_close(a, b, rtol=0, atol=8e-3 * max(1.0, b.abs().max().item()))
+    # one pass for prev_sample, one for pred_original_sample, per step
+    assert torch.equal(ga.get_state(), gb.get_state()) and len(calls["ddpm_step"] + calls["ddim_step"]) == 2 * 5
+
+
 def test_scheduler_step_returns_diffusers_types_and_tuples():
     for cls, out_cls in ((DDPMScheduler, diffusers_schedulers.DDPMSchedulerOutput),
                          (DDIMScheduler, diffusers_schedulers.DDIMSchedulerOutput)):

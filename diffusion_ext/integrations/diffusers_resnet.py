@@ -25,9 +25,20 @@ NORM_OUT_KIND = "conv_norm_out + conv_act as group_norm_act"
 
 @patch_function
 def resnet_forward(self, input_tensor: torch.Tensor, temb: torch.Tensor | None, *args, **kwargs) -> torch.Tensor:
-    """ResnetBlock2D.forward with its two GroupNorm→activation pairs fused (the numbered steps are
-    diffusers'). Inputs the kernels do not take, and diffusers' deprecated extra arguments, run diffusers'
-    forward."""
+    """ResnetBlock2D.forward with its GroupNorm→activation pairs fused; a scale_shift block's norm2 runs
+    diffusers' code (this build's group_norm_act has no FiLM inputs)."""
+    return _forward(self, input_tensor, temb, args, kwargs, film=False)
+
+
+@patch_function
+def resnet_forward_film(self, input_tensor: torch.Tensor, temb: torch.Tensor | None, *args, **kwargs) -> torch.Tensor:
+    """ResnetBlock2D.forward with both GroupNorm→activation pairs fused, scale_shift's FiLM included."""
+    return _forward(self, input_tensor, temb, args, kwargs, film=True)
+
+
+def _forward(self, input_tensor, temb, args, kwargs, film: bool) -> torch.Tensor:
+    """The block's forward (diffusers' steps) with its norms fused. Inputs the kernels do not take, and
+    diffusers' deprecated extra arguments, run diffusers' forward."""
     act = fused_activation(self.nonlinearity)
     if args or kwargs or not runs_fused(input_tensor) or act is None or \
             (self.time_embedding_norm == "scale_shift" and temb is None):
@@ -52,7 +63,7 @@ def resnet_forward(self, input_tensor: torch.Tensor, temb: torch.Tensor | None, 
         temb = self.time_emb_proj(temb)[:, :, None, None]
     if self.time_embedding_norm == "scale_shift":
         scale, shift = torch.chunk(temb, 2, dim=1)  # (N, C, 1, 1) each
-        if film_supported():
+        if film:
             # 4. h = act(GN2(h)·(1 + scale) + shift) in one pass (FiLM, Perez et al. 2018), scale/shift (N, C)
             hidden_states = group_norm_act(self.norm2, hidden_states, act, scale=scale.flatten(1),
                                            shift=shift.flatten(1))
@@ -82,10 +93,11 @@ def patch_resnet(block, path: str, where: str, report) -> None:
         report.add_kept(path, "ResnetBlock2D", f"activation {type(block.nonlinearity).__name__} has no fused kernel "
                                                f"(SiLU, ReLU)", where)
         return
-    bind(block, "forward", resnet_forward)
+    film = block.time_embedding_norm == "scale_shift" and film_supported()  # decided here, not per call
+    bind(block, "forward", resnet_forward_film if film else resnet_forward)
     report.add_fused(path, RESNET_KIND, where)
     if block.time_embedding_norm == "scale_shift":
-        if film_supported():
+        if film:
             report.add_fused(path, FILM_KIND, where)
         else:
             report.add_kept(path, "ResnetBlock2D scale_shift norm2", "diffusion_ext.ops.group_norm_act takes no "

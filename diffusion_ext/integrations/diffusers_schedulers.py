@@ -105,9 +105,23 @@ def _batch_t(value, like: torch.Tensor) -> torch.Tensor:
 
 
 def _step_args_ok(sched, model_output: torch.Tensor, sample: torch.Tensor) -> bool:
-    return (runs_fused(sample) and model_output.shape == sample.shape and model_output.dtype == sample.dtype
+    return (runs_fused(sample) and runs_fused(model_output) and model_output.shape == sample.shape
             and model_output.device == sample.device and sample.dim() >= 1 and sample.shape[0] > 0
             and sched.config.prediction_type in PREDICTION_TYPES and not sched.config.thresholding)
+
+
+def _promoted(model_output: torch.Tensor, sample: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Both in the dtype diffusers' arithmetic gives them (a bf16 model output under autocast meets an fp32
+    sample in fp32): the kernels take one dtype."""
+    dtype = torch.promote_types(model_output.dtype, sample.dtype)
+    return model_output.to(dtype), sample.to(dtype)
+
+
+def _noise_like(model_output: torch.Tensor, generator, dtype: torch.dtype) -> torch.Tensor:
+    """diffusers' draw (randn_tensor in the model output's dtype: the same numbers, the same generator state),
+    in the dtype the step runs in."""
+    return randn_tensor(model_output.shape, generator=generator, device=model_output.device,
+                        dtype=model_output.dtype).to(dtype)
 
 
 def _x0(sched, model_output, t, sample, table) -> torch.Tensor:
@@ -155,8 +169,9 @@ def ddpm_step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, 
         t = tables.ddpm_index_on(sample.device)[timestep.to(sample.device).long()].reshape(-1).expand(sample.shape[0])
         draw = True
     # 6. the noise, drawn exactly as diffusers draws it (the kernel scales it by σ_t, zero at the chain's end)
-    noise = randn_tensor(model_output.shape, generator=generator, device=model_output.device,
-                         dtype=model_output.dtype) if draw else None
+    drawn_from = model_output
+    model_output, sample = _promoted(model_output, sample)
+    noise = _noise_like(drawn_from, generator, sample.dtype) if draw else None
     chain = tables.get("chain", sample)
     # 1.-5. ᾱ_t, ᾱ_prev, β_t; x̂0 (clipped); the posterior mean μ̃(x_t, x̂0) of eq. 7; x_{t-1} = μ̃ + σ_t·z
     prev = ops.ddpm_step(model_output, t, sample, chain, noise, clip_sample=cfg.clip_sample,
@@ -196,11 +211,13 @@ def ddim_step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, 
     else:
         t = timestep.to(sample.device).long().reshape(-1).expand(sample.shape[0])
         t_prev = torch.where(t >= ratio, t - ratio, below)
+    drawn_from = model_output
+    model_output, sample = _promoted(model_output, sample)
     table = _tables(self).get("alphas", sample)
     noise = None
     if eta > 0:  # diffusers draws whenever η > 0
-        noise = variance_noise if variance_noise is not None else randn_tensor(
-            model_output.shape, generator=generator, device=model_output.device, dtype=model_output.dtype)
+        noise = variance_noise.to(sample.dtype) if variance_noise is not None else \
+            _noise_like(drawn_from, generator, sample.dtype)
     # 2.-7. ᾱ_t, ᾱ_prev; x̂0 (clipped), ε̂; σ_t(η) of eq. 16; x_prev = √ᾱ_prev·x̂0 + √(1−ᾱ_prev−σ²)·ε̂ + σ·z
     prev = ops.ddim_step(model_output, t, t_prev, sample, table, float(eta), noise, clip_sample=cfg.clip_sample,
                          clip_range=cfg.clip_sample_range, prediction_type=cfg.prediction_type)
@@ -239,7 +256,7 @@ def patch_scheduler(sched, report, path: str = "") -> None:
                                                          f"has {', '.join(DDPM_VARIANCES)})")
     if isinstance(sched, DDIMScheduler):
         report.note("DDIMScheduler.step(use_clipped_model_output=True) with clip_sample=True")
-    report.note("scheduler steps whose model_output and sample differ in shape or dtype")
+    report.note("scheduler steps whose model_output and sample differ in shape or device")
 
 
 def unpatch_scheduler(sched) -> bool:
