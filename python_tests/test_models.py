@@ -41,16 +41,7 @@ TINY_UNET = dict(in_channels=3, out_channels=2, base_channels=8, channel_mults=(
 TINY_VAE = dict(in_channels=3, latent_channels=4, base_channels=8, channel_mults=(1, 2), num_groups=4)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These models are tiny (mostly 16×16 with ≤ 72 channels): one op is tens of microseconds, so a second intra-op
-    thread only adds a fork/join per op, and on a shared 2-core machine each join can wait a scheduler
-    slice (measured: 8 s for this file on one thread, 100 s on two beside another process). The ops'
-    threaded paths are tested by the op tests at their sizes."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_intra_op_thread")  # tiny models: see conftest.py
 
 
 def _pair(cls, cfg, seed=0):
