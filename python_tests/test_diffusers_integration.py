@@ -51,9 +51,17 @@ UNET_B = dict(sample_size=8, in_channels=3, out_channels=3, block_out_channels=(
 UNET_C = dict(sample_size=8, in_channels=4, out_channels=4, block_out_channels=(16, 32), layers_per_block=1,
               down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
               cross_attention_dim=12, attention_head_dim=2, norm_num_groups=4)  # (diffusers: 2 heads here)
+# D: cross-attention at the deeper level with 4 heads of 8, 8 groups, 2 resnets per level
+UNET_D = dict(sample_size=8, in_channels=4, out_channels=4, block_out_channels=(16, 32), layers_per_block=2,
+              down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+              cross_attention_dim=12, attention_head_dim=4, norm_num_groups=8)
 VAE = dict(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
            up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), latent_channels=4, norm_num_groups=4,
            layers_per_block=1, sample_size=16)
+# a VAE with 2 groups, 3 levels, one head of 24 in its mid-blocks
+VAE_B = dict(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 3,
+             up_block_types=("UpDecoderBlock2D",) * 3, block_out_channels=(8, 16, 24), latent_channels=2,
+             norm_num_groups=2, layers_per_block=1, sample_size=16)
 
 
 pytestmark = pytest.mark.usefixtures("one_intra_op_thread")  # tiny models: see conftest.py
@@ -63,12 +71,13 @@ def _case(name):
     """(model class, config, fn(model, x), x in fp64) of a named test model."""
     g = torch.Generator().manual_seed(11)
     t = torch.tensor([3, 900])
-    if name == "vae":
-        return AutoencoderKL, VAE, lambda m, x: m.decode(m.encode(x).latent_dist.mode()).sample, \
+    if name.startswith("vae"):
+        return AutoencoderKL, {"vae": VAE, "vae_b": VAE_B}[name], \
+            lambda m, x: m.decode(m.encode(x).latent_dist.mode()).sample, \
             torch.randn(2, 3, 16, 16, generator=g, dtype=torch.float64)
-    cfg = {"unet_a": UNET_A, "unet_b": UNET_B, "unet_c": UNET_C}[name]
+    cfg = {"unet_a": UNET_A, "unet_b": UNET_B, "unet_c": UNET_C, "unet_d": UNET_D}[name]
     x = torch.randn(2, cfg["in_channels"], 8, 8, generator=g, dtype=torch.float64)
-    if name == "unet_c":
+    if name in ("unet_c", "unet_d"):
         ctx = torch.randn(2, 5, 12, generator=g, dtype=torch.float64)
         return UNet2DConditionModel, cfg, lambda m, x: m(x, t, encoder_hidden_states=ctx.to(x.dtype)).sample, x
     y = torch.tensor([0, 2]) if "num_class_embeds" in cfg else None
@@ -101,9 +110,11 @@ def _spy(monkeypatch, *names):
 # ----------------------------------------------------------------------------------------------------
 # models: outputs and gradients
 # ----------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("name", ["unet_a", "unet_b", "unet_c", "vae"])
+@pytest.mark.parametrize("name", ["unet_a", "unet_b", "unet_c", "unet_d", "vae", "vae_b"])
 def test_patched_model_matches_diffusers_output_and_every_gradient(name):
-    model, twin, _, fn, x = _patched_pair(name)
+    model, twin, report, fn, x = _patched_pair(name)
+    # every block of these configs is fused (scale_shift's norm2 once the op has FiLM)
+    assert all(kind == "ResnetBlock2D scale_shift norm2" for kind, _ in report.kept_counts()), report
     assert_fused_matches_eager(model, twin, fn, x, "cpu", torch.float32, zero_grads=ZERO_GRADS)
 
 
