@@ -65,7 +65,7 @@ def worst_rel_err(out, grads, out64, grads64, zero_grads: tuple[str, ...] = ()) 
 
 
 def assert_fused_matches_eager(model, eager, fn, x, device, dtype, memory_format=torch.contiguous_format,
-                               zero_grads: tuple[str, ...] = ()):
+                               zero_grads: tuple[str, ...] = (), factor: float = 2.0):
     """`model` (the fused one, usually) in `dtype` and `memory_format` against the eager model in fp64, for
     the output and the gradients w.r.t. x and every parameter.
 
@@ -74,7 +74,8 @@ def assert_fused_matches_eager(model, eager, fn, x, device, dtype, memory_format
     tensors, plus FLOOR[dtype]. Tensor by tensor the per-op rule does not hold for a network (which
     gradient rounds worst depends on summation orders), while the worst case does: over 16 seeds × both
     models × both layouts the fused fp32 model used at most 0.66 of this bound. In fp64 the eager model is
-    the oracle itself, so the bound is FLOOR[float64] relative. zero_grads: see rel_errs."""
+    the oracle itself, so the bound is FLOOR[float64] relative. zero_grads: see rel_errs. factor: the "twice"
+    of the rule, for networks whose worst case has a longer tail (see its callers)."""
     g = torch.Generator().manual_seed(7)
     eager64 = eager.to(device, torch.float64)
     x64 = x.to(device, torch.float64)
@@ -95,18 +96,19 @@ def assert_fused_matches_eager(model, eager, fn, x, device, dtype, memory_format
     triples = {"out": (out, ref, out64), **{n: (grads[n], ref_grads[n], grads64[n]) for n in grads64}}
     for n, (o, r, r64) in triples.items():
         assert o is not None and r64 is not None and o.shape == r64.shape, n
-    bound = 2 * max(rel_errs({n: (r, r64) for n, (_, r, r64) in triples.items()}, zero_grads).values()) + FLOOR[dtype]
+    bound = factor * max(rel_errs({n: (r, r64) for n, (_, r, r64) in triples.items()}, zero_grads).values()) + \
+        FLOOR[dtype]
     errs = rel_errs({n: (o, r64) for n, (o, _, r64) in triples.items()}, zero_grads)
     bad = {n: f"{e:.3g}" for n, e in errs.items() if not e <= bound}
     assert not bad, f"relative errors above {bound:.3g} (dtype {dtype}): {bad}"
 
 
 def assert_autocast_matches_eager(fused, eager, eager64, fn, x, g_out, dtype=torch.bfloat16,
-                                  zero_grads: tuple[str, ...] = ()) -> None:
+                                  zero_grads: tuple[str, ...] = (), factor: float = 2.0) -> None:
     """Mixed precision as a trainer runs it (fp32 parameters, `dtype` activations from autocast): against
     eager64 (the eager network in fp64), the fused network's worst relative error over the output and every
-    gradient is at most twice the eager network's under the same autocast, plus FLOOR[dtype]; parameters'
-    gradients stay fp32."""
+    gradient is at most twice (factor) the eager network's under the same autocast, plus FLOOR[dtype];
+    parameters' gradients stay fp32."""
     out64, grads64 = out_and_grads(eager64, fn, x.double(), g_out.double())
     worst = {}
     for name, model in (("fused", fused), ("eager", eager)):
@@ -114,4 +116,4 @@ def assert_autocast_matches_eager(fused, eager, eager64, fn, x, g_out, dtype=tor
             out, grads = out_and_grads(model, fn, x.float(), g_out.float())
         assert all(grads[n].dtype == torch.float32 for n in grads64 if n != "x"), "parameters stay fp32"
         worst[name] = worst_rel_err(out, grads, out64, grads64, zero_grads)
-    assert worst["fused"] <= 2 * worst["eager"] + FLOOR[dtype], worst
+    assert worst["fused"] <= factor * worst["eager"] + FLOOR[dtype], worst

@@ -38,6 +38,12 @@ from diffusion_ext.integrations import diffusers as dxd  # noqa: E402
 from diffusion_ext.integrations import diffusers_attention, diffusers_resnet, diffusers_schedulers, fused_norm  # noqa: E402
 
 ZERO_GRADS = ("to_k.bias",)  # softmax is blind to a key bias (network_check.rel_errs)
+# network_check's rule with 4× instead of 2× the unpatched model's worst error: these networks have more
+# tensors than ours (~100-300), and the worst of the patched model's errors has a longer tail — measured
+# over 10 seeds × the 6 configurations below, it reached 2.3× the unpatched model's worst once (median
+# 0.8×; unet_c, seed 9), while the group norm and attention kernels alone are as accurate as PyTorch's at
+# these shapes. A wrong formula errs by 1e-3 or more, hundreds of times this bound.
+FACTOR = 4.0
 
 # Two levels each; attention at the deeper (A) or the first level (B), head dims 8 and 16, 4 and 8 groups
 # (2 in B's attention), scale_shift and class labels in B, cross-attention with 5 tokens of width 12 in C.
@@ -115,14 +121,14 @@ def test_patched_model_matches_diffusers_output_and_every_gradient(name):
     model, twin, report, fn, x = _patched_pair(name)
     # every block of these configs is fused (scale_shift's norm2 once the op has FiLM)
     assert all(kind == "ResnetBlock2D scale_shift norm2" for kind, _ in report.kept_counts()), report
-    assert_fused_matches_eager(model, twin, fn, x, "cpu", torch.float32, zero_grads=ZERO_GRADS)
+    assert_fused_matches_eager(model, twin, fn, x, "cpu", torch.float32, zero_grads=ZERO_GRADS, factor=FACTOR)
 
 
 def test_patched_model_matches_in_fp64_and_channels_last():
     model, twin, _, fn, x = _patched_pair("unet_a")
-    assert_fused_matches_eager(model, twin, fn, x, "cpu", torch.float64, zero_grads=ZERO_GRADS)
+    assert_fused_matches_eager(model, twin, fn, x, "cpu", torch.float64, zero_grads=ZERO_GRADS, factor=FACTOR)
     assert_fused_matches_eager(model, twin, fn, x, "cpu", torch.float32, memory_format=torch.channels_last,
-                               zero_grads=ZERO_GRADS)
+                               zero_grads=ZERO_GRADS, factor=FACTOR)
 
 
 def test_patched_model_under_bf16_autocast_is_as_accurate_as_diffusers():
@@ -130,7 +136,7 @@ def test_patched_model_under_bf16_autocast_is_as_accurate_as_diffusers():
     twin64 = copy.deepcopy(twin).double()
     with torch.no_grad():
         g_out = torch.randn(fn(twin, x.float()).shape, generator=torch.Generator().manual_seed(3))
-    assert_autocast_matches_eager(model, twin, twin64, fn, x, g_out, zero_grads=ZERO_GRADS)
+    assert_autocast_matches_eager(model, twin, twin64, fn, x, g_out, zero_grads=ZERO_GRADS, factor=FACTOR)
 
 
 def test_patched_model_on_the_triton_interpreter():
@@ -138,7 +144,7 @@ def test_patched_model_on_the_triton_interpreter():
         pytest.skip("Triton's interpreter is not available here")
     model, twin, _, fn, x = _patched_pair("unet_a")
     with diffusion_ext.use_backend("triton"):
-        assert_fused_matches_eager(model, twin, fn, x, "cpu", torch.float32, zero_grads=ZERO_GRADS)
+        assert_fused_matches_eager(model, twin, fn, x, "cpu", torch.float32, zero_grads=ZERO_GRADS, factor=FACTOR)
 
 
 def test_patched_model_runs_the_fused_ops(monkeypatch):
@@ -227,7 +233,7 @@ def test_scale_shift_path_against_the_agreed_film_api(monkeypatch):
     assert fused_norm.film_supported()
     model, twin, report, fn, x = _patched_pair("unet_b")
     assert report.counts()[diffusers_resnet.FILM_KIND] == _unet2d_counts(UNET_B)[0] and not report.kept
-    assert_fused_matches_eager(model, twin, fn, x, "cpu", torch.float32, zero_grads=ZERO_GRADS)
+    assert_fused_matches_eager(model, twin, fn, x, "cpu", torch.float32, zero_grads=ZERO_GRADS, factor=FACTOR)
 
 
 # ----------------------------------------------------------------------------------------------------

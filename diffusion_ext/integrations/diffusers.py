@@ -34,7 +34,7 @@ from diffusers.models.resnet import ResnetBlock2D, ResnetBlockCondNorm2D
 from .diffusers_attention import FusedAttnProcessor, patch_attention, unpatch_attention
 from .diffusers_report import PatchReport
 from .diffusers_resnet import patch_norm_out, patch_resnet, unpatch_norm_out, unpatch_resnet
-from .diffusers_schedulers import SCHEDULERS, patch_scheduler, unpatch_scheduler
+from .diffusers_schedulers import patch_scheduler, unpatch_scheduler
 
 TESTED_VERSIONS = ("0.42",)
 # the parents whose forward calls conv_norm_out then conv_act and nothing else between them
@@ -103,7 +103,7 @@ def patch(obj, group_norm: bool = True, attention: bool = True, scheduler: bool 
     report = PatchReport(type(obj).__name__, _diffusers.__version__)
     for name, comp in _components(obj):
         part = PatchReport(type(comp).__name__, report.diffusers_version)
-        if isinstance(comp, SCHEDULERS) or isinstance(comp, _diffusers.SchedulerMixin):
+        if isinstance(comp, _diffusers.SchedulerMixin):
             if flags["scheduler"]:
                 patch_scheduler(comp, part)
         else:
