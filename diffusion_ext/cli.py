@@ -1,7 +1,7 @@
 """`python -m diffusion_ext <command>`: the command line of diffusion_ext.
 
 Commands are argparse subcommands, each registered by a small `_add_<name>` function that sets its
-handler with set_defaults(func=...): bench, train, sample, demo, predict-depth, eval-depth.
+handler with set_defaults(func=...): bench, train, sample, demo, predict-depth, eval-depth, export.
 Handlers import what they need lazily: `--help` and one command never pay for another's imports.
 """
 from __future__ import annotations
@@ -212,6 +212,9 @@ def _add_train(sub) -> None:
                    help="condition on the data set's labels, dropping them with --p-uncond (classifier-free guidance)")
     g.add_argument("--p-uncond", dest="p_uncond", type=float, help="default 0.1")
     g.add_argument("--eager", dest="fused", action="store_false", help="build the eager model (fused=False)")
+    g.add_argument("--backbone", choices=("native", "diffusers"),
+                   help="pixel: 'diffusers' trains a diffusers UNet2DModel with the same options, patched onto the "
+                        "fused kernels (unpatched with --eager); export it with `export --format diffusers`")
     g = p.add_argument_group("diffusion")
     g.add_argument("--num-timesteps", dest="num_timesteps", type=int, help="default 1000")
     g.add_argument("--beta-schedule", dest="beta_schedule", choices=("linear", "scaled_linear", "cosine"))
@@ -486,6 +489,38 @@ def _run_eval_depth(args) -> int:
 
 
 # ----------------------------------------------------------------------------------------------------
+# export
+# ----------------------------------------------------------------------------------------------------
+def _add_export(sub) -> None:
+    p = sub.add_parser("export", help="write a trained model in another library's format (diffusers)",
+                       description="--format diffusers: the EMA weights of a run trained with --backbone diffusers "
+                                   "and its noise schedule as a folder that DDPMPipeline.from_pretrained and "
+                                   "DDIMPipeline.from_pretrained load with diffusers alone.")
+    p.add_argument("--checkpoint", required=True, metavar="CKPT", help="a training checkpoint or exported weights")
+    p.add_argument("--format", dest="fmt", choices=("diffusers",), required=True)
+    p.add_argument("out_dir", metavar="OUT_DIR", help="a new or empty directory (or an earlier export)")
+    p.set_defaults(func=_run_export)
+
+
+def _run_export(args) -> int:
+    from .checkpoint import CheckpointError
+
+    try:
+        from .integrations.diffusers_export import export
+    except ImportError as e:
+        return _error("export", str(e))
+    try:
+        out = export(args.checkpoint, args.out_dir, args.fmt)
+    except (ValueError, CheckpointError) as e:
+        return _error("export", str(e))
+    note = " (class-conditional: call its unet with class_labels; DDPMPipeline passes none)" \
+        if out["class_conditional"] else ""
+    print(f"wrote {out['out']}: {out['pipeline']} at step {out['step']}, loadable with "
+          f"DDPMPipeline.from_pretrained / DDIMPipeline.from_pretrained{note}")
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m diffusion_ext",
                                      description="Fused diffusion ops: benchmarks, training and sampling.")
@@ -496,6 +531,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_demo(sub)
     _add_predict_depth(sub)
     _add_eval_depth(sub)
+    _add_export(sub)
     return parser
 
 

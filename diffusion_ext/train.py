@@ -43,6 +43,7 @@ from .run_folder import CHECKPOINT_NAME, LOG_NAME, config_differences, prepare_n
 
 TASKS = ("pixel", "vae", "latent", "depth")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+BACKBONES = ("native", "diffusers")
 # what may differ between a run and its resumption (its length, bookkeeping and where it runs; `out` is
 # the run's folder itself, wherever it now lives)
 RESUME_OVERRIDES = ("steps", "quiet", "ckpt_every", "log_every", "sample_every", "num_samples", "sample_steps",
@@ -69,6 +70,7 @@ class TrainConfig:
     class_cond: bool = False             # condition on the data set's labels (classifier-free guidance)
     p_uncond: float = 0.1                # label drop probability when class_cond
     fused: bool = True
+    backbone: str = "native"             # pixel: "diffusers" trains a diffusers UNet2DModel (integrations/)
     # diffusion
     num_timesteps: int = 1000
     beta_schedule: str = "linear"
@@ -130,6 +132,10 @@ class TrainConfig:
             bad(f"batch_size = {self.batch_size} is not divisible by grad_accum = {self.grad_accum}")
         if not self.lr > 0:
             bad(f"lr = {self.lr}; expected > 0")
+        if self.backbone not in BACKBONES:
+            bad(f"backbone {self.backbone!r} is unknown; expected one of {BACKBONES}")
+        if self.backbone == "diffusers" and self.task != "pixel":
+            bad(f"backbone 'diffusers' trains the pixel task's UNet2DModel; task {self.task!r} uses the native models")
         if self.task == "latent" and not self.vae:
             bad("task 'latent' needs vae: the path of a trained VAE checkpoint (--vae CKPT, from train --task vae)")
         if self.channel_mults is not None:
@@ -282,10 +288,26 @@ def model_spec(cfg: TrainConfig, num_classes: int | None, vae_config: dict | Non
     attn = cfg.attention_resolutions
     if attn is None:
         attn = (16,) if 16 in resolutions else ()
-    return "unet", dict(in_channels=cin, out_channels=cout, base_channels=cfg.base_channels, channel_mults=list(mults),
-                        num_res_blocks=cfg.num_res_blocks, attention_resolutions=list(attn), image_size=size,
-                        dropout=cfg.dropout, head_dim=cfg.head_dim, num_groups=cfg.num_groups,
-                        num_classes=num_classes if cfg.class_cond else None)
+    spec = dict(in_channels=cin, out_channels=cout, base_channels=cfg.base_channels, channel_mults=list(mults),
+                num_res_blocks=cfg.num_res_blocks, attention_resolutions=list(attn), image_size=size,
+                dropout=cfg.dropout, head_dim=cfg.head_dim, num_groups=cfg.num_groups,
+                num_classes=num_classes if cfg.class_cond else None)
+    if cfg.backbone == "diffusers":  # the same options as a diffusers UNet2DModel
+        from .integrations.diffusers_backbone import spec_from_unet
+
+        return spec_from_unet(spec)
+    return "unet", spec
+
+
+def build_network(kind: str, config: dict, fused: bool = True) -> torch.nn.Module:
+    """models.build_model(kind, config), or the diffusers backbone for its kind (diffusers imported only then)."""
+    if kind.startswith("diffusers"):
+        from .integrations.diffusers_backbone import build
+
+        return build(config, fused=fused)
+    from .models import build_model
+
+    return build_model(kind, config, fused=fused)
 
 
 def build_diffusion(config: dict, device):
@@ -387,13 +409,11 @@ class Trainer:
             self._setup_vae(ckpt)
 
         # model (same initial weights on every rank: seeded from cfg.seed alone), EMA, optimizer
-        from .models import build_model
-
         self.model_kind, self.model_config = model_spec(cfg, self.num_classes,
                                                         self.vae_record["config"] if self.vae_record else None)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(mix_seed(cfg.seed, 0x1A17))
-            model = build_model(self.model_kind, self.model_config, fused=cfg.fused)
+            model = build_network(self.model_kind, self.model_config, fused=cfg.fused)
         self.model = model.to(self.device)
         if cfg.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
@@ -788,7 +808,7 @@ def load_trained(path: str, device="cpu", fused: bool = True) -> Trained:
 
     info = load_any(path)
     meta = info["meta"]
-    model = build_model(meta["model_kind"], meta["model_config"], fused=fused)
+    model = build_network(meta["model_kind"], meta["model_config"], fused=fused)
     try:
         model.load_state_dict(info["weights"])
     except RuntimeError as e:

@@ -39,3 +39,15 @@ def backend_device(request):
 
 
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
+
+
+@pytest.fixture(scope="module")
+def one_intra_op_thread():
+    """For files of tiny models (mostly 16×16 with ≤ 72 channels): one op is tens of microseconds, so a second
+    intra-op thread only adds a fork/join per op, and on a shared 2-core machine each join can wait a scheduler
+    slice (measured: 8 s for test_models.py on one thread, 100 s on two beside another process). The ops'
+    threaded paths are tested by the op tests at their sizes. Use: pytestmark = pytest.mark.usefixtures(...)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -22,7 +22,11 @@ import math
 
 import pytest
 import torch
-from tolerances import FLOOR, max_err
+from network_check import assert_autocast_matches_eager
+from network_check import assert_fused_matches_eager as _assert_fused_matches_eager
+from network_check import out_and_grads as _out_and_grads
+from network_check import randomize as _randomize
+from tolerances import max_err
 
 from diffusion_ext import ops, reference
 from diffusion_ext.models import MODELS, UNet, VAE, build_model
@@ -42,29 +46,7 @@ MODEL_CASES = [pytest.param("unet", TINY_UNET, id="unet"), pytest.param("unet", 
                pytest.param("vae", TINY_VAE, id="vae")]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These models are tiny (mostly 16×16 with ≤ 72 channels): one op is tens of microseconds, so a second intra-op
-    thread only adds a fork/join per op, and on a shared 2-core machine each join can wait a scheduler
-    slice (measured: 8 s for this file on one thread, 100 s on two beside another process). The ops'
-    threaded paths are tested by the op tests at their sizes."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-def _randomize(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
-    """Every weight ~ N(0, 1/fan_in), every bias and norm parameter perturbed by N(0, 0.1²)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            r = torch.randn(p.shape, generator=g, dtype=torch.float64)
-            if p.dim() >= 2:
-                p.copy_(r / math.sqrt(p[0].numel()))
-            else:
-                p.add_(0.1 * r.to(p.dtype))
-    return model
+pytestmark = pytest.mark.usefixtures("one_intra_op_thread")  # tiny models: see conftest.py
 
 
 def _pair(cls, cfg, seed=0):
@@ -81,57 +63,6 @@ def _unet_inputs(B=2, C=3, H=16, W=16, seed=1):
     t = torch.tensor([3, 999, 500, 0][:B])
     y = torch.tensor([0, 3, 1, 2][:B])  # 3 = num_classes: the null class
     return x, t, y
-
-
-def _out_and_grads(model, fn, x, g_out):
-    """fn(model, x) and the gradients of <fn(model, x), g_out> w.r.t. x and every named parameter."""
-    model.zero_grad(set_to_none=True)
-    x = x.detach().requires_grad_(True)
-    out = fn(model, x)
-    out.backward(g_out.to(out.dtype))
-    grads = {"x": x.grad}
-    grads.update({n: p.grad for n, p in model.named_parameters()})
-    return out.detach(), grads
-
-
-def _rel_err(a: torch.Tensor, ref64: torch.Tensor) -> float:
-    return max_err(a, ref64) / max(ref64.abs().max().item(), 1e-300)
-
-
-def _assert_fused_matches_eager(model, eager, fn, x, device, dtype, memory_format=torch.contiguous_format):
-    """`model` (the fused one, usually) in `dtype` and `memory_format` against the eager model in fp64, for
-    the output and the gradients w.r.t. x and every parameter.
-
-    The tolerance is tolerances.py's rule lifted to a whole network: every tensor's error, relative to its
-    largest entry, is at most twice the eager model's worst relative error in the same dtype over all these
-    tensors, plus FLOOR[dtype]. Tensor by tensor the per-op rule does not hold for a network (which
-    gradient rounds worst depends on summation orders), while the worst case does: over 16 seeds × both
-    models × both layouts the fused fp32 model used at most 0.66 of this bound. In fp64 the eager model is
-    the oracle itself, so the bound is FLOOR[float64] relative."""
-    g = torch.Generator().manual_seed(7)
-    eager64 = eager.to(device, torch.float64)
-    x64 = x.to(device, torch.float64)
-    with torch.no_grad():
-        shape = fn(eager64, x64).shape
-    g_out = torch.randn(shape, generator=g, dtype=torch.float64).to(device)
-    out64, grads64 = _out_and_grads(eager64, fn, x64, g_out)
-    if dtype == torch.float64:
-        ref, ref_grads = out64, grads64
-    else:
-        eager_d = eager.to(device, dtype)
-        ref, ref_grads = _out_and_grads(eager_d, fn, x.to(device, dtype), g_out)
-    model_d = model.to(device, dtype).to(memory_format=memory_format)
-    xd = x.to(device, dtype).contiguous(memory_format=memory_format)
-    out, grads = _out_and_grads(model_d, fn, xd, g_out)
-    assert out.abs().max() > 0.1, "the comparison is vacuous: the output is ~0"
-    assert out.dtype == dtype and set(grads) == set(grads64)
-    triples = {"out": (out, ref, out64), **{n: (grads[n], ref_grads[n], grads64[n]) for n in grads64}}
-    for n, (o, r, r64) in triples.items():
-        assert o is not None and r64 is not None and o.shape == r64.shape, n
-    bound = 2 * max(_rel_err(r, r64) for _, r, r64 in triples.values()) + FLOOR[dtype]
-    errs = {n: _rel_err(o, r64) for n, (o, _, r64) in triples.items()}
-    bad = {n: f"{e:.3g}" for n, e in errs.items() if not e <= bound}
-    assert not bad, f"relative errors above {bound:.3g} (dtype {dtype}): {bad}"
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -224,14 +155,7 @@ def test_fused_model_runs_under_bf16_autocast_like_the_eager_one(kind, cfg):
         g_out = torch.randn(fn(eager, x.float()).shape, generator=torch.Generator().manual_seed(3))
     eager64 = cls(**cfg, fused=False).double()
     eager64.load_state_dict(eager.state_dict())
-    out64, grads64 = _out_and_grads(eager64, fn, x, g_out.double())
-    worst = {}
-    for name, model in (("fused", fused), ("eager", eager)):
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            out, grads = _out_and_grads(model, fn, x.float(), g_out)
-        assert all(grads[n].dtype == torch.float32 for n in grads64 if n != "x"), "parameters stay fp32"
-        worst[name] = max([_rel_err(out, out64)] + [_rel_err(grads[n], grads64[n]) for n in grads64])
-    assert worst["fused"] <= 2 * worst["eager"] + FLOOR[torch.bfloat16], worst
+    assert_autocast_matches_eager(fused, eager, eager64, fn, x, g_out)
 
 
 def test_group_norm_act_dtype_rules_outside_and_inside_autocast():

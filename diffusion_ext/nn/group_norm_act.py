@@ -8,6 +8,23 @@ from .. import ops, reference
 ACTIVATIONS = ("silu", "relu", "none")
 
 
+def match_autocast(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None):
+    """(x, weight, bias) in one dtype for group_norm_act, which takes one (and normalises in fp32 whatever
+    it is). Outside autocast they are returned as given (a mismatch stays the op's error, as for
+    F.group_norm).
+
+    Mixed precision: low-precision activations from autocast's convs, fp32 parameters. bf16 has fp32's
+    range: run on the activations as they come with γ, β cast to them, rather than upcast the activations
+    as autocast does for F.group_norm (twice the memory traffic for the same statistics). fp16 does not:
+    dγ, dβ are sums over N·H·W that a GradScaler's 2^16 could overflow, so the activations go to fp32 as
+    autocast would take them."""
+    if weight is not None and weight.dtype != x.dtype and torch.is_autocast_enabled(x.device.type):
+        if x.dtype == torch.bfloat16:
+            return x, weight.to(x.dtype), None if bias is None else bias.to(x.dtype)
+        return x.to(weight.dtype), weight, bias
+    return x, weight, bias
+
+
 class GroupNormAct(torch.nn.Module):
     """GroupNorm (Wu & He 2018) followed by an activation, fused. Its state_dict holds `weight` and
     `bias` exactly as nn.GroupNorm's, so an nn.GroupNorm checkpoint loads into it and back."""
@@ -37,19 +54,8 @@ class GroupNormAct(torch.nn.Module):
         if not self.fused:
             return reference.group_norm_act(x, self.num_groups, self.weight, self.bias, self.eps, self.activation,
                                             scale, shift)
-        weight, bias = self.weight, self.bias
+        x, weight, bias = match_autocast(x, self.weight, self.bias)
         if torch.is_autocast_enabled(x.device.type):
-            if weight is not None and weight.dtype != x.dtype:
-                # Mixed precision: low-precision activations from autocast's convs, fp32 parameters; the op
-                # takes one dtype (and normalises in fp32 whatever it is). bf16 has fp32's range: run on the
-                # activations as they come with γ, β cast to them, rather than upcast the activations as
-                # autocast does for F.group_norm (twice the memory traffic for the same statistics). fp16
-                # does not: dγ, dβ are sums over N·H·W that a GradScaler's 2^16 could overflow, so the
-                # activations go to fp32 as autocast would take them.
-                if x.dtype == torch.bfloat16:
-                    weight, bias = weight.to(x.dtype), bias.to(x.dtype)
-                else:
-                    x = x.to(weight.dtype)
             # scale and shift (an autocast Linear's output, or fp32) follow x as γ and β do
             scale, shift = (None if t is None else t.to(x.dtype) for t in (scale, shift))
         return ops.group_norm_act(x, self.num_groups, weight, bias, self.eps, self.activation, scale, shift)

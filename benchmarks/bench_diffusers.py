@@ -1,0 +1,175 @@
+"""diffusers' UNet2DModel patched onto diffusion_ext (integrations.diffusers.patch) vs unpatched vs
+torch.compile of the unpatched model, measured in one run:
+
+- "train step": forward, backward and Adam step of the ε-prediction loss at 64×64 (add_noise through the
+  scheduler, patched with the model);
+- "DDIM pipeline": a 50-step DDIMPipeline call (eta 0, output_type "pt").
+
+The model is the report's 64×64 U-Net as a UNet2DModel (diffusers_backbone.REPORT_64: attention at 16×16
+and in the mid-block). CPU: batch 8, fp32 and bf16 autocast. CUDA: batch 64, bf16 autocast.
+
+    python benchmarks/bench_diffusers.py cpu|cuda [--quick] [--no-compile] [--batch N] [--steps N]
+                                         [--precisions fp32,bf16]
+
+prints a markdown table with the ratio to the unpatched model measured in the same run; a case that fails
+gets a row saying why and the table goes on. --quick (a smoke test, not a measurement): batch 1 (8 on
+CUDA), a 2-step pipeline, one timed repetition. --batch, --steps, --precisions override the defaults (a
+CPU without native bf16 — AVX512-BF16, AMX — emulates bf16 convolutions, ~60× slower than fp32 on the
+2-core AVX2 machine here: the bf16 rows want a smaller batch there). Needs diffusers
+(pip install 'diffusion_ext[diffusers]'); without it the table says so. No assertion here is about time.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import sys
+import time
+
+import torch
+
+from diffusion_ext import bench
+
+MODES = ("train step", "DDIM pipeline")
+PROVIDERS = ("unpatched", "patched", "compile(unpatched)")
+
+
+def settings(device: torch.device, quick: bool) -> dict:
+    if device.type == "cuda":
+        return dict(batch=8 if quick else 64, steps=2 if quick else 50, precisions=("bf16",))
+    return dict(batch=1 if quick else 8, steps=2 if quick else 50, precisions=("fp32", "bf16"))
+
+
+def _autocast(device: torch.device, precision: str):
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16)
+
+
+def make_fn(mode: str, provider: str, precision: str, device: torch.device, batch: int, steps: int):
+    """A no-argument callable running one case (built fresh: each provider has its own model)."""
+    from diffusers import DDIMPipeline, DDIMScheduler, DDPMScheduler, UNet2DModel
+
+    from diffusion_ext.integrations import diffusers as dxd
+    from diffusion_ext.integrations.diffusers_backbone import REPORT_64
+
+    torch.manual_seed(0)
+    unet = UNet2DModel(**REPORT_64).to(device)
+    scheduler = DDPMScheduler(num_train_timesteps=1000) if mode == "train step" else DDIMScheduler(1000)
+    if provider == "patched":
+        dxd.patch(unet)
+        dxd.patch(scheduler)
+    net = torch.compile(unet) if provider.startswith("compile") else unet
+    autocast = _autocast(device, precision)
+    g = torch.Generator().manual_seed(1)
+    if mode == "train step":
+        x0 = (torch.rand(batch, 3, 64, 64, generator=g) * 2 - 1).to(device)
+        noise = torch.randn(batch, 3, 64, 64, generator=g).to(device)
+        t = torch.randint(0, 1000, (batch,), generator=g).to(device)
+        opt = torch.optim.Adam(unet.parameters(), lr=1e-4)
+        unet.train()
+
+        def fn():
+            opt.zero_grad(set_to_none=True)
+            x_t = scheduler.add_noise(x0, noise, t)
+            with autocast:
+                loss = torch.nn.functional.mse_loss(net(x_t, t).sample.float(), noise)
+            loss.backward()
+            opt.step()
+            return loss
+        return fn
+
+    unet.eval()
+    pipe = DDIMPipeline(unet=net, scheduler=scheduler)
+    pipe.set_progress_bar_config(disable=True)
+
+    def fn():
+        with autocast:
+            return pipe(batch_size=batch, generator=torch.Generator(device).manual_seed(0), num_inference_steps=steps,
+                        output_type="pt").images
+    return fn
+
+
+def _why(e: BaseException) -> str:
+    msg = " ".join(str(e).split())
+    return f"failed: {type(e).__name__}: {msg[:160]}".replace("|", "/")
+
+
+def table(device, quick: bool = False, compile_models: bool = True, **overrides) -> str:
+    """The markdown table; overrides: batch, steps, precisions (None: the defaults of settings())."""
+    device = torch.device(device)
+    s = settings(device, quick)
+    s.update({k: v for k, v in overrides.items() if v is not None})
+    head = ["| mode | precision | provider | time (ms) | vs unpatched |", "|---|---|---|---:|---:|"]
+    try:
+        import diffusers
+    except ImportError as e:
+        return "\n".join(head + [f"| all | all | all | not measured: diffusers is not installed ({e}); "
+                                 f"pip install 'diffusion_ext[diffusers]' | — |"])
+    if device.type == "cpu":
+        bench.steady_cpu_allocator()
+    options = bench.TimingOptions(warmup=1, min_reps=1, max_reps=1, min_time_s=0.0) if quick else \
+        bench.TimingOptions(warmup=2, min_reps=5, max_reps=20, min_time_s=5.0)
+    lines = list(head)
+    for mode in MODES:
+        for precision in s["precisions"]:
+            base = None
+            for provider in PROVIDERS:
+                if provider.startswith("compile") and not compile_models:
+                    lines.append(f"| {mode} | {precision} | {provider} | skipped (--no-compile) | — |")
+                    continue
+                try:
+                    start = time.perf_counter()
+                    fn = make_fn(mode, provider, precision, device, s["batch"], s["steps"])
+                    t, reps = bench.measure(fn, device, options)  # its first, untimed call compiles
+                except Exception as e:  # noqa: BLE001 - the row says why; the table goes on
+                    lines.append(f"| {mode} | {precision} | {provider} | {_why(e)} | — |")
+                    print(lines[-1], file=sys.stderr)
+                    continue
+                if provider == "unpatched":
+                    base = t
+                ratio = f"{base / t:.2f}×" if base else "— (no unpatched time)"
+                lines.append(f"| {mode} | {precision} | {provider} | {t * 1e3:.1f} | {ratio} |")
+                print(f"{lines[-1]}  ({reps} reps, {time.perf_counter() - start:.0f} s with set-up)", file=sys.stderr)
+    note = " — quick run: a smoke test, not a measurement" if quick else ""
+    return (f"diffusers {diffusers.__version__} UNet2DModel (diffusers_backbone.REPORT_64), 64×64, batch {s['batch']}, "
+            f"DDIM pipeline {s['steps']} steps, {device.type}, torch {torch.__version__}, "
+            f"{torch.get_num_threads()} threads{note}\n\n" + "\n".join(lines))
+
+
+def _parser():
+    import argparse
+
+    def positive(v: str) -> int:
+        if not v.isdigit() or int(v) < 1:
+            raise argparse.ArgumentTypeError(f"expected a positive int, got {v!r}")
+        return int(v)
+
+    def precisions(v: str) -> tuple[str, ...]:
+        out = tuple(p.strip() for p in v.split(",") if p.strip())
+        if not out or any(p not in ("fp32", "bf16") for p in out):
+            raise argparse.ArgumentTypeError(f"expected fp32 and/or bf16, comma-separated, got {v!r}")
+        return out
+
+    p = argparse.ArgumentParser(prog="python benchmarks/bench_diffusers.py",
+                                description="patched vs unpatched vs torch.compile'd diffusers UNet2DModel")
+    p.add_argument("device", choices=("cpu", "cuda"))
+    p.add_argument("--quick", action="store_true", help="a smoke test: batch 1 (8 on CUDA), 2 steps, one repetition")
+    p.add_argument("--no-compile", dest="compile", action="store_false", help="skip the torch.compile rows")
+    p.add_argument("--batch", type=positive, help="batch size (default: 8 on CPU, 64 on CUDA)")
+    p.add_argument("--steps", type=positive, help="DDIM pipeline steps (default 50)")
+    p.add_argument("--precisions", type=precisions, help="fp32,bf16 on CPU (default both); CUDA runs bf16")
+    return p
+
+
+def main(argv: list[str]) -> int:
+    args = _parser().parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("bench_diffusers.py: cuda requested, but torch sees no CUDA device", file=sys.stderr)
+        return 2
+    print(table(args.device, args.quick, args.compile, batch=args.batch, steps=args.steps,
+                precisions=args.precisions))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv[1:]))

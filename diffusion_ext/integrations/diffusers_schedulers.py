@@ -1,0 +1,265 @@
+"""DDPMScheduler and DDIMScheduler `add_noise` and `step` on the fused ops, with the scheduler's own config.
+
+- add_noise(x0, ε, t) = √ᾱ_t·x0 + √(1−ᾱ_t)·ε (Ho et al. 2020, eq. 4) is one q_sample pass with the given ε.
+- DDPM step (Ho et al. 2020, eqs. 6-7, 15; diffusers' numbered steps 1-6) is one ddpm_step pass. The kernel
+  steps from position i to i − 1 of its ᾱ table, so a respaced chain (set_timesteps(n < T), custom
+  timesteps) gets the table of its own timesteps, ascending: the same ᾱ_t, ᾱ_prev, β_t = 1 − ᾱ_t/ᾱ_prev as
+  diffusers' previous_timestep() gives, without its per-step search of the timestep list. When the chain
+  ends at t > 0 (trailing spacing, steps_offset), diffusers still adds noise at its last step (ᾱ_prev = 1):
+  a leading 1 in the table puts that step at position 1, so the kernel adds it too.
+- DDIM step (Song et al. 2021, eqs. 12 and 16) is one ddim_step pass, t_prev = t − T // n as diffusers
+  computes it, ᾱ_prev = final_alpha_cumprod below 0 (1, or ᾱ_0 when set_alpha_to_one is off).
+- pred_original_sample (x̂0, clipped as configured) is one more ddim_step pass to t_prev = −1 with η = 0,
+  where x_prev = √1·x̂0 + √0·ε̂ = x̂0.
+
+Noise: `step` draws it with diffusers' randn_tensor, the same call with the same generator under the same
+condition as diffusers (DDPM: t > 0; DDIM: η > 0), so a seeded pipeline gives the same images patched or
+not. Nothing is read back from the device per step: timesteps given as Python ints or CPU tensors (what
+DDPMPipeline and DDIMPipeline pass) are read on the host for free; a timestep on the GPU is looked up on the
+GPU (a DDPM step then always draws its noise, which the kernel zeroes at the last step: the generator
+advances once more than diffusers' — whose own `if t > 0` on a GPU tensor is a host sync).
+
+Whatever the fused ops do not express runs diffusers' code: dynamic thresholding, learned or log
+variances, use_clipped_model_output with clipping, dtypes and devices the kernels do not take.
+"""
+from __future__ import annotations
+
+import torch
+from diffusers import DDIMScheduler, DDPMScheduler
+from diffusers.schedulers.scheduling_ddim import DDIMSchedulerOutput
+from diffusers.schedulers.scheduling_ddpm import DDPMSchedulerOutput
+from diffusers.utils.torch_utils import randn_tensor
+
+from .. import ops
+from .binding import bind, patch_function, taken_by_someone_else, unbind
+from .fused_norm import runs_fused
+
+SCHEDULERS = (DDPMScheduler, DDIMScheduler)
+PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
+DDPM_VARIANCES = ("fixed_small", "fixed_large")
+_CACHE = "_diffusion_ext_tables"
+METHODS = ("add_noise", "step")
+
+
+# ----------------------------------------------------------------------------------------------------
+# tables: ᾱ per (device, accumulation dtype), rebuilt when the scheduler's tensors change
+# ----------------------------------------------------------------------------------------------------
+class _Tables:
+    """The ᾱ tables and timestep maps the kernels index, made once per scheduler state and device."""
+
+    def __init__(self, sched):
+        self.alphas, self.timesteps = sched.alphas_cumprod, sched.timesteps
+        self.respaced = isinstance(sched, DDPMScheduler) and bool(sched.custom_timesteps or sched.num_inference_steps)
+        self.key = (sched.num_inference_steps, getattr(sched, "custom_timesteps", None))
+        ac = self.alphas.detach().to("cpu", torch.float64)
+        self.ddpm_index: dict[int, int] = {}
+        chain = ac
+        if self.respaced:  # the chain's own ᾱ, ascending in t (one read of the timesteps per set_timesteps)
+            ts = sorted(int(t) for t in self.timesteps.detach().cpu().tolist())
+            lead = ts[0] > 0  # the last step is at t > 0: diffusers adds noise there, towards ᾱ_prev = 1
+            chain = torch.cat([ac.new_ones(int(lead)), ac[ts]])
+            self.ddpm_index = {t: i + int(lead) for i, t in enumerate(ts)}
+        self._host = {"alphas": ac, "chain": chain}
+        self._on: dict[tuple, torch.Tensor] = {}
+
+    def fresh(self, sched) -> bool:
+        return self.alphas is sched.alphas_cumprod and self.timesteps is sched.timesteps and \
+            self.key == (sched.num_inference_steps, getattr(sched, "custom_timesteps", None))
+
+    def get(self, name: str, like: torch.Tensor) -> torch.Tensor:
+        """Table `name` on like's device, fp64 for fp64 samples and fp32 otherwise (the kernels' rule)."""
+        acc = torch.float64 if like.dtype == torch.float64 else torch.float32
+        key = (name, like.device, acc)
+        t = self._on.get(key)
+        if t is None:
+            t = self._on[key] = self._host[name].to(like.device, acc)
+        return t
+
+    def ddpm_index_on(self, device: torch.device) -> torch.Tensor:
+        """t -> its position in the chain table, on `device` (−1 for a t outside the chain)."""
+        key = ("index", device, torch.long)
+        t = self._on.get(key)
+        if t is None:
+            n = self._host["alphas"].numel()
+            idx = torch.arange(n) if not self.respaced else torch.full((n,), -1, dtype=torch.long)
+            for ts, i in self.ddpm_index.items():
+                idx[ts] = i
+            t = self._on[key] = idx.to(device)
+        return t
+
+
+def _tables(sched) -> _Tables:
+    tables = vars(sched).get(_CACHE)
+    if tables is None or not tables.fresh(sched):
+        tables = vars(sched)[_CACHE] = _Tables(sched)
+    return tables
+
+
+def _on_host(timestep) -> bool:
+    return not isinstance(timestep, torch.Tensor) or timestep.device.type == "cpu"
+
+
+def _batch_t(value, like: torch.Tensor) -> torch.Tensor:
+    """A (B,) int64 timestep tensor on like's device from a host int (a fill, no copy from the host)."""
+    return torch.full((like.shape[0],), value, dtype=torch.long, device=like.device)
+
+
+def _step_args_ok(sched, model_output: torch.Tensor, sample: torch.Tensor) -> bool:
+    return (runs_fused(sample) and runs_fused(model_output) and model_output.shape == sample.shape
+            and model_output.device == sample.device and sample.dim() >= 1 and sample.shape[0] > 0
+            and sched.config.prediction_type in PREDICTION_TYPES and not sched.config.thresholding)
+
+
+def _promoted(model_output: torch.Tensor, sample: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Both in the dtype diffusers' arithmetic gives them (a bf16 model output under autocast meets an fp32
+    sample in fp32): the kernels take one dtype."""
+    dtype = torch.promote_types(model_output.dtype, sample.dtype)
+    return model_output.to(dtype), sample.to(dtype)
+
+
+def _noise_like(model_output: torch.Tensor, generator, dtype: torch.dtype) -> torch.Tensor:
+    """diffusers' draw (randn_tensor in the model output's dtype: the same numbers, the same generator state),
+    in the dtype the step runs in."""
+    return randn_tensor(model_output.shape, generator=generator, device=model_output.device,
+                        dtype=model_output.dtype).to(dtype)
+
+
+def _x0(sched, model_output, t, sample, table) -> torch.Tensor:
+    """pred_original_sample: a DDIM step to ᾱ_prev = 1 with η = 0 is x̂0 itself (clipped as configured)."""
+    cfg = sched.config
+    return ops.ddim_step(model_output, t, torch.full_like(t, -1), sample, table, 0.0, clip_sample=cfg.clip_sample,
+                         clip_range=cfg.clip_sample_range, prediction_type=cfg.prediction_type)
+
+
+# ----------------------------------------------------------------------------------------------------
+# add_noise
+# ----------------------------------------------------------------------------------------------------
+@patch_function
+def add_noise(self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+    """√ᾱ_t·x0 + √(1−ᾱ_t)·noise in one pass, with exactly the given noise (Ho et al. 2020, eq. 4)."""
+    x0 = original_samples
+    t = timesteps if isinstance(timesteps, torch.Tensor) else None
+    if t is None or t.is_floating_point() or t.is_complex() or not runs_fused(x0) or noise.shape != x0.shape or \
+            noise.dtype != x0.dtype or noise.device != x0.device or x0.dim() < 1 or \
+            t.numel() not in (1, x0.shape[0]):
+        return type(self).add_noise(self, original_samples, noise, timesteps)
+    t = t.to(x0.device).reshape(-1).long().expand(x0.shape[0])
+    return ops.q_sample(x0, t, noise, _tables(self).get("alphas", x0))
+
+
+# ----------------------------------------------------------------------------------------------------
+# DDPM
+# ----------------------------------------------------------------------------------------------------
+@patch_function
+def ddpm_step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, generator=None,
+              return_dict: bool = True):
+    """DDPMScheduler.step as one ddpm_step pass (and one for pred_original_sample)."""
+    cfg = self.config
+    if not _step_args_ok(self, model_output, sample) or self.variance_type not in DDPM_VARIANCES:
+        return type(self).step(self, model_output, timestep, sample, generator=generator, return_dict=return_dict)
+    tables = _tables(self)
+    if _on_host(timestep):
+        t_host = int(timestep)
+        i = tables.ddpm_index.get(t_host, t_host) if tables.respaced else t_host
+        if not 0 <= i < tables.get("chain", sample).numel() or (tables.respaced and t_host not in tables.ddpm_index):
+            # a timestep outside the chain: diffusers' code says what is wrong
+            return type(self).step(self, model_output, timestep, sample, generator=generator, return_dict=return_dict)
+        t, draw = _batch_t(i, sample), t_host > 0
+    else:
+        t = tables.ddpm_index_on(sample.device)[timestep.to(sample.device).long()].reshape(-1).expand(sample.shape[0])
+        draw = True
+    # 6. the noise, drawn exactly as diffusers draws it (the kernel scales it by σ_t, zero at the chain's end)
+    drawn_from = model_output
+    model_output, sample = _promoted(model_output, sample)
+    noise = _noise_like(drawn_from, generator, sample.dtype) if draw else None
+    chain = tables.get("chain", sample)
+    # 1.-5. ᾱ_t, ᾱ_prev, β_t; x̂0 (clipped); the posterior mean μ̃(x_t, x̂0) of eq. 7; x_{t-1} = μ̃ + σ_t·z
+    prev = ops.ddpm_step(model_output, t, sample, chain, noise, clip_sample=cfg.clip_sample,
+                         clip_range=cfg.clip_sample_range, variance=self.variance_type,
+                         prediction_type=cfg.prediction_type)
+    x0 = _x0(self, model_output, t, sample, chain)
+    if not return_dict:
+        return prev, x0
+    return DDPMSchedulerOutput(prev_sample=prev, pred_original_sample=x0)
+
+
+# ----------------------------------------------------------------------------------------------------
+# DDIM
+# ----------------------------------------------------------------------------------------------------
+@patch_function
+def ddim_step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, eta: float = 0.0,
+              use_clipped_model_output: bool = False, generator=None, variance_noise: torch.Tensor | None = None,
+              return_dict: bool = True):
+    """DDIMScheduler.step as one ddim_step pass (and one for pred_original_sample)."""
+    cfg = self.config
+    clipped_eps = bool(use_clipped_model_output) and cfg.clip_sample  # ε̂ re-derived from the clipped x̂0
+    if self.num_inference_steps is None or not _step_args_ok(self, model_output, sample) or clipped_eps or \
+            not isinstance(eta, (int, float)) or (eta > 0 and generator is not None and variance_noise is not None) \
+            or (variance_noise is not None and variance_noise.shape != sample.shape):
+        return type(self).step(self, model_output, timestep, sample, eta, use_clipped_model_output, generator,
+                               variance_noise, return_dict)
+    T = cfg.num_train_timesteps
+    ratio = T // self.num_inference_steps
+    below = -1 if cfg.set_alpha_to_one else 0  # the table index of final_alpha_cumprod (−1: ᾱ_prev = 1)
+    if _on_host(timestep):
+        t_host = int(timestep)
+        if not 0 <= t_host < T:
+            return type(self).step(self, model_output, timestep, sample, eta, use_clipped_model_output, generator,
+                                   variance_noise, return_dict)
+        # 1. t_prev = t − T // n
+        t, t_prev = _batch_t(t_host, sample), _batch_t(t_host - ratio if t_host >= ratio else below, sample)
+    else:
+        t = timestep.to(sample.device).long().reshape(-1).expand(sample.shape[0])
+        t_prev = torch.where(t >= ratio, t - ratio, below)
+    drawn_from = model_output
+    model_output, sample = _promoted(model_output, sample)
+    table = _tables(self).get("alphas", sample)
+    noise = None
+    if eta > 0:  # diffusers draws whenever η > 0
+        noise = variance_noise.to(sample.dtype) if variance_noise is not None else \
+            _noise_like(drawn_from, generator, sample.dtype)
+    # 2.-7. ᾱ_t, ᾱ_prev; x̂0 (clipped), ε̂; σ_t(η) of eq. 16; x_prev = √ᾱ_prev·x̂0 + √(1−ᾱ_prev−σ²)·ε̂ + σ·z
+    prev = ops.ddim_step(model_output, t, t_prev, sample, table, float(eta), noise, clip_sample=cfg.clip_sample,
+                         clip_range=cfg.clip_sample_range, prediction_type=cfg.prediction_type)
+    x0 = _x0(self, model_output, t, sample, table)
+    if not return_dict:
+        return prev, x0
+    return DDIMSchedulerOutput(prev_sample=prev, pred_original_sample=x0)
+
+
+# ----------------------------------------------------------------------------------------------------
+# patch / unpatch
+# ----------------------------------------------------------------------------------------------------
+_STEPS = {DDPMScheduler: ddpm_step, DDIMScheduler: ddim_step}
+
+
+def patch_scheduler(sched, report, path: str = "") -> None:
+    """Binds the fused add_noise and step on a DDPMScheduler or DDIMScheduler (its exact class)."""
+    name = type(sched).__name__
+    prefix = f"{path}." if path else ""
+    step = _STEPS.get(type(sched))
+    if step is None:
+        report.add_kept(path, name, "only DDPMScheduler and DDIMScheduler have fused steps")
+        return
+    for method, fn in (("add_noise", add_noise), ("step", step)):
+        if taken_by_someone_else(sched, method):
+            report.add_kept(f"{prefix}{method}", f"{name}.{method}", "already replaced by another library")
+            continue
+        bind(sched, method, fn)
+        report.add_fused(f"{prefix}{method}", f"{name}.{method}", name)
+    cfg = sched.config
+    if cfg.thresholding:
+        report.add_kept(f"{prefix}step", f"{name}.step", "thresholding=True (dynamic thresholding's per-sample "
+                                                         "quantile is not in the fused step)")
+    if isinstance(sched, DDPMScheduler) and sched.variance_type not in DDPM_VARIANCES:
+        report.add_kept(f"{prefix}step", f"{name}.step", f"variance_type={sched.variance_type!r} (the fused step "
+                                                         f"has {', '.join(DDPM_VARIANCES)})")
+    if isinstance(sched, DDIMScheduler):
+        report.note("DDIMScheduler.step(use_clipped_model_output=True) with clip_sample=True")
+    report.note("scheduler steps whose model_output and sample differ in shape or device")
+
+
+def unpatch_scheduler(sched) -> bool:
+    done = [unbind(sched, m) for m in METHODS]
+    vars(sched).pop(_CACHE, None)
+    return any(done)
