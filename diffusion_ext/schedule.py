@@ -170,6 +170,26 @@ class NoiseSchedule:
                              0 if seed is None else _as_int("seed", seed), _as_int("offset", offset), clip_sample,
                              clip_range, prediction_type, guidance_scale, model_output_uncond)
 
+    def dpmpp_2m_step(self, model_output: torch.Tensor, t, t_prev, x_t: torch.Tensor,
+                      x0_last: torch.Tensor | None = None, t_last=None, *, sde: bool = False,
+                      noise: torch.Tensor | None = None, seed: int | None = None, offset: int = 0,
+                      clip_sample: bool = False, clip_range: float = 1.0, prediction_type: str = "epsilon",
+                      guidance_scale: float | None = None,
+                      model_output_uncond: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """One DPM-Solver++ step x_t → x_{t_prev} (t_prev = −1: the clean end); second order (2M) given the
+        last step's x̂0 and timestep (x0_last, t_last), else first order; sde: the SDE variant, its noise
+        given or made in the kernel from seed (drawn from torch's generator when neither is given).
+        Returns (x_prev, x̂0): pass x̂0 and t as the next step's x0_last and t_last."""
+        t = self._timesteps("dpmpp_2m_step", "t", t, x_t)
+        t_prev = self._timesteps("dpmpp_2m_step", "t_prev", t_prev, x_t, lowest=-1)
+        if t_last is not None:
+            t_last = self._timesteps("dpmpp_2m_step", "t_last", t_last, x_t)
+        if sde and noise is None and seed is None:
+            seed = self._draw_seed()
+        return ops.dpmpp_2m_step(model_output, t, t_prev, x_t, self._table(x_t), x0_last, t_last, bool(sde), noise,
+                                 0 if seed is None else _as_int("seed", seed), _as_int("offset", offset), clip_sample,
+                                 clip_range, prediction_type, guidance_scale, model_output_uncond)
+
     def timesteps(self, num_inference_steps: int, spacing: str = "leading", *, clean_end: bool = False) -> torch.Tensor:
         """The descending sampling sequence of num_inference_steps timesteps, as diffusers spaces them (Lin et
         al. 2024, "Common diffusion noise schedules and sample steps are flawed", table 2). The chain's last

@@ -21,12 +21,26 @@ def ddpm_loop(sched, x, seed):
     return x
 
 
+def steps_of(ts, x):
+    """(i, t, t_prev, t as a (B,) tensor) over the descending timesteps ts, the last step to the clean end."""
+    return [(i, t, ts[i + 1] if i + 1 < len(ts) else -1, torch.full((x.shape[0],), t, dtype=torch.long,
+                                                                     device=x.device)) for i, t in enumerate(ts)]
+
+
 def ddim_loop(sched, x, steps, eta, seed):
-    ts = sched.timesteps(steps, "leading").tolist()
-    for i, t in enumerate(ts):
-        t_prev = ts[i + 1] if i + 1 < len(ts) else -1
-        tt = torch.full((x.shape[0],), t, dtype=torch.long, device=x.device)
+    for i, t, t_prev, tt in steps_of(sched.timesteps(steps, "leading").tolist(), x):
         x = sched.ddim_step(toy_model(x, tt), t, t_prev, x, eta=eta, seed=seed, offset=i)
+    return x
+
+
+def dpm_solver_loop(sched, x, steps, sde, seed):
+    """DPM-Solver++(2M) (Lu et al. 2022, Algorithm 2): first order at the first and the last step."""
+    x0 = t_last = None
+    for i, t, t_prev, tt in steps_of(sched.timesteps(steps, "linspace", clean_end=True).tolist(), x):
+        second = x0 is not None and t_prev >= 0
+        x, x0 = sched.dpmpp_2m_step(toy_model(x, tt), t, t_prev, x, x0 if second else None,
+                                    t_last if second else None, sde=sde, seed=seed, offset=i)
+        t_last = t
     return x
 
 
@@ -39,34 +53,32 @@ def _backends():
     return out
 
 
-@pytest.mark.slow
-def test_ddpm_1000_steps_same_on_every_backend():
+def assert_same_on_every_backend(loop, seed):
+    """loop(sched, x_T) on every backend against the reference chain: in fp64 the exact answer, in fp32 how far
+    fp32 rounding alone drifts over the chain. Both use the same noise stream (reference.philox_normal)."""
     sched = dx.NoiseSchedule(1000)
-    x_T = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
-    # The reference chain in fp64 is the exact answer; in fp32 it shows how far fp32 rounding alone drifts
-    # over 1000 steps. Both use the same noise stream (reference.philox_normal).
+    x_T = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(seed))
     with dx.use_backend("torch"):
-        ref64 = ddpm_loop(sched, x_T.double(), seed=42)
-        ref32 = ddpm_loop(sched, x_T, seed=42)
-    for backend, device in _backends():
-        sched.to(device)
-        with dx.use_backend(backend):
-            out = ddpm_loop(sched, x_T.to(device), seed=42).cpu()
-        assert_matches_oracle(out, ref32, ref64)
-    sched.to("cpu")
-
-
-@pytest.mark.parametrize("eta", [0.0, 1.0])
-def test_ddim_50_steps_same_on_every_backend(eta):
-    sched = dx.NoiseSchedule(1000)
-    x_T = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(1))
-    with dx.use_backend("torch"):
-        ref64 = ddim_loop(sched, x_T.double(), 50, eta, seed=5)
-        ref32 = ddim_loop(sched, x_T, 50, eta, seed=5)
+        ref64, ref32 = loop(sched, x_T.double()), loop(sched, x_T)
     assert math.isfinite(ref64.abs().max().item())
     for backend, device in _backends():
         sched.to(device)
         with dx.use_backend(backend):
-            out = ddim_loop(sched, x_T.to(device), 50, eta, seed=5).cpu()
+            out = loop(sched, x_T.to(device)).cpu()
         assert_matches_oracle(out, ref32, ref64)
     sched.to("cpu")
+
+
+@pytest.mark.slow
+def test_ddpm_1000_steps_same_on_every_backend():
+    assert_same_on_every_backend(lambda sched, x: ddpm_loop(sched, x, seed=42), seed=0)
+
+
+@pytest.mark.parametrize("eta", [0.0, 1.0])
+def test_ddim_50_steps_same_on_every_backend(eta):
+    assert_same_on_every_backend(lambda sched, x: ddim_loop(sched, x, 50, eta, seed=5), seed=1)
+
+
+@pytest.mark.parametrize("sde", [False, True])
+def test_dpm_solver_20_steps_same_on_every_backend(sde):
+    assert_same_on_every_backend(lambda sched, x: dpm_solver_loop(sched, x, 20, sde, seed=8), seed=2)
