@@ -1,6 +1,6 @@
 """pytest-benchmark suite of a whole DDPM sampling loop (T = 1000 reverse steps) of the report's 64×64 UNet:
 the eager model in a Python loop, the fused model in a Python loop, and the fused model's step captured
-in a CUDA graph and replayed 1000 times (diffusion_ext.graphed_sampling.GraphedSampler), in one run.
+in a CUDA graph and replayed 1000 times (diffusion_ext.sampling.GraphedSampler), in one run.
 
     pytest benchmarks/bench_sampling_loop.py --benchmark-only
     python benchmarks/bench_sampling_loop.py [cpu|cuda] [--quick|--smoke] [--steps N]   # the table, ratios to eager
@@ -19,7 +19,7 @@ import torch
 import diffusion_ext as dx
 from diffusion_ext import bench
 from diffusion_ext.diffusion import Diffusion
-from diffusion_ext.graphed_sampling import GraphedSampler
+from diffusion_ext.sampling import GraphedSampler
 from diffusion_ext.models import UNet
 
 from bench_unet import CONFIG, SMOKE_CONFIG

@@ -26,7 +26,13 @@ namespace diffusion_ext {
                              const std::optional<at::Tensor>& noise, int64_t seed, int64_t offset,         \
                              bool clip_sample, double clip_range, std::string_view prediction_type,        \
                              std::optional<double> guidance_scale,                                          \
-                             const std::optional<at::Tensor>& model_output_uncond);
+                             const std::optional<at::Tensor>& model_output_uncond);                         \
+  std::tuple<at::Tensor, at::Tensor> dpmpp_2m_step_##dev(                                                   \
+      const at::Tensor& model_output, const at::Tensor& t, const at::Tensor& t_prev, const at::Tensor& x_t,  \
+      const at::Tensor& alphas_cumprod, const std::optional<at::Tensor>& x0_last,                           \
+      const std::optional<at::Tensor>& t_last, bool sde, const std::optional<at::Tensor>& noise, int64_t seed, \
+      int64_t offset, bool clip_sample, double clip_range, std::string_view prediction_type,              \
+      std::optional<double> guidance_scale, const std::optional<at::Tensor>& model_output_uncond);
 
 #define DX_GROUP_NORM_OP_DECLS(dev)                                                                         \
   std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_act_##dev(                                       \

@@ -10,6 +10,7 @@ namespace {
 
 constexpr const char* kDdpm = "diffusion_ext.ddpm_step";
 constexpr const char* kDdim = "diffusion_ext.ddim_step";
+constexpr const char* kDpmpp = "diffusion_ext.dpmpp_2m_step";
 
 PredictionType parse_prediction(const char* op, std::string_view s) {
   if (s == "epsilon") return PredictionType::kEpsilon;
@@ -91,10 +92,62 @@ void prepare_clip(const char* op, ReverseStepArgs& a, bool clip_sample, double c
   a.clip_range = clip_sample ? clip_range : INFINITY;
 }
 
-void finish_step(ReverseStepArgs& a, bool allocate) {
+// On the CPU (a loop, not tensor ops: no allocation on every sampling step), every sample's `lower`
+// timestep is below its `upper` one. On a device the per-sample functors give such a sample NaN.
+void check_before(const char* op, const char* lower_name, const at::Tensor& lower, const char* upper_name,
+                  const at::Tensor& upper, const char* why) {
+  if (!lower.device().is_cpu()) return;
+  const auto lc = lower.contiguous(), uc = upper.contiguous();
+  const int64_t* lp = lc.const_data_ptr<int64_t>();
+  const int64_t* up = uc.const_data_ptr<int64_t>();
+  for (int64_t b = 0; b < lower.numel(); ++b) {
+    TORCH_CHECK_VALUE(lp[b] < up[b], op, ": ", lower_name, " must be smaller than ", upper_name,
+                      " for every sample", why, ", but at sample ", b, " ", lower_name, " = ", lp[b], " >= ",
+                      upper_name, " = ", up[b]);
+  }
+}
+
+// What every reverse step checks and keeps first: x_t, model_output, the table, the prediction type, t, and
+// t_prev (below t) when the step has one.
+ReverseStepArgs begin_step(const char* op, StepKind kind, const at::Tensor& model_output, const at::Tensor& t,
+                           const at::Tensor* t_prev, const at::Tensor& x_t, const at::Tensor& alphas_cumprod,
+                           std::string_view prediction_type) {
+  check_float_input(op, "x_t", x_t);
+  check_like(op, "model_output", model_output, "x_t", x_t);
+  check_alpha_table(op, alphas_cumprod, x_t);
+  ReverseStepArgs a;
+  a.kind = kind;
+  a.prediction = parse_prediction(op, prediction_type);
+  a.num_timesteps = alphas_cumprod.size(0);
+  check_timesteps(op, "t", t, x_t.size(0), x_t, a.num_timesteps, 0);
+  if (t_prev != nullptr) {
+    check_timesteps(op, "t_prev", *t_prev, x_t.size(0), x_t, a.num_timesteps, -1);
+    check_before(op, "t_prev", *t_prev, "t", t, "");
+    a.t_prev = t_prev->contiguous();
+  }
+  a.x = x_t;
+  a.model_output = model_output;
+  a.t = t.contiguous();
+  a.table = table_for(alphas_cumprod);
+  return a;
+}
+
+// And last: guidance, the noise (read only when `noisy`; checked when given either way), clipping, then one
+// flat layout for every tensor the kernel reads and the outputs (when allocate).
+void end_step(const char* op, ReverseStepArgs& a, std::optional<double> guidance_scale,
+              const std::optional<at::Tensor>& model_output_uncond, bool noisy, const std::optional<at::Tensor>& noise,
+              int64_t seed, int64_t offset, bool clip_sample, double clip_range, bool allocate) {
+  prepare_guidance(op, a, guidance_scale, model_output_uncond);
+  if (noisy) {
+    prepare_noise(op, a, noise, seed, offset);
+  } else if (noise.has_value() && noise->defined()) {
+    check_like(op, "noise", *noise, "x_t", a.x);
+  }
+  prepare_clip(op, a, clip_sample, clip_range);
   if (!allocate) return;
-  unify_layout({&a.x, &a.model_output, &a.model_output_uncond, &a.noise});
+  unify_layout({&a.x, &a.model_output, &a.model_output_uncond, &a.noise, &a.x0_last});
   a.out = at::empty_like(a.x);
+  if (a.kind == StepKind::kDpmSolver) a.x0_out = at::empty_like(a.x);
   a.shape = flat_batch(a.x);
 }
 
@@ -139,22 +192,9 @@ ReverseStepArgs prepare_ddpm_step(const at::Tensor& model_output, const at::Tens
                                   std::optional<double> guidance_scale,
                                   const std::optional<at::Tensor>& model_output_uncond, bool allocate) {
   const char* op = kDdpm;
-  check_float_input(op, "x_t", x_t);
-  check_like(op, "model_output", model_output, "x_t", x_t);
-  check_alpha_table(op, alphas_cumprod, x_t);
-  ReverseStepArgs a;
-  a.prediction = parse_prediction(op, prediction_type);
+  ReverseStepArgs a = begin_step(op, StepKind::kDdpm, model_output, t, nullptr, x_t, alphas_cumprod, prediction_type);
   a.variance = parse_variance(op, variance);
-  a.num_timesteps = alphas_cumprod.size(0);
-  check_timesteps(op, "t", t, x_t.size(0), x_t, a.num_timesteps, 0);
-  a.x = x_t;
-  a.model_output = model_output;
-  a.t = t.contiguous();
-  a.table = table_for(alphas_cumprod);
-  prepare_guidance(op, a, guidance_scale, model_output_uncond);
-  prepare_noise(op, a, noise, seed, offset);
-  prepare_clip(op, a, clip_sample, clip_range);
-  finish_step(a, allocate);
+  end_step(op, a, guidance_scale, model_output_uncond, true, noise, seed, offset, clip_sample, clip_range, allocate);
   return a;
 }
 
@@ -165,39 +205,39 @@ ReverseStepArgs prepare_ddim_step(const at::Tensor& model_output, const at::Tens
                                   std::optional<double> guidance_scale,
                                   const std::optional<at::Tensor>& model_output_uncond, bool allocate) {
   const char* op = kDdim;
-  check_float_input(op, "x_t", x_t);
-  check_like(op, "model_output", model_output, "x_t", x_t);
-  check_alpha_table(op, alphas_cumprod, x_t);
   TORCH_CHECK_VALUE(std::isfinite(eta) && eta >= 0, op, ": eta = ", eta, "; expected a finite eta >= 0");
-  ReverseStepArgs a;
-  a.is_ddim = true;
+  ReverseStepArgs a = begin_step(op, StepKind::kDdim, model_output, t, &t_prev, x_t, alphas_cumprod, prediction_type);
   a.eta = eta;
-  a.prediction = parse_prediction(op, prediction_type);
-  a.num_timesteps = alphas_cumprod.size(0);
-  check_timesteps(op, "t", t, x_t.size(0), x_t, a.num_timesteps, 0);
-  check_timesteps(op, "t_prev", t_prev, x_t.size(0), x_t, a.num_timesteps, -1);
-  if (t.device().is_cpu()) {  // a loop, not tensor ops: no allocation on every sampling step
-    const auto tc = t.contiguous(), pc = t_prev.contiguous();
-    const int64_t* tp = tc.const_data_ptr<int64_t>();
-    const int64_t* pp = pc.const_data_ptr<int64_t>();
-    for (int64_t b = 0; b < x_t.size(0); ++b) {
-      TORCH_CHECK_VALUE(pp[b] < tp[b], op, ": t_prev must be smaller than t for every sample, but at sample ", b,
-                        " t_prev = ", pp[b], " >= t = ", tp[b]);
-    }
+  // η = 0 is deterministic: noise is checked when given but never read
+  end_step(op, a, guidance_scale, model_output_uncond, eta > 0, noise, seed, offset, clip_sample, clip_range, allocate);
+  return a;
+}
+
+ReverseStepArgs prepare_dpmpp_2m_step(const at::Tensor& model_output, const at::Tensor& t, const at::Tensor& t_prev,
+                                      const at::Tensor& x_t, const at::Tensor& alphas_cumprod,
+                                      const std::optional<at::Tensor>& x0_last,
+                                      const std::optional<at::Tensor>& t_last, bool sde,
+                                      const std::optional<at::Tensor>& noise, int64_t seed, int64_t offset,
+                                      bool clip_sample, double clip_range, std::string_view prediction_type,
+                                      std::optional<double> guidance_scale,
+                                      const std::optional<at::Tensor>& model_output_uncond, bool allocate) {
+  const char* op = kDpmpp;
+  ReverseStepArgs a =
+      begin_step(op, StepKind::kDpmSolver, model_output, t, &t_prev, x_t, alphas_cumprod, prediction_type);
+  a.sde = sde;
+  const bool has_x0 = x0_last.has_value() && x0_last->defined(), has_t = t_last.has_value() && t_last->defined();
+  TORCH_CHECK_VALUE(has_x0 == has_t, op, ": ", has_x0 ? "x0_last was given without t_last" : "t_last was given "
+                    "without x0_last", "; pass both (a second-order step: the last step's x̂0 and its timestep) or "
+                    "neither (a first-order step)");
+  if (has_x0) {
+    check_like(op, "x0_last", *x0_last, "x_t", x_t);
+    check_timesteps(op, "t_last", *t_last, x_t.size(0), x_t, a.num_timesteps, 0);
+    check_before(op, "t", t, "t_last", *t_last, " (the last step started from more noise)");
+    a.x0_last = *x0_last;
+    a.t_last = t_last->contiguous();
   }
-  a.x = x_t;
-  a.model_output = model_output;
-  a.t = t.contiguous();
-  a.t_prev = t_prev.contiguous();
-  a.table = table_for(alphas_cumprod);
-  prepare_guidance(op, a, guidance_scale, model_output_uncond);
-  if (eta > 0) {
-    prepare_noise(op, a, noise, seed, offset);
-  } else if (noise.has_value() && noise->defined()) {
-    check_like(op, "noise", *noise, "x_t", x_t);  // checked, never read: η = 0 is deterministic
-  }
-  prepare_clip(op, a, clip_sample, clip_range);
-  finish_step(a, allocate);
+  // the ODE solver is deterministic: noise is checked when given but never read
+  end_step(op, a, guidance_scale, model_output_uncond, sde, noise, seed, offset, clip_sample, clip_range, allocate);
   return a;
 }
 

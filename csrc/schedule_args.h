@@ -32,16 +32,22 @@ struct QSampleArgs {
   FlatBatch shape;
 };
 
+// Which update a ReverseStepArgs describes (the per-sample coefficient functor of schedule_math.h).
+enum class StepKind : int { kDdpm = 0, kDdim = 1, kDpmSolver = 2 };
+
 struct ReverseStepArgs {
   at::Tensor x, model_output, model_output_uncond, noise, t, t_prev, table;  // undefined when unused
+  at::Tensor x0_last, t_last;  // DPM-Solver++(2M): the last step's x̂0 and timestep; undefined: first order
   at::Tensor out;
+  at::Tensor x0_out;  // DPM-Solver++: the x̂0 of this step (the next step's x0_last); undefined otherwise
   bool guided = false;
   double guidance_scale = 1.0;
   bool make_noise = false;  // noise comes from Philox(seed, offset) inside the kernel
   uint64_t seed = 0, offset = 0;
   double clip_range = INFINITY;
   double eta = 0.0;
-  bool is_ddim = false;
+  StepKind kind = StepKind::kDdpm;
+  bool sde = false;  // DPM-Solver++: the SDE variant
   PredictionType prediction = PredictionType::kEpsilon;
   VarianceType variance = VarianceType::kFixedSmall;
   int64_t num_timesteps = 0;
@@ -74,10 +80,18 @@ void with_step_coefs(const ReverseStepArgs& a, const Fn& fn) {
     using table_t = decltype(table_v);
     const int64_t* t = a.t.const_data_ptr<int64_t>();
     const table_t* table = a.table.const_data_ptr<table_t>();
-    if (a.is_ddim) {
-      fn(DdimCoefFn<table_t>{t, a.t_prev.const_data_ptr<int64_t>(), table, a.num_timesteps, a.eta, a.prediction});
-    } else {
-      fn(DdpmCoefFn<table_t>{t, table, a.num_timesteps, a.variance, a.prediction});
+    switch (a.kind) {
+      case StepKind::kDdpm:
+        fn(DdpmCoefFn<table_t>{t, table, a.num_timesteps, a.variance, a.prediction});
+        break;
+      case StepKind::kDdim:
+        fn(DdimCoefFn<table_t>{t, a.t_prev.const_data_ptr<int64_t>(), table, a.num_timesteps, a.eta, a.prediction});
+        break;
+      case StepKind::kDpmSolver:
+        fn(DpmSolverCoefFn<table_t>{t, a.t_prev.const_data_ptr<int64_t>(),
+                                    a.t_last.defined() ? a.t_last.const_data_ptr<int64_t>() : nullptr, table,
+                                    a.num_timesteps, a.sde, a.prediction});
+        break;
     }
   });
 }
@@ -99,5 +113,14 @@ ReverseStepArgs prepare_ddim_step(const at::Tensor& model_output, const at::Tens
                                   bool clip_sample, double clip_range, std::string_view prediction_type,
                                   std::optional<double> guidance_scale,
                                   const std::optional<at::Tensor>& model_output_uncond, bool allocate = true);
+
+ReverseStepArgs prepare_dpmpp_2m_step(const at::Tensor& model_output, const at::Tensor& t, const at::Tensor& t_prev,
+                                      const at::Tensor& x_t, const at::Tensor& alphas_cumprod,
+                                      const std::optional<at::Tensor>& x0_last,
+                                      const std::optional<at::Tensor>& t_last, bool sde,
+                                      const std::optional<at::Tensor>& noise, int64_t seed, int64_t offset,
+                                      bool clip_sample, double clip_range, std::string_view prediction_type,
+                                      std::optional<double> guidance_scale,
+                                      const std::optional<at::Tensor>& model_output_uncond, bool allocate = true);
 
 }  // namespace diffusion_ext

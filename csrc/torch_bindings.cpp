@@ -31,6 +31,15 @@ TORCH_LIBRARY(diffusion_ext, m) {
       "ddim_step(Tensor model_output, Tensor t, Tensor t_prev, Tensor x_t, Tensor alphas_cumprod,"
       " float eta, Tensor? noise, int seed, int offset, bool clip_sample, float clip_range,"
       " str prediction_type, float? guidance_scale, Tensor? model_output_uncond) -> Tensor");
+  // One DPM-Solver++ step t -> t_prev in data-prediction form (Lu et al. 2022); second order (2M) when the
+  // last step's x̂0 and timestep (x0_last, t_last) are given, first order when both are None; sde: the SDE
+  // variant, its noise given or made from (seed, offset). Returns x_prev and this step's x̂0 (the next
+  // step's x0_last).
+  m.def(
+      "dpmpp_2m_step(Tensor model_output, Tensor t, Tensor t_prev, Tensor x_t, Tensor alphas_cumprod,"
+      " Tensor? x0_last, Tensor? t_last, bool sde, Tensor? noise, int seed, int offset, bool clip_sample,"
+      " float clip_range, str prediction_type, float? guidance_scale, Tensor? model_output_uncond)"
+      " -> (Tensor x_prev, Tensor x0_pred)");
   // y = act(GroupNorm(x)); also returns mean and rstd (N, G) for the backward. activation: silu|relu|none.
   // scale, shift: optional (N, C) FiLM, y = act(GroupNorm(x)·(1 + scale) + shift) (csrc/common/film.h).
   m.def(
@@ -113,6 +122,16 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     diffusion_ext::prepare_ddim_step(model_output, t, t_prev, x_t, table, eta, noise, seed, offset, clip_sample,
                                      clip_range, prediction_type, guidance_scale, model_output_uncond, false);
   });
+  m.def("check_dpmpp_2m_step",
+        [](const at::Tensor& model_output, const at::Tensor& t, const at::Tensor& t_prev, const at::Tensor& x_t,
+           const at::Tensor& table, const std::optional<at::Tensor>& x0_last, const std::optional<at::Tensor>& t_last,
+           bool sde, const std::optional<at::Tensor>& noise, int64_t seed, int64_t offset, bool clip_sample,
+           double clip_range, std::string prediction_type, std::optional<double> guidance_scale,
+           const std::optional<at::Tensor>& model_output_uncond) {
+          diffusion_ext::prepare_dpmpp_2m_step(model_output, t, t_prev, x_t, table, x0_last, t_last, sde, noise, seed,
+                                               offset, clip_sample, clip_range, prediction_type, guidance_scale,
+                                               model_output_uncond, false);
+        });
   m.def("check_group_norm_act", [](const at::Tensor& x, int64_t num_groups, const std::optional<at::Tensor>& weight,
                                    const std::optional<at::Tensor>& bias, double eps, std::string activation,
                                    const std::optional<at::Tensor>& scale, const std::optional<at::Tensor>& shift) {

@@ -18,6 +18,15 @@ def _csv(value: str) -> list[str]:
     return [v.strip() for v in value.split(",") if v.strip()]
 
 
+def _samplers() -> tuple[str, ...]:
+    from .sampling import SAMPLERS
+
+    return tuple(SAMPLERS)
+
+
+SAMPLER_HELP = "ddpm, ddim (default), dpmpp_2m (DPM-Solver++(2M), for few steps) or dpmpp_2m_sde (its SDE variant)"
+
+
 # ----------------------------------------------------------------------------------------------------
 # bench
 # ----------------------------------------------------------------------------------------------------
@@ -244,7 +253,9 @@ def _add_train(sub) -> None:
     g.add_argument("--log-every", dest="log_every", type=int, help="JSONL record every k steps, default 1")
     g.add_argument("--sample-every", dest="sample_every", type=int, help="sample grid every N steps, default 1000")
     g.add_argument("--num-samples", dest="num_samples", type=int, help="images per grid, default 16")
-    g.add_argument("--sample-steps", dest="sample_steps", type=int, help="DDIM steps of the grids, default 50")
+    g.add_argument("--sample-steps", dest="sample_steps", type=int, help="sampler steps of the grids, default 50")
+    g.add_argument("--sample-sampler", dest="sample_sampler", choices=_samplers(),
+                   help="sampler of the grids, default ddim")
     g.add_argument("--save-format", dest="save_format", choices=("pt", "safetensors"),
                    help="format of the exported EMA weights, default pt")
     g.add_argument("--quiet", action="store_true", help="no progress bar or progress lines")
@@ -302,9 +313,10 @@ def _add_sample(sub) -> None:
                                    "writes a grid of samples.")
     p.add_argument("--checkpoint", required=True, metavar="CKPT")
     p.add_argument("--num", type=int, default=64, help="number of images (default 64)")
-    p.add_argument("--sampler", choices=("ddpm", "ddim"), default="ddim")
-    p.add_argument("--steps", type=int, default=None, help="sampling steps (default: 50 for ddim, T for ddpm)")
-    p.add_argument("--eta", type=float, default=0.0, help="DDIM η (0: deterministic)")
+    p.add_argument("--sampler", choices=_samplers(), default="ddim", help=SAMPLER_HELP)
+    p.add_argument("--steps", type=int, default=None,
+                   help="sampling steps (default: 50 for ddim, 20 for dpmpp_2m and dpmpp_2m_sde, T for ddpm)")
+    p.add_argument("--eta", type=float, default=0.0, help="DDIM η (0: deterministic; ddim only)")
     p.add_argument("--guidance", type=float, default=None, metavar="W",
                    help="classifier-free guidance scale (a class-conditional model, --class-cond)")
     p.add_argument("--label", type=int, default=None, help="class of every sample (default: cycle through classes)")
@@ -395,13 +407,13 @@ def _run_demo(args) -> int:
 # ----------------------------------------------------------------------------------------------------
 def _add_predict_depth(sub) -> None:
     p = sub.add_parser("predict-depth", help="predict a depth map for an image with a trained depth model",
-                       description="Samples depth conditioned on the image (DDIM or DDPM); with --ensemble K the "
+                       description="Samples depth conditioned on the image (any --sampler); with --ensemble K the "
                                    "per-pixel median of K samples. Writes a colour-mapped depth PNG.")
     p.add_argument("--checkpoint", required=True, metavar="CKPT")
     p.add_argument("--image", required=True, metavar="IMG.png")
     p.add_argument("--out", default=None, metavar="DEPTH.png", help="default: IMG_depth.png beside the input")
     p.add_argument("--ensemble", type=int, default=1, metavar="K")
-    p.add_argument("--sampler", choices=("ddpm", "ddim"), default="ddim")
+    p.add_argument("--sampler", choices=_samplers(), default="ddim", help=SAMPLER_HELP)
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None)
@@ -454,7 +466,7 @@ def _add_eval_depth(sub) -> None:
     p.add_argument("--align", choices=("none", "scale", "scale_shift"), default="none",
                    help="least-squares alignment of each prediction to the ground truth first")
     p.add_argument("--ensemble", type=int, default=1, metavar="K")
-    p.add_argument("--sampler", choices=("ddpm", "ddim"), default="ddim")
+    p.add_argument("--sampler", choices=_samplers(), default="ddim", help=SAMPLER_HELP)
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None)

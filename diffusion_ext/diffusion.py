@@ -1,5 +1,6 @@
-"""Diffusion: the training objective and the samplers of a denoising diffusion model, on top of
-NoiseSchedule's fused ops; LatentDiffusion: the same in the latent space of a trained VAE.
+"""Diffusion: the training objective and the sampling entry points of a denoising diffusion model, on top
+of NoiseSchedule's fused ops and the samplers of diffusion_ext.sampling; LatentDiffusion: the same in the
+latent space of a trained VAE.
 
 Randomness is reproducible from integer seeds: the training noise is made inside the q_sample kernel from
 (seed, 0), the timesteps and label drops come from torch.Generator().manual_seed(seed); a sample starts
@@ -14,58 +15,12 @@ from typing import Callable, Iterable
 import torch
 import torch.nn.functional as F
 
-from . import reference
+from . import sampling
+from .sampling.model_call import call_model, eval_mode, null_class, with_condition
 from .schedule import NoiseSchedule
 
 PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
-SAMPLERS = ("ddpm", "ddim")
-DEFAULT_DDIM_STEPS = 50
-
-
-def _call(model, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
-    # A plain callable model(x, t) works too (unconditional models, tests' oracles).
-    return model(x, t) if y is None else model(x, t, y)
-
-
-def _null_class(model, who: str) -> int:
-    n = getattr(model, "num_classes", None)
-    if n is None:
-        raise ValueError(f"{who}: classifier-free guidance and label dropping need a class-conditional model "
-                         f"(num_classes set; its index num_classes is the null class), but the model has none")
-    return n
-
-
-def check_sample_args(who: str, shape, eta: float, guidance_scale: float | None, y: torch.Tensor | None,
-                      cond: torch.Tensor | None) -> tuple[int, ...]:
-    """The sample shape as a tuple of ints, after checking the arguments a sampler shares."""
-    shape = tuple(int(s) for s in shape)
-    if len(shape) < 2 or shape[0] < 1:
-        raise ValueError(f"{who}: shape must be (B, C, ...) with B >= 1, got {shape}")
-    if guidance_scale is not None and y is None:
-        raise ValueError(f"{who}: guidance_scale needs class labels y (guidance contrasts y with the null class)")
-    if y is not None and y.shape != (shape[0],):
-        raise ValueError(f"{who}: y must have shape ({shape[0]},), got {tuple(y.shape)}")
-    if cond is not None and (cond.dim() != len(shape) or cond.shape[0] != shape[0] or cond.shape[2:] != shape[2:]):
-        raise ValueError(f"{who}: cond must be (B, Cc, ...) matching shape {shape}, got {tuple(cond.shape)}")
-    if not eta >= 0:
-        raise ValueError(f"{who}: eta = {eta}; expected eta >= 0")
-    return shape
-
-
-class _eval_mode:
-    """Puts an nn.Module in eval mode (no dropout) for the duration, then restores its mode."""
-
-    def __init__(self, model):
-        self.model = model if isinstance(model, torch.nn.Module) else None
-
-    def __enter__(self):
-        if self.model is not None:
-            self.training = self.model.training
-            self.model.eval()
-
-    def __exit__(self, *exc):
-        if self.model is not None:
-            self.model.train(self.training)
+SAMPLERS = tuple(sampling.SAMPLERS)
 
 
 class Diffusion:
@@ -93,12 +48,7 @@ class Diffusion:
         return f"Diffusion({self.schedule!r}, prediction_type={self.prediction_type!r})"
 
     def _on(self, device) -> NoiseSchedule:
-        device = torch.device(device)
-        if device.type == "cuda" and device.index is None:  # "cuda" is the current device, as tensors report it
-            device = torch.device("cuda", torch.cuda.current_device())
-        if self.schedule.device != device:  # moving drops the schedule's cached tables
-            self.schedule.to(device)
-        return self.schedule
+        return sampling.on_device(self.schedule, device)
 
     # ------------------------------------------------------------------------------------------------
     def training_loss(self, model, x0: torch.Tensor, *, y: torch.Tensor | None = None,
@@ -124,7 +74,7 @@ class Diffusion:
         t = torch.randint(0, self.num_timesteps, (B,), generator=gen).to(device)
         # 2. replace the label by the null class with probability p_uncond (Ho & Salimans 2022, Alg. 1)
         if p_uncond > 0:
-            null = _null_class(model, "Diffusion.training_loss")
+            null = null_class(model, "Diffusion.training_loss")
             drop = (torch.rand(B, generator=gen) < p_uncond).to(device)
             y = torch.where(drop, null, y) if y is not None else None
         # 3. x_t = √ᾱ_t·x0 + √(1−ᾱ_t)·ε with ε made in the kernel (eq. 4)
@@ -144,125 +94,70 @@ class Diffusion:
             a = self.schedule.alphas_cumprod[t].to(torch.float32).view(-1, *([1] * (x0.dim() - 1)))
             target = a.sqrt() * eps.float() - (1 - a).sqrt() * x0.float()
         # 2. the model's prediction from x_t (and the conditioning image on channels), then the mean squared error
-        inp = x_t if cond is None else torch.cat([x_t, cond.to(x_t.dtype)], dim=1)
-        out = _call(model, inp, t, y)
+        out = call_model(model, with_condition(x_t, cond), t, y)
         if out.shape != x0.shape:
             raise ValueError(f"Diffusion.training_loss: the model returned shape {tuple(out.shape)}; expected x0's "
                              f"{tuple(x0.shape)}")
         return F.mse_loss(out.float(), target.float())
 
     # ------------------------------------------------------------------------------------------------
-    def plan(self, sampler: str = "ddim", steps: int | None = None, spacing: str = "leading") -> list[tuple[int, int]]:
-        """The (t, t_prev) pairs a sampler visits, t_prev = −1 at the clean end. "ddpm" with steps None or
-        T visits every t (t_prev = t − 1); otherwise `steps` timesteps of NoiseSchedule.timesteps."""
-        if sampler not in SAMPLERS:
-            raise ValueError(f"Diffusion.sample: sampler {sampler!r} is unknown; expected one of {SAMPLERS}")
-        T = self.num_timesteps
-        if steps is None:
-            steps = T if sampler == "ddpm" else min(DEFAULT_DDIM_STEPS, T)
-        if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= T:
-            raise ValueError(f"Diffusion.sample: steps = {steps!r}; expected an int in 1..{T}")
-        ts = list(range(T - 1, -1, -1)) if steps == T else self.schedule.timesteps(steps, spacing).tolist()
-        return [(t, ts[i + 1] if i + 1 < len(ts) else -1) for i, t in enumerate(ts)]
-
-    @staticmethod
-    def update_kind(sampler: str, t: int, t_prev: int) -> str:
-        """The fused update of step t -> t_prev: DDPM's ancestral step (Ho et al. 2020, Alg. 2) when the
-        ddpm sampler visits t_prev = t − 1, else DDIM's (Song et al. 2021, eq. 12), whose η = 1 is
-        DDPM's posterior on the respaced chain (ibid., eq. 16)."""
-        return "ddpm" if sampler == "ddpm" and t_prev == t - 1 else "ddim"
+    def sampler(self, name: str = "ddim", *, eta: float = 0.0, clip_range: float | None = 1.0,
+                who: str = "Diffusion.sample") -> sampling.Sampler:
+        """The sampler family `name` (diffusion_ext.sampling: ddpm, ddim, dpmpp_2m, dpmpp_2m_sde) over this
+        schedule and prediction type."""
+        return sampling.make(name, self.schedule, self.prediction_type, eta=eta, clip_range=clip_range, who=who)
 
     def sample_step(self, model, x: torch.Tensor, t: int, t_prev: int, *, sampler: str = "ddim", eta: float = 0.0,
                     guidance_scale: float | None = None, y: torch.Tensor | None = None,
                     cond: torch.Tensor | None = None, seed: int = 0, offset: int = 0,
                     clip_range: float | None = 1.0) -> torch.Tensor:
-        """One reverse step x_t -> x_{t_prev}: one model call (on the doubled batch [cond; uncond] under
-        guidance) and one fused ddpm_step / ddim_step, its noise from Philox stream (seed, offset)."""
+        """One reverse step x_t -> x_{t_prev} as the first step of a chain: one model call (on the doubled
+        batch [cond; uncond] under guidance) and one fused step (DPM-Solver++'s first-order one), its noise
+        from Philox stream (seed, offset)."""
         if not -1 <= t_prev < t < self.num_timesteps:
             raise ValueError(f"Diffusion.sample_step: (t, t_prev) = ({t}, {t_prev}); expected −1 <= t_prev < t <= "
                              f"{self.num_timesteps - 1}")
-        B = x.shape[0]
-        tt = torch.full((B,), t, dtype=torch.long, device=x.device)
-        tp = torch.full((B,), t_prev, dtype=torch.long, device=x.device)
-        return self.reverse_step(model, x, tt, tp, kind=self.update_kind(sampler, t, t_prev),
-                                 eta=1.0 if sampler == "ddpm" else eta, guidance_scale=guidance_scale, y=y, cond=cond,
-                                 seed=seed, offset=offset, clip_range=clip_range)
-
-    def reverse_step(self, model, x: torch.Tensor, t: torch.Tensor, t_prev: torch.Tensor, *, kind: str, eta: float,
-                     guidance_scale: float | None, y: torch.Tensor | None, cond: torch.Tensor | None,
-                     noise: torch.Tensor | None = None, seed: int = 0, offset: int = 0,
-                     clip_range: float | None = 1.0) -> torch.Tensor:
-        """sample_step on timestep tensors t, t_prev (B,) and a given update kind, with the noise given
-        or made from (seed, offset). Nothing here reads a device value on the host, so a CUDA graph can
-        capture it (graphed_sampling.py)."""
-        sched = self.schedule
-        inp = x if cond is None else torch.cat([x, cond.to(x.dtype)], dim=1)
-        # 1. the model's prediction; under classifier-free guidance the conditional and the unconditional
-        #    one from a single call on [x; x] with labels [y; ∅] (Ho & Salimans 2022, eq. 6)
-        uncond = None
-        if guidance_scale is not None:
-            null = torch.full_like(y, _null_class(model, "Diffusion.sample"))
-            out = _call(model, torch.cat([inp, inp]), torch.cat([t, t]), torch.cat([y, null]))
-            out, uncond = out.chunk(2)
-        else:
-            out = _call(model, inp, t, y)
-        # under autocast the model answers in bf16/fp16; the chain stays in x's dtype
-        out, uncond = out.to(x.dtype), None if uncond is None else uncond.to(x.dtype)
-        # 2. x_{t_prev} from the fused step, which applies the guidance ε̃ = ε_∅ + w·(ε_y − ε_∅) itself
-        clip = clip_range is not None
-        common = dict(seed=seed, offset=offset, clip_sample=clip, clip_range=clip_range if clip else 1.0,
-                      prediction_type=self.prediction_type, guidance_scale=guidance_scale, model_output_uncond=uncond)
-        if kind == "ddpm":
-            return sched.ddpm_step(out, t, x, noise, **common)
-        return sched.ddim_step(out, t, t_prev, x, eta, noise, **common)
+        s = self.sampler(sampler, eta=eta, clip_range=clip_range, who="Diffusion.sample_step")
+        tt, tp = (torch.full((x.shape[0],), v, dtype=torch.long, device=x.device) for v in (t, t_prev))
+        x, _ = s.step(model, x, tt, tp, tp, s.kind(0, t, t_prev), s.initial_state(x), guidance_scale=guidance_scale,
+                      y=y, cond=cond, seed=seed, offset=offset)
+        return x
 
     @torch.no_grad()
     def sample(self, model, shape, *, sampler: str = "ddim", steps: int | None = None, eta: float = 0.0,
                guidance_scale: float | None = None, y: torch.Tensor | None = None, cond: torch.Tensor | None = None,
                seed: int = 0, device="cpu", dtype: torch.dtype = torch.float32, progress: bool = False,
-               callback: Callable[[int, int, torch.Tensor], None] | None = None, spacing: str = "leading",
+               callback: Callable[[int, int, torch.Tensor], None] | None = None, spacing: str | None = None,
                clip_range: float | None = 1.0, cuda_graph: bool = False) -> torch.Tensor:
         """Draws x0 ~ p_θ(x0 | y, cond) of the given shape (B, C, S, S).
 
-        sampler "ddpm": all T steps when steps is None (or T), else `steps` timesteps with DDIM η = 1;
-        "ddim": `steps` timesteps (50 when None) with the given eta. guidance_scale w (None: no guidance)
-        needs labels y and a class-conditional model. clip_range: x̂0 is clipped to [−r, r] at every step
-        and so is the result (the data range: 1 for images in [−1, 1]; None for latents, which are
-        unbounded). callback(i, t, x_{t_prev}) runs after step i. cuda_graph (CUDA only): the step is
-        captured once and replayed (graphed_sampling.GraphedSampler; the same x_T, noise from torch's
-        CUDA generator instead of the kernels' Philox streams).
+        sampler (diffusion_ext.sampling): "ddpm": all T steps when steps is None (or T), else `steps`
+        timesteps with DDIM η = 1; "ddim": `steps` timesteps (50 when None) with the given eta;
+        "dpmpp_2m": DPM-Solver++(2M), `steps` timesteps (20 when None); "dpmpp_2m_sde": its SDE variant.
+        spacing: NoiseSchedule.timesteps' (None: the sampler's default, "leading" for DDPM and DDIM,
+        "linspace" for DPM-Solver++ as in diffusers). guidance_scale w (None: no guidance) needs labels y
+        and a class-conditional model. clip_range: x̂0 is clipped to [−r, r] at every step and so is the
+        result (the data range: 1 for images in [−1, 1]; None for latents, which are unbounded).
+        callback(i, t, x_{t_prev}) runs after step i. cuda_graph (CUDA only): each kind of step is captured
+        once and replayed (sampling.GraphedSampler; the same x_T, noise from torch's CUDA generator instead
+        of the kernels' Philox streams).
         """
-        shape = check_sample_args("Diffusion.sample", shape, eta, guidance_scale, y, cond)
-        plan = self.plan(sampler, steps, spacing)
+        who = "Diffusion.sample"
+        shape = sampling.check_sample_args(who, shape, guidance_scale, y, cond)
         device = torch.device(device)
         if cuda_graph:
             if device.type != "cuda" or progress or callback is not None:
-                raise ValueError(f"Diffusion.sample: cuda_graph=True needs a CUDA device (got {device}) and runs "
+                raise ValueError(f"{who}: cuda_graph=True needs a CUDA device (got {device}) and runs "
                                  f"the chain without progress bar or callback")
-            from .graphed_sampling import GraphedSampler
-
-            return GraphedSampler(self, model, shape, sampler=sampler, steps=steps, eta=eta,
-                                  guidance_scale=guidance_scale, y=y, cond=cond, clip_range=clip_range,
-                                  spacing=spacing, dtype=dtype, device=device)(seed)
+            return sampling.GraphedSampler(self, model, shape, sampler=sampler, steps=steps, eta=eta,
+                                           guidance_scale=guidance_scale, y=y, cond=cond, clip_range=clip_range,
+                                           spacing=spacing, dtype=dtype, device=device)(seed)
+        s = self.sampler(sampler, eta=eta, clip_range=clip_range, who=who)
+        plan = s.plan(steps, spacing)
         self._on(device)
-        y = None if y is None else y.to(device)
-        cond = None if cond is None else cond.to(device)
-        # 1. x_T ~ N(0, I): Philox stream (seed, 0), the generator of the kernels
-        x = reference.philox_normal(math.prod(shape), seed, 0, dtype, device).view(shape)
-        steps_iter = enumerate(plan)
-        if progress:
-            from tqdm.auto import tqdm
-
-            steps_iter = tqdm(steps_iter, total=len(plan), desc=f"{sampler} sampling")
-        # 2. the reverse chain x_T -> … -> x_0, step i drawing its noise from stream (seed, i + 1)
-        with _eval_mode(model):
-            for i, (t, t_prev) in steps_iter:
-                x = self.sample_step(model, x, t, t_prev, sampler=sampler, eta=eta, guidance_scale=guidance_scale,
-                                     y=y, cond=cond, seed=seed, offset=i + 1, clip_range=clip_range)
-                if callback is not None:
-                    callback(i, t, x)
-        # 3. the data range
-        return x if clip_range is None else x.clamp(-clip_range, clip_range)
+        x_T = sampling.initial_noise(shape, seed, dtype, device)
+        return s.run(model, x_T, plan, guidance_scale=guidance_scale, y=None if y is None else y.to(device),
+                     cond=None if cond is None else cond.to(device), seed=seed, progress=progress, callback=callback)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -281,7 +176,7 @@ def measure_scale_factor(vae, batches: Iterable) -> float:
     App. G; their 0.18215 for Stable Diffusion's VAE is this number). Store it with the checkpoint."""
     p = next(iter(vae.parameters()))
     n, s, s2 = 0, 0.0, 0.0
-    with _eval_mode(vae):
+    with eval_mode(vae):
         for batch in batches:
             x = _images(batch).to(p.device, p.dtype)
             mu, logvar = vae.encode(x)

@@ -64,6 +64,13 @@ def _ddim_step_fake(model_output, t, t_prev, x_t, alphas_cumprod, eta, noise, se
     return flat_batch_empty_like(x_t, model_output, model_output_uncond, noise if eta > 0 else None)
 
 
+@torch.library.register_fake("diffusion_ext::dpmpp_2m_step")
+def _dpmpp_2m_step_fake(model_output, t, t_prev, x_t, alphas_cumprod, x0_last, t_last, sde, noise, seed, offset,
+                        clip_sample, clip_range, prediction_type, guidance_scale, model_output_uncond):
+    read = (x_t, model_output, model_output_uncond, noise if sde else None, x0_last)
+    return flat_batch_empty_like(*read), flat_batch_empty_like(*read)
+
+
 # ----------------------------------------------------------------------------------------------------
 # autograd: q_sample is linear in x0 and noise, so dL/dx0 = √ᾱ_t·g and dL/dε = √(1−ᾱ_t)·g.
 # (The reverse steps are sampling-only and have no backward.)
@@ -227,6 +234,26 @@ def ddim_step(model_output: torch.Tensor, t: torch.Tensor, t_prev: torch.Tensor,
     if backend == "triton":
         return _triton().ddim_step(*args)
     return _ops.ddim_step(*args)
+
+
+def dpmpp_2m_step(model_output: torch.Tensor, t: torch.Tensor, t_prev: torch.Tensor, x_t: torch.Tensor,
+                  alphas_cumprod: torch.Tensor, x0_last: torch.Tensor | None = None, t_last: torch.Tensor | None = None,
+                  sde: bool = False, noise: torch.Tensor | None = None, seed: int = 0, offset: int = 0,
+                  clip_sample: bool = False, clip_range: float = 1.0, prediction_type: str = "epsilon",
+                  guidance_scale: float | None = None,
+                  model_output_uncond: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """One DPM-Solver++ step x_t -> x_{t_prev} in data-prediction form (Lu et al. 2022); t_prev = -1 is the
+    clean end. Second order (2M) with the last step's x̂0 and timestep (x0_last, t_last), first order without;
+    sde: the SDE variant, noise given or made from (seed, offset). Returns (x_prev, x̂0 of this step)."""
+    args = (model_output, t, t_prev, x_t, alphas_cumprod, x0_last, t_last, bool(sde), noise, seed, offset, clip_sample,
+            float(clip_range), prediction_type, None if guidance_scale is None else float(guidance_scale),
+            model_output_uncond)
+    backend = resolve("dpmpp_2m_step", x_t.device)
+    if backend == "torch":
+        return reference.dpmpp_2m_step(*args)
+    if backend == "triton":
+        return _triton().dpmpp_2m_step(*args)
+    return _ops.dpmpp_2m_step(*args)
 
 
 def group_norm_act(x: torch.Tensor, num_groups: int, weight: torch.Tensor | None = None,

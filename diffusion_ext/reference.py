@@ -161,6 +161,45 @@ def ddim_step(model_output, t, t_prev, x_t, alphas_cumprod, eta=0.0, noise=None,
     return x_prev
 
 
+def _half_log_snr(alpha_bar):
+    # λ = log(α) − log(σ) (Lu et al. 2022a, §3.1), as diffusers' DPMSolverMultistepScheduler writes it
+    return torch.log(alpha_bar.sqrt()) - torch.log((1 - alpha_bar).sqrt())
+
+
+def dpmpp_2m_step(model_output, t, t_prev, x_t, alphas_cumprod, x0_last=None, t_last=None, sde=False, noise=None,
+                  seed=0, offset=0, clip_sample=False, clip_range=1.0, prediction_type="epsilon", guidance_scale=None,
+                  model_output_uncond=None):
+    """One DPM-Solver++ step t -> t_prev in data-prediction form (Lu et al. 2022b), as diffusers'
+    DPMSolverMultistepScheduler (solver_type "midpoint") writes it: first order (§4.1) without x0_last,
+    second order (Algorithm 2, 2M) with the last step's x̂0 and timestep, first order again where t_prev = −1
+    (σ = 0); sde: the SDE variant ("sde-dpmsolver++"). Returns (x_prev, x̂0)."""
+    m = _guided(model_output, guidance_scale, model_output_uncond)
+    # 1. α_s, σ_s at the current timestep s = t; α_t, σ_t at the target t_prev (ᾱ = 1 at −1); h = λ_t − λ_s
+    a_s = _coef(alphas_cumprod, t, x_t)
+    a_t = _alpha_bar_prev(alphas_cumprod, t_prev, a_s)
+    sigma_s, alpha_t, sigma_t = (1 - a_s).sqrt(), a_t.sqrt(), (1 - a_t).sqrt()
+    h = _half_log_snr(a_t) - _half_log_snr(a_s)
+    # 2. the data prediction x̂0 (clipped when asked: the x̂0 the update uses and the next step gets)
+    x0, _ = _predict_x0_eps(m, x_t, a_s, prediction_type)
+    if clip_sample:
+        x0 = x0.clamp(-clip_range, clip_range)
+    # 3. D = x̂0 + (x̂0 − x̂0_last)/(2r), r = h_last/h (Algorithm 2), first order where t_prev = −1 (h = ∞)
+    d = x0
+    if x0_last is not None:
+        h_last = _half_log_snr(a_s) - _half_log_snr(_coef(alphas_cumprod, t_last, x_t))
+        r = h_last / h
+        second = (t_prev >= 0).view_as(r)
+        d = torch.where(second, x0 + _el(1 / (2 * r), x_t) * (x0 - x0_last), x0)
+    # 4. the exponential-integrator update, ODE or SDE
+    if not sde:
+        return _el(sigma_t / sigma_s, x_t) * x_t - _el(alpha_t * (torch.exp(-h) - 1), x_t) * d, x0
+    if noise is None:
+        noise = noise_like(x_t, seed, offset, model_output, model_output_uncond, x0_last)
+    std = sigma_t * (1 - torch.exp(-2 * h)).sqrt()  # 0 at the clean end: no noise read there
+    return (_el(sigma_t / sigma_s * torch.exp(-h), x_t) * x_t + _el(alpha_t * (1 - torch.exp(-2 * h)), x_t) * d
+            + _el(std, x_t) * torch.where(std > 0, noise, 0.0)), x0
+
+
 _ACTIVATIONS = {"silu": torch.nn.functional.silu, "relu": torch.nn.functional.relu, "none": lambda z: z}
 
 

@@ -14,7 +14,7 @@ import torch
 from . import ops
 
 BETA_SCHEDULES = ("linear", "scaled_linear", "cosine")
-SPACINGS = ("leading", "trailing", "linspace")
+SPACINGS = ("leading", "trailing", "linspace", "karras")
 
 
 def make_betas(num_timesteps: int, beta_schedule: str, beta_start: float, beta_end: float) -> torch.Tensor:
@@ -170,18 +170,71 @@ class NoiseSchedule:
                              0 if seed is None else _as_int("seed", seed), _as_int("offset", offset), clip_sample,
                              clip_range, prediction_type, guidance_scale, model_output_uncond)
 
-    def timesteps(self, num_inference_steps: int, spacing: str = "leading") -> torch.Tensor:
-        """The descending sampling sequence of num_inference_steps timesteps (diffusers' spacings; see
-        Lin et al. 2024, "Common diffusion noise schedules and sample steps are flawed", table 2)."""
+    def dpmpp_2m_step(self, model_output: torch.Tensor, t, t_prev, x_t: torch.Tensor,
+                      x0_last: torch.Tensor | None = None, t_last=None, *, sde: bool = False,
+                      noise: torch.Tensor | None = None, seed: int | None = None, offset: int = 0,
+                      clip_sample: bool = False, clip_range: float = 1.0, prediction_type: str = "epsilon",
+                      guidance_scale: float | None = None,
+                      model_output_uncond: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """One DPM-Solver++ step x_t → x_{t_prev} (t_prev = −1: the clean end); second order (2M) given the
+        last step's x̂0 and timestep (x0_last, t_last), else first order; sde: the SDE variant, its noise
+        given or made in the kernel from seed (drawn from torch's generator when neither is given).
+        Returns (x_prev, x̂0): pass x̂0 and t as the next step's x0_last and t_last."""
+        t = self._timesteps("dpmpp_2m_step", "t", t, x_t)
+        t_prev = self._timesteps("dpmpp_2m_step", "t_prev", t_prev, x_t, lowest=-1)
+        if t_last is not None:
+            t_last = self._timesteps("dpmpp_2m_step", "t_last", t_last, x_t)
+        if sde and noise is None and seed is None:
+            seed = self._draw_seed()
+        return ops.dpmpp_2m_step(model_output, t, t_prev, x_t, self._table(x_t), x0_last, t_last, bool(sde), noise,
+                                 0 if seed is None else _as_int("seed", seed), _as_int("offset", offset), clip_sample,
+                                 clip_range, prediction_type, guidance_scale, model_output_uncond)
+
+    def timesteps(self, num_inference_steps: int, spacing: str = "leading", *, clean_end: bool = False) -> torch.Tensor:
+        """The descending sampling sequence of num_inference_steps timesteps, as diffusers spaces them (Lin et
+        al. 2024, "Common diffusion noise schedules and sample steps are flawed", table 2). The chain's last
+        step goes from the last of them to the clean end (ᾱ = 1).
+
+        clean_end=False: the n timesteps themselves are spaced over 0..T−1, as diffusers' DDPM and DDIM
+        schedulers do ("linspace" and "leading" end at t = 0). clean_end=True: n + 1 points are spaced with
+        the clean end as the last and the first n returned, as its DPMSolverMultistepScheduler does, so no
+        model call is spent at t = 0 ("trailing" is the same either way). "karras": the timesteps nearest
+        (in log σ, σ = √((1−ᾱ)/ᾱ)) to the noise levels σ_i = (σ_max^{1/ρ} + i/(n−1)·(σ_min^{1/ρ} −
+        σ_max^{1/ρ}))^ρ, ρ = 7, of Karras et al. 2022, eq. 5, from σ(T−1) down to σ(0), which spend more
+        steps at low noise; as diffusers' use_karras_sigmas, but rounded to the table's timesteps (the ops
+        take integer t), so steps that round to one timestep are an error."""
         n, T = _as_int("num_inference_steps", num_inference_steps), self.num_timesteps
         if not 1 <= n <= T:
             raise ValueError(f"NoiseSchedule.timesteps: num_inference_steps = {n}; expected 1..{T}")
+        grid = n + 1 if clean_end else n  # points spaced; with clean_end the last (t = 0 or below) is dropped
         if spacing == "leading":
-            ts = torch.arange(n, dtype=torch.float64) * (T // n)
+            ts = torch.arange(grid, dtype=torch.float64) * (T // grid)
         elif spacing == "trailing":
             ts = torch.arange(T, 0, -T / n, dtype=torch.float64).round().flip(0) - 1
         elif spacing == "linspace":
-            ts = torch.linspace(0, T - 1, n, dtype=torch.float64)
+            ts = torch.linspace(0, T - 1, grid, dtype=torch.float64)
+        elif spacing == "karras":
+            return self._karras_timesteps(n)
         else:
             raise ValueError(f"NoiseSchedule.timesteps: spacing {spacing!r} is unknown; expected one of {SPACINGS}")
-        return ts.round().long().flip(0)
+        ts = ts.round().long().flip(0)
+        return ts[:n] if clean_end else ts
+
+    def _karras_timesteps(self, n: int) -> torch.Tensor:
+        if self.num_timesteps == 1:
+            return torch.zeros(1, dtype=torch.long)
+        log_sigma = (0.5 * ((1 - self.alphas_cumprod) / self.alphas_cumprod).log()).cpu()  # increasing in t
+        rho = 7.0
+        ramp = torch.linspace(0, 1, n, dtype=torch.float64)
+        hi, lo = log_sigma[-1].exp() ** (1 / rho), log_sigma[0].exp() ** (1 / rho)
+        target = ((hi + ramp * (lo - hi)) ** rho).log()
+        # the fractional timestep by linear interpolation of log σ between neighbouring timesteps, rounded
+        i = torch.searchsorted(log_sigma, target).clamp(1, self.num_timesteps - 1)
+        w = ((target - log_sigma[i - 1]) / (log_sigma[i] - log_sigma[i - 1])).clamp(0, 1)
+        ts = ((i - 1) + w).round().long()
+        if (ts[1:] >= ts[:-1]).any():
+            j = int(torch.nonzero(ts[1:] >= ts[:-1])[0])
+            raise ValueError(f"NoiseSchedule.timesteps: {n} karras steps round two noise levels to timestep "
+                             f"{int(ts[j])} of this {self.num_timesteps}-step table; use fewer steps or another "
+                             f"spacing")
+        return ts

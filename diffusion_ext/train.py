@@ -47,7 +47,8 @@ BACKBONES = ("native", "diffusers")
 # what may differ between a run and its resumption (its length, bookkeeping and where it runs; `out` is
 # the run's folder itself, wherever it now lives)
 RESUME_OVERRIDES = ("steps", "quiet", "ckpt_every", "log_every", "sample_every", "num_samples", "sample_steps",
-                    "save_format", "num_workers", "device", "compile", "max_bad_fraction", "progress_every")
+                    "sample_sampler", "save_format", "num_workers", "device", "compile", "max_bad_fraction",
+                    "progress_every")
 
 
 @dataclass
@@ -102,7 +103,8 @@ class TrainConfig:
     log_every: int = 1
     sample_every: int = 1000             # 0: only at the end
     num_samples: int = 16
-    sample_steps: int = 50               # DDIM steps of the sample grids
+    sample_steps: int = 50               # sampler steps of the sample grids
+    sample_sampler: str = "ddim"         # the grids' sampler: ddpm, ddim, dpmpp_2m, dpmpp_2m_sde
     save_format: str = "pt"              # exported EMA weights: pt or safetensors
     quiet: bool = False
     progress_every: float = 30.0         # seconds between plain progress lines when stdout is not a terminal
@@ -128,6 +130,10 @@ class TrainConfig:
             bad(f"progress_every = {self.progress_every}; expected seconds > 0")
         if self.max_bad_fraction is not None and not 0.0 <= self.max_bad_fraction <= 1.0:
             bad(f"max_bad_fraction = {self.max_bad_fraction}; expected a fraction in [0, 1]")
+        from .sampling import SAMPLERS
+
+        if self.sample_sampler not in SAMPLERS:
+            bad(f"sample_sampler {self.sample_sampler!r} is unknown; expected one of {tuple(SAMPLERS)}")
         if self.batch_size % self.grad_accum:
             bad(f"batch_size = {self.batch_size} is not divisible by grad_accum = {self.grad_accum}")
         if not self.lr > 0:
@@ -612,7 +618,7 @@ class Trainer:
             grid = torch.cat([x, x_hat])  # first rows the inputs, then their reconstructions
             save_grid(grid, path, nrow=min(n, 8) if n > 8 else n)
             return stats
-        kw = dict(sampler="ddim", steps=min(cfg.sample_steps, cfg.num_timesteps), seed=cfg.seed,
+        kw = dict(sampler=cfg.sample_sampler, steps=min(cfg.sample_steps, cfg.num_timesteps), seed=cfg.seed,
                   device=self.device)
         if cfg.task == "depth":
             items = [self.dataset[i] for i in range(min(n, len(self.dataset)))]

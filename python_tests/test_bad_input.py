@@ -25,6 +25,7 @@ Q = "diffusion_ext.q_sample"
 QN = "diffusion_ext.q_sample_with_noise"
 P = "diffusion_ext.ddpm_step"
 D = "diffusion_ext.ddim_step"
+S = "diffusion_ext.dpmpp_2m_step"
 G = "diffusion_ext.group_norm_act"
 GB = "diffusion_ext.group_norm_act_backward"
 _C6 = torch.ones(6)
@@ -42,6 +43,16 @@ def _attn_backward(**kw):
                 scale=0.5)
     args.update(kw)
     return torch.ops.diffusion_ext.attention_backward(*args.values())
+
+
+def _dpmpp(**kw):
+    """dpmpp_2m_step on good arguments (a second-order SDE step with guidance) but for those in kw."""
+    x = _x()
+    args = dict(model_output=_x(), t=T2, t_prev=T2 - 1, x_t=x, alphas_cumprod=_table(), x0_last=_x(),
+                t_last=T2 + 3, sde=True, noise=None, seed=0, offset=0, clip_sample=False, clip_range=1.0,
+                prediction_type="epsilon", guidance_scale=2.0, model_output_uncond=_x())
+    args.update(kw)
+    return ops.dpmpp_2m_step(**args)
 
 
 def _gn_backward(**kw):
@@ -98,6 +109,32 @@ CASES = [
      [D, "eta"]),
     ("ddim_prediction", lambda: ops.ddim_step(_x(), T2, T2 - 1, _x(), _table(), prediction_type="x0"), ValueError,
      [D, "prediction_type"]),
+    ("dpmpp_x_int", lambda: _dpmpp(x_t=torch.ones(2, 3, 4, dtype=torch.long)), TypeError, [S, "x_t", "dtype"]),
+    ("dpmpp_m_shape", lambda: _dpmpp(model_output=_x(2, 3)), RuntimeError, [S, "model_output", "shape"]),
+    ("dpmpp_table_2d", lambda: _dpmpp(alphas_cumprod=_table().view(2, 5)), RuntimeError, [S, "alphas_cumprod"]),
+    ("dpmpp_prediction", lambda: _dpmpp(prediction_type="flow_prediction"), ValueError,
+     [S, "prediction_type", "flow_prediction"]),
+    ("dpmpp_t_range", lambda: _dpmpp(t=torch.tensor([1, 10])), ValueError, [S, "t[1] = 10"]),
+    ("dpmpp_t_prev_not_before_t", lambda: _dpmpp(t_prev=T2), ValueError, [S, "t_prev must be smaller than t"]),
+    ("dpmpp_t_prev_below_minus_one", lambda: _dpmpp(t_prev=torch.tensor([-2, 0])), ValueError, [S, "t_prev[0]"]),
+    ("dpmpp_x0_last_without_t_last", lambda: _dpmpp(t_last=None), ValueError,
+     [S, "x0_last was given without t_last"]),
+    ("dpmpp_t_last_without_x0_last", lambda: _dpmpp(x0_last=None), ValueError,
+     [S, "t_last was given without x0_last"]),
+    ("dpmpp_x0_last_shape", lambda: _dpmpp(x0_last=_x(2, 3, 5)), RuntimeError, [S, "x0_last", "shape"]),
+    ("dpmpp_x0_last_dtype", lambda: _dpmpp(x0_last=_x().double()), TypeError, [S, "x0_last", "dtype"]),
+    ("dpmpp_t_last_dtype", lambda: _dpmpp(t_last=(T2 + 3).int()), TypeError, [S, "t_last", "int64"]),
+    ("dpmpp_t_last_range", lambda: _dpmpp(t_last=torch.tensor([3, 10])), ValueError, [S, "t_last[1] = 10"]),
+    ("dpmpp_t_last_not_after_t", lambda: _dpmpp(t_last=torch.tensor([3, 2])), ValueError,
+     [S, "t must be smaller than t_last", "sample 1"]),
+    ("dpmpp_noise_dtype", lambda: _dpmpp(noise=_x().half()), TypeError, [S, "noise", "dtype"]),
+    ("dpmpp_noise_shape_ode", lambda: _dpmpp(sde=False, noise=_x(2, 3)), RuntimeError, [S, "noise", "shape"]),
+    ("dpmpp_negative_offset", lambda: _dpmpp(offset=-1), ValueError, [S, "offset"]),
+    ("dpmpp_guidance_without_uncond", lambda: _dpmpp(model_output_uncond=None), ValueError,
+     [S, "guidance_scale", "model_output_uncond"]),
+    ("dpmpp_uncond_without_guidance", lambda: _dpmpp(guidance_scale=None), ValueError, [S, "model_output_uncond"]),
+    ("dpmpp_guidance_inf", lambda: _dpmpp(guidance_scale=float("inf")), ValueError, [S, "guidance_scale"]),
+    ("dpmpp_clip_range", lambda: _dpmpp(clip_range=-1.0), ValueError, [S, "clip_range"]),
     ("gn_groups_divide", lambda: ops.group_norm_act(_x(2, 6, 4), 4), ValueError, [G, "6 channels", "num_groups = 4"]),
     ("gn_groups_zero", lambda: ops.group_norm_act(_x(2, 6, 4), 0), ValueError, [G, "num_groups"]),
     ("gn_1d", lambda: ops.group_norm_act(_x(6), 3), RuntimeError, [G, "x", "at least 2 dims"]),

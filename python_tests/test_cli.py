@@ -27,7 +27,7 @@ SAMPLE = cli_run.CPU  # sample's options for the model TINY trains, on the CPU
 def run_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("cli") / "run"
     rc = main(["train", *TINY, "--out", str(out), "--steps", "4", "--ckpt-every", "2", "--sample-every", "2",
-               "--save-format", "safetensors"])
+               "--save-format", "safetensors", "--sample-sampler", "dpmpp_2m"])
     assert rc == 0
     return out
 
@@ -41,6 +41,7 @@ def _png(path):
 def test_train_writes_checkpoint_log_samples_and_curve(run_dir):
     ck = load_checkpoint(run_dir / "checkpoint.pt")
     assert ck["step"] == 4 and ck["config"]["task"] == "pixel" and ck["model_kind"] == "unet"
+    assert ck["config"]["sample_sampler"] == "dpmpp_2m"  # the grids' sampler
     assert torch.load(run_dir / "checkpoint.pt", weights_only=True)["step"] == 4
     recs = read_jsonl(run_dir / "log.jsonl")
     train_recs = [r for r in recs if "loss" in r]
@@ -61,6 +62,20 @@ def test_sample_writes_a_grid(run_dir, tmp_path, source, capsys):
               + SAMPLE)
     assert rc == 0, capsys.readouterr().err
     assert _png(out) == ((2 + 2 * (8 + 2)) * 8,) * 2  # a 2×2 grid of 8×8 images, upscaled 8× to be seen
+
+
+@pytest.mark.parametrize("sampler", ["dpmpp_2m", "dpmpp_2m_sde", "ddpm"])
+def test_sample_takes_every_sampler(run_dir, tmp_path, sampler, capsys):
+    from diffusion_ext.images import save_grid
+    from diffusion_ext.train import load_trained
+
+    out, expected = tmp_path / "grid.png", tmp_path / "expected.png"
+    rc = main(["sample", "--checkpoint", str(run_dir / "checkpoint.pt"), "--num", "2", "--sampler", sampler,
+               "--steps", "3", "--seed", "4", "--out", str(out)] + SAMPLE)
+    assert rc == 0, capsys.readouterr().err
+    m = load_trained(str(run_dir / "checkpoint.pt"), fused=cli_run.FUSED)
+    save_grid(m.diffusion.sample(m.model, (2, 3, 8, 8), sampler=sampler, steps=3, seed=4).float(), str(expected))
+    assert out.read_bytes() == expected.read_bytes()
 
 
 def test_sample_from_checkpoint_and_weights_agree(run_dir, tmp_path):
@@ -87,6 +102,16 @@ def test_clear_errors(tmp_path, capsys):
     assert main(["train", "--task", "pixel", "--data", "builtin:shapes", "--precision", "fp16", "--device", "cpu",
                  "--out", str(tmp_path / "r")]) == 2
     assert "diffusion_ext train: --precision fp16 needs a CUDA device" in capsys.readouterr().err  # named once
+
+
+def test_sampler_errors(run_dir, tmp_path, capsys):
+    from diffusion_ext.train import TrainConfig
+
+    assert main(["sample", "--checkpoint", str(run_dir / "checkpoint.pt"), "--sampler", "dpmpp_2m", "--eta", "0.5",
+                 "--out", str(tmp_path / "x.png")]) == 2
+    assert "eta = 0.5 applies to the ddim sampler only" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="TrainConfig: sample_sampler 'euler' is unknown"):
+        TrainConfig(sample_sampler="euler").validate()
 
 
 def test_ctrl_c_saves_and_resume_continues(tmp_path, capsys):

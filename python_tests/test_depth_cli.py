@@ -76,6 +76,10 @@ def test_predict_depth_writes_a_png_beside_the_input(run_dir, tmp_path, capsys):
                "--out", str(other), *CPU])
     assert rc == 0, capsys.readouterr().err
     assert other.exists()
+    rc = main(["predict-depth", "--checkpoint", str(run_dir / "weights.pt"), "--image", str(img), "--sampler",
+               "dpmpp_2m", "--steps", "3", "--out", str(tmp_path / "dpm_depth.png"), *CPU])
+    assert rc == 0, capsys.readouterr().err
+    assert (tmp_path / "dpm_depth.png").exists()
 
 
 def test_ensemble_is_the_per_pixel_median_of_its_samples(run_dir):

@@ -8,7 +8,7 @@ import torch
 import diffusion_ext as dx
 from diffusion_ext import reference
 from diffusion_ext.diffusion import Diffusion, LatentDiffusion, measure_scale_factor
-from diffusion_ext.graphed_sampling import GraphedSampler
+from diffusion_ext.sampling import GraphedSampler
 
 T = 20
 SHAPE = (3, 2, 4, 4)
@@ -93,13 +93,24 @@ def test_training_loss_rejects_a_model_of_the_wrong_shape():
 # ----------------------------------------------------------------------------------------------------
 # samplers: Diffusion.sample against loops over the schedule's ops
 # ----------------------------------------------------------------------------------------------------
-def test_plan_visits_every_timestep_for_ddpm_and_respaces_ddim():
+def _pairs(plan):
+    return [(s.t, s.t_prev) for s in plan]
+
+
+def test_plan_visits_every_timestep_for_ddpm_and_respaces_ddim_and_dpm_solver():
     diff = make()
-    assert diff.plan("ddpm") == [(t, t - 1) for t in range(T - 1, -1, -1)]
+    assert _pairs(diff.sampler("ddpm").plan()) == [(t, t - 1) for t in range(T - 1, -1, -1)]
     ts = diff.schedule.timesteps(5).tolist()
-    assert diff.plan("ddim", 5) == list(zip(ts, ts[1:] + [-1]))
+    assert _pairs(diff.sampler("ddim").plan(5)) == list(zip(ts, ts[1:] + [-1]))
+    # DPM-Solver++: diffusers' spacing (no model call at t = 0), first order at the first and the last step,
+    # each step knowing the timestep of the one before
+    plan = diff.sampler("dpmpp_2m").plan(5)
+    ts = diff.schedule.timesteps(5, "linspace", clean_end=True).tolist()
+    assert _pairs(plan) == list(zip(ts, ts[1:] + [-1])) and 0 not in ts
+    assert [s.kind for s in plan] == ["first_order"] + ["second_order"] * 3 + ["first_order"]
+    assert [s.t_last for s in plan[1:]] == ts[:-1]
     with pytest.raises(ValueError, match="steps"):
-        diff.plan("ddim", T + 1)
+        diff.sampler("ddim").plan(T + 1)
 
 
 def test_ddpm_sample_is_the_ancestral_chain():
@@ -119,7 +130,7 @@ def test_ddim_sample_with_guidance_is_eq_6_then_eq_12(eta):
     diff, model, w = make(), Toy(num_classes=3), 2.5
     y = torch.tensor([0, 2, 1])
     x = x_T(seed=9)
-    plan = diff.plan("ddim", 6)
+    plan = _pairs(diff.sampler("ddim").plan(6))
     for i, (t, t_prev) in enumerate(plan):
         tt = torch.full((SHAPE[0],), t)
         eps = model(x, tt, y)
@@ -128,6 +139,40 @@ def test_ddim_sample_with_guidance_is_eq_6_then_eq_12(eta):
         x = diff.schedule.ddim_step(guided, tt, t_prev, x, eta, seed=9, offset=i + 1, clip_sample=True)
     out = diff.sample(model, SHAPE, sampler="ddim", steps=6, eta=eta, guidance_scale=w, y=y, seed=9)
     torch.testing.assert_close(out, x.clamp(-1, 1), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("sampler", ["dpmpp_2m", "dpmpp_2m_sde"])
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_dpm_solver_sample_is_the_multistep_chain(sampler, prediction_type):
+    """DPM-Solver++(2M) (Lu et al. 2022, Algorithm 2) as a loop over the schedule's op: the first step first
+    order, then each step given the x̂0 and timestep of the one before, the last step to the clean end;
+    guidance combined in the op; step i's noise (SDE) from stream (seed, i + 1)."""
+    diff, model, w = make(prediction_type), Toy(num_classes=3), 2.0
+    y = torch.tensor([1, 0, 2])
+    sde = sampler.endswith("sde")
+    ts = diff.schedule.timesteps(7, "linspace", clean_end=True).tolist()
+    x, x0, t_last = x_T(seed=4), None, None
+    for i, t in enumerate(ts):
+        t_prev = ts[i + 1] if i + 1 < len(ts) else -1
+        tt = torch.full((SHAPE[0],), t)
+        out, uncond = model(x, tt, y), model(x, tt, torch.full_like(y, 3))
+        x, x0 = diff.schedule.dpmpp_2m_step(out, t, t_prev, x, x0 if t_prev >= 0 else None,
+                                            t_last if t_prev >= 0 else None, sde=sde, seed=4, offset=i + 1,
+                                            clip_sample=True, prediction_type=prediction_type, guidance_scale=w,
+                                            model_output_uncond=uncond)
+        t_last = t
+    out = diff.sample(model, SHAPE, sampler=sampler, steps=7, guidance_scale=w, y=y, seed=4)
+    torch.testing.assert_close(out, x.clamp(-1, 1), rtol=1e-5, atol=1e-6)
+
+
+def test_dpm_solver_sample_step_is_its_first_order_step_which_is_ddim():
+    # The first-order DPM-Solver++ is DDIM with η = 0 (Lu et al. 2022, §4.1), unclipped (clipped, DDIM takes
+    # ε̂ from the unclipped x̂0, as diffusers does, and DPM-Solver++ the clipped x̂0 itself)
+    diff, model = make(), Toy()
+    x = x_T(seed=1)
+    a = diff.sample_step(model, x, 15, 9, sampler="dpmpp_2m", clip_range=None)
+    torch.testing.assert_close(a, diff.sample_step(model, x, 15, 9, sampler="ddim", clip_range=None), rtol=1e-5,
+                               atol=1e-5)
 
 
 def test_sample_passes_the_condition_and_respects_clip_range_none():
@@ -144,6 +189,7 @@ def test_sample_passes_the_condition_and_respects_clip_range_none():
     (dict(cond=torch.zeros(2, 1, 4, 4)), "cond must be"),
     (dict(eta=-1.0), "eta"),
     (dict(sampler="euler"), "sampler"),
+    (dict(sampler="dpmpp_2m", eta=0.5), "eta = 0.5 applies to the ddim sampler only"),
 ])
 def test_sample_rejects(kw, match):
     with pytest.raises(ValueError, match=match) as e:
@@ -170,15 +216,23 @@ def test_cuda_graph_sampling_needs_cuda():
 # ----------------------------------------------------------------------------------------------------
 # GraphedSampler: the same step on static buffers (capture=False runs it eagerly, on any device)
 # ----------------------------------------------------------------------------------------------------
-def randn_chain(diff, model, plan, x, *, eta, seed, guidance_scale=None, y=None):
-    """The chain as GraphedSampler runs it: noise from torch.randn before each step's model call."""
+def randn_chain(diff, model, sampler, plan, x, *, seed):
+    """The chain as GraphedSampler runs it: noise from torch.randn before each step's model call, written
+    here with the schedule's ops."""
     torch.manual_seed(seed)
-    for t, t_prev in plan:
-        kind = Diffusion.update_kind("ddpm" if eta == 1.0 else "ddim", t, t_prev)
-        noise = torch.randn(x.shape) if kind == "ddpm" or eta > 0 else None
-        tt, tp = torch.full((x.shape[0],), t), torch.full((x.shape[0],), t_prev)
-        x = diff.reverse_step(model, x, tt, tp, kind=kind, eta=eta, guidance_scale=guidance_scale, y=y, cond=None,
-                              noise=noise)
+    x0 = None
+    for s in plan:
+        noise = torch.randn(x.shape) if sampler != "ddim" else None
+        tt = torch.full((x.shape[0],), s.t)
+        out = model(x, tt)
+        if s.kind == "ddpm":
+            x = diff.schedule.ddpm_step(out, tt, x, noise)
+        elif s.kind == "ddim":
+            x = diff.schedule.ddim_step(out, tt, s.t_prev, x, 1.0, noise, clip_sample=True)
+        else:
+            second = s.kind == "second_order"
+            x, x0 = diff.schedule.dpmpp_2m_step(out, tt, s.t_prev, x, x0 if second else None,
+                                                s.t_last if second else None, sde=True, noise=noise, clip_sample=True)
     return x.clamp(-1, 1)
 
 
@@ -189,17 +243,26 @@ def test_graphed_ddim_eta0_equals_diffusion_sample():
     torch.testing.assert_close(sampler(seed=3), diff.sample(model, SHAPE, steps=7, seed=3), rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("steps", [None, 15])
-def test_graphed_ddpm_is_the_chain_with_torch_noise(steps):
-    # steps=15 of T=20 ("linspace"): a respaced ddpm chain mixes DDPM steps (t_prev = t − 1) with DDIM η = 1
+@pytest.mark.parametrize("sampler,steps", [("ddpm", None), ("ddpm", 15), ("dpmpp_2m_sde", 6)])
+def test_graphed_noisy_chains_are_the_chain_with_torch_noise(sampler, steps):
+    # steps=15 of T=20 ("linspace"): a respaced ddpm chain mixes DDPM steps (t_prev = t − 1) with DDIM η = 1;
+    # the SDE DPM-Solver++ carries x̂0 from step to step in a static buffer
     diff, model = make(), Toy()
-    plan = diff.plan("ddpm", steps, "linspace")
-    sampler = GraphedSampler(diff, model, SHAPE, sampler="ddpm", steps=steps, spacing="linspace", device="cpu")
+    plan = diff.sampler(sampler).plan(steps, "linspace")
+    graphed = GraphedSampler(diff, model, SHAPE, sampler=sampler, steps=steps, spacing="linspace", device="cpu")
     if steps is not None:
-        assert set(sampler.kinds) == {"ddpm", "ddim"}
+        assert set(graphed.kinds) == ({"ddpm", "ddim"} if sampler == "ddpm" else {"first_order", "second_order"})
     torch.manual_seed(11)
-    out = sampler(seed=2)
-    torch.testing.assert_close(out, randn_chain(diff, model, plan, x_T(seed=2), eta=1.0, seed=11), rtol=0, atol=0)
+    out = graphed(seed=2)
+    expected = randn_chain(diff, model, sampler, plan, x_T(seed=2), seed=11)
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+
+
+def test_graphed_dpm_solver_equals_diffusion_sample():
+    diff, model = make(), Toy()
+    graphed = GraphedSampler(diff, model, SHAPE, sampler="dpmpp_2m", steps=8, device="cpu")
+    torch.testing.assert_close(graphed(seed=3), diff.sample(model, SHAPE, sampler="dpmpp_2m", steps=8, seed=3),
+                               rtol=0, atol=0)
 
 
 def test_graphed_guidance_and_new_labels_per_call():
@@ -230,6 +293,8 @@ def test_graphed_sampler_rejects():
         GraphedSampler(diff, model, SHAPE, guidance_scale=2.0, device="cpu")
     with pytest.raises(TypeError, match="GraphedSampler: diffusion must be a Diffusion"):
         GraphedSampler(diff.schedule, model, SHAPE, device="cpu")
+    with pytest.raises(ValueError, match="GraphedSampler: sampler 'euler' is unknown"):
+        GraphedSampler(diff, model, SHAPE, sampler="euler", device="cpu")
 
 
 def _tiny_unet(device, num_classes=None):
@@ -258,6 +323,22 @@ def test_graph_replay_equals_the_eager_step_on_cuda():
     torch.testing.assert_close(graphed(seed=1), eager(seed=1), rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(graphed(seed=1), diff.sample(model, (4, 3, 16, 16), steps=20, guidance_scale=2.0, y=y,
                                                              seed=1, device="cuda"), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_graphed_dpm_solver_replays_both_orders_and_carries_x0_on_cuda():
+    """DPM-Solver++(2M) draws no noise: its two graphs (first and second order), with the last x̂0 in a static
+    buffer, reproduce the eager chain."""
+    diff = Diffusion(dx.NoiseSchedule(1000))
+    model = _tiny_unet("cuda", num_classes=4)
+    y = torch.tensor([3, 2, 1, 0], device="cuda")
+    kw = dict(sampler="dpmpp_2m", steps=10, guidance_scale=2.0, y=y, device="cuda")
+    graphed = GraphedSampler(diff, model, (4, 3, 16, 16), capture=True, **kw)
+    assert set(graphed.graphs) == {"first_order", "second_order"}
+    eager = diff.sample(model, (4, 3, 16, 16), seed=1, **kw)
+    torch.testing.assert_close(graphed(seed=1), eager, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(graphed(seed=1), eager, rtol=1e-4, atol=1e-4)  # the state is reset per call
 
 
 @pytest.mark.gpu

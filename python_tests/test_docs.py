@@ -12,7 +12,8 @@ import diffusion_ext
 from diffusion_ext import demo
 from diffusion_ext.cli import build_parser
 from diffusion_ext.data.image_folder import ImageFolderDataset
-from diffusion_ext.diffusion import DEFAULT_DDIM_STEPS
+from diffusion_ext.sampling import make as make_sampler
+from diffusion_ext.schedule import NoiseSchedule
 from diffusion_ext.train import TrainConfig, model_spec
 
 README = Path(diffusion_ext.__file__).resolve().parent.parent / "README.md"
@@ -84,8 +85,11 @@ def test_every_default_a_help_quotes_is_the_one_used():
         for action in parser._actions:
             for m in QUOTED.finditer(action.help or ""):
                 quoted = _numbers(m.group(1))
-                if name == "sample" and action.dest == "steps":       # "default: 50 for ddim, T for ddpm"
-                    actual = {DEFAULT_DDIM_STEPS}
+                if name == "sample" and action.dest == "steps":  # "default: 50 for ddim, 20 for dpmpp_2m ..."
+                    actual = {make_sampler("ddim", NoiseSchedule(1000)).default_steps()}
+                    for sampler in ("dpmpp_2m", "dpmpp_2m_sde"):
+                        n = make_sampler(sampler, NoiseSchedule(1000)).default_steps()
+                        assert f"{n} for dpmpp_2m" in action.help, (sampler, n, action.help)
                 elif name == "demo" and action.dest == "steps":
                     actual = set(demo.DEMO_STEPS.values())
                 elif action.default not in (None, argparse.SUPPRESS):

@@ -133,26 +133,42 @@ def test_fuzz_reverse_steps(data):
     prediction = draw(st.sampled_from(["epsilon", "sample", "v_prediction"] * 3 + ["x0"]))
     with dx.use_backend(_backend_for(x.device.type, draw)):
         try:
-            if draw(st.booleans()):
+            cpu = t.device.type == "cpu"
+            kind = draw(st.sampled_from(["ddpm", "ddim", "dpmpp"]))
+            if kind == "ddpm":
                 args = (m, t, x, table, noise, draw(st.integers(-2**63, 2**63 - 1)), draw(st.integers(0, 2**40)),
                         draw(st.booleans()), 1.0, draw(st.sampled_from(["fixed_small", "fixed_large"] * 4 + ["learned"])),
                         prediction, w, mu)
                 out = ops.ddpm_step(*args)
                 ref = reference.ddpm_step(*args)
             else:
-                # t_prev ≥ t or < −1 is rejected on the host for CPU timesteps; on a GPU it would assert
-                t_prev = t - draw(st.integers(0 if t.device.type == "cpu" else 1, 3))
-                if t.device.type != "cpu":
+                # t_prev ≥ t or < −1 (and t_last ≤ t) is rejected on the host for CPU timesteps; on a GPU it
+                # would assert
+                t_prev = t - draw(st.integers(0 if cpu else 1, 3))
+                if not cpu:
                     t_prev = t_prev.clamp(min=-1)
-                args = (m, t, t_prev, x, table, draw(st.sampled_from([0.0, 0.5, 1.0])), noise, 3, 0,
-                        draw(st.booleans()), 1.0, prediction, w, mu)
-                out = ops.ddim_step(*args)
-                ref = reference.ddim_step(*args)
+                if kind == "ddim":
+                    args = (m, t, t_prev, x, table, draw(st.sampled_from([0.0, 0.5, 1.0])), noise, 3, 0,
+                            draw(st.booleans()), 1.0, prediction, w, mu)
+                    out = ops.ddim_step(*args)
+                    ref = reference.ddim_step(*args)
+                else:
+                    t_last = t + draw(st.integers(0 if cpu else 1, 3)) if draw(st.booleans()) else None
+                    if t_last is not None and not cpu and bool((t_last >= T).any()):
+                        t_last = None
+                    last = draw(tensors(**shaped)) if t_last is not None or one_in(draw, 8) else None
+                    args = (m, t, t_prev, x, table, last, t_last, draw(st.booleans()), noise, 3, 0,
+                            draw(st.booleans()), 1.0, prediction, w, mu)
+                    out = ops.dpmpp_2m_step(*args)
+                    ref = reference.dpmpp_2m_step(*args)
         except Exception as e:
             event(_rejected(e))
             return
     event("computed")
-    assert _close(out, ref)
+    if kind == "dpmpp":
+        assert _close(out[0], ref[0]) and _close(out[1], ref[1])
+    else:
+        assert _close(out, ref)
 
 
 @SETTINGS

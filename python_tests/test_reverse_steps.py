@@ -147,7 +147,9 @@ def _opcheck_cases(device):
     cl = x.contiguous(memory_format=torch.channels_last)
     t = torch.tensor([0, 10, 49], device=device)
     tp = torch.tensor([-1, 5, 40], device=device)
+    td, tl = torch.tensor([2, 10, 45], device=device), torch.tensor([3, 20, 49], device=device)  # dpmpp: t < t_last
     m = torch.randn_like(x)
+    dpmpp = torch.ops.diffusion_ext.dpmpp_2m_step.default
     return [
         (torch.ops.diffusion_ext.ddpm_step.default,
          (m, t, x, table, None, 1, 2, True, 1.0, "fixed_small", "epsilon", None, None)),
@@ -157,6 +159,13 @@ def _opcheck_cases(device):
          (m, t, tp, x, table, 0.5, None, 1, 2, False, 1.0, "sample", 3.0, m * 0.1)),
         (torch.ops.diffusion_ext.ddim_step.default,
          (m, t, tp, x, table, 0.0, None, 0, 0, True, 1.0, "epsilon", None, None)),
+        # dpmpp_2m_step: first order ODE; second order SDE (noise made, guided, clipped); channels_last with the
+        # noise given; an fp64 table
+        (dpmpp, (m, td, tp, x, table, None, None, False, None, 0, 0, False, 1.0, "epsilon", None, None)),
+        (dpmpp, (m, td, tp, x, table, m * 0.3, tl, True, None, 1, 2, True, 1.0, "v_prediction", 2.0, m * 0.5)),
+        (dpmpp, (cl, td, tp, cl, table, cl * 0.2, tl, True, torch.randn_like(cl), 0, 0, False, 1.0, "sample", None,
+                 None)),
+        (dpmpp, (m, td, tp, x, table.double(), m * 0.3, tl, False, None, 0, 0, False, 1.0, "epsilon", 7.5, m)),
     ]
 
 

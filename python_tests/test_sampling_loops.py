@@ -21,12 +21,26 @@ def ddpm_loop(sched, x, seed):
     return x
 
 
+def steps_of(ts, x):
+    """(i, t, t_prev, t as a (B,) tensor) over the descending timesteps ts, the last step to the clean end."""
+    return [(i, t, ts[i + 1] if i + 1 < len(ts) else -1, torch.full((x.shape[0],), t, dtype=torch.long,
+                                                                     device=x.device)) for i, t in enumerate(ts)]
+
+
 def ddim_loop(sched, x, steps, eta, seed):
-    ts = sched.timesteps(steps, "leading").tolist()
-    for i, t in enumerate(ts):
-        t_prev = ts[i + 1] if i + 1 < len(ts) else -1
-        tt = torch.full((x.shape[0],), t, dtype=torch.long, device=x.device)
+    for i, t, t_prev, tt in steps_of(sched.timesteps(steps, "leading").tolist(), x):
         x = sched.ddim_step(toy_model(x, tt), t, t_prev, x, eta=eta, seed=seed, offset=i)
+    return x
+
+
+def dpm_solver_loop(sched, x, steps, sde, seed):
+    """DPM-Solver++(2M) (Lu et al. 2022, Algorithm 2): first order at the first and the last step."""
+    x0 = t_last = None
+    for i, t, t_prev, tt in steps_of(sched.timesteps(steps, "linspace", clean_end=True).tolist(), x):
+        second = x0 is not None and t_prev >= 0
+        x, x0 = sched.dpmpp_2m_step(toy_model(x, tt), t, t_prev, x, x0 if second else None,
+                                    t_last if second else None, sde=sde, seed=seed, offset=i)
+        t_last = t
     return x
 
 
@@ -67,4 +81,24 @@ def test_ddim_50_steps_same_on_every_backend(backend_device, ddim_refs):
     eta, x_T, ref64, ref32 = ddim_refs
     sched = dx.NoiseSchedule(1000).to(device)
     out = ddim_loop(sched, x_T.to(device), 50, eta, seed=5).cpu()
+    assert_matches_oracle(out, ref32, ref64)
+
+
+@pytest.fixture(scope="module", params=[False, True], ids=lambda sde: f"sde={sde}")
+def dpm_refs(request):
+    sde = request.param
+    sched = dx.NoiseSchedule(1000)
+    x_T = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(2))
+    with dx.use_backend("torch"):
+        ref64 = dpm_solver_loop(sched, x_T.double(), 20, sde, seed=8)
+        ref32 = dpm_solver_loop(sched, x_T, 20, sde, seed=8)
+    assert math.isfinite(ref64.abs().max().item())
+    return sde, x_T, ref64, ref32
+
+
+def test_dpm_solver_20_steps_same_on_every_backend(backend_device, dpm_refs):
+    _, device = backend_device
+    sde, x_T, ref64, ref32 = dpm_refs
+    sched = dx.NoiseSchedule(1000).to(device)
+    out = dpm_solver_loop(sched, x_T.to(device), 20, sde, seed=8).cpu()
     assert_matches_oracle(out, ref32, ref64)

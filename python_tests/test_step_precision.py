@@ -80,3 +80,29 @@ def test_q_sample_every_t(backend_device, table_kind):
     ref32 = reference.q_sample(x0, t, noise, TABLES["float32"].to(device))
     out = ops.q_sample(x0, t, noise, TABLES[table_kind].to(device))
     _assert_per_sample(out, ref32, truth, "q_sample")
+
+
+@pytest.mark.parametrize("table_kind", TABLES)
+@pytest.mark.parametrize("prediction,sde,order,stride",
+                         list(itertools.product(PREDICTIONS, [False, True], [1, 2], [1, 20])))
+def test_dpmpp_2m_step_every_t(backend_device, table_kind, prediction, sde, order, stride):
+    """DPM-Solver++ from t to t − stride (the clean end below 0), second order with the last step at
+    t + stride (t = 999 has none: its step is taken from 998 instead)."""
+    _, device = backend_device
+    t, (x, m, noise, last) = _inputs(device, n_extra=1, seed=3)
+    t = t.clamp(max=T - 2)
+    t_prev = (t - stride).clamp(min=-1)
+    t_last = (t + stride).clamp(max=T - 1) if order == 2 else None
+    last = last if order == 2 else None
+    kw = dict(sde=sde, prediction_type=prediction)
+
+    def run(fn, table, cast):
+        return fn(cast(m), t, t_prev, cast(x), table.to(device), None if last is None else cast(last), t_last,
+                  noise=cast(noise), **kw)
+
+    truth = run(reference.dpmpp_2m_step, TABLES[table_kind].double(), lambda v: v.double())
+    ref32 = run(reference.dpmpp_2m_step, TABLES["float32"], lambda v: v)
+    out = run(ops.dpmpp_2m_step, TABLES[table_kind], lambda v: v)
+    for name, o, r, tr in zip(("x_prev", "x0"), out, ref32, truth):
+        _assert_per_sample(o, r, tr, f"dpmpp_2m_step {name} ({prediction}, sde={sde}, order {order}, "
+                                     f"t_prev = t − {stride})")

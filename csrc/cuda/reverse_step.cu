@@ -1,8 +1,9 @@
-// ddpm_step and ddim_step on CUDA, the twin of cpu/reverse_step.cpp. Both are one element-wise formula
-// with per-sample coefficients (common/schedule_math.h): x_prev = c0·clip(ax·x + am·m) + bx·x + bm·m + s·z,
-// where m is the model output, combined with the unconditional output first when guidance is on
-// (Ho & Salimans 2022), all in one pass over memory; the per-sample coefficients come from a pre-pass
-// (per_sample_coef.cuh) that forms them in double.
+// ddpm_step, ddim_step and dpmpp_2m_step on CUDA, the twin of cpu/reverse_step.cpp. All are one
+// element-wise formula with per-sample coefficients (common/schedule_math.h): x̂0 = clip(ax·x + am·m),
+// x_prev = c0·x̂0 + c1·(x̂0 − x̂0_last) + bx·x + bm·m + s·z, where m is the model output, combined with the
+// unconditional output first when guidance is on (Ho & Salimans 2022), all in one pass over memory;
+// DPM-Solver++ also writes x̂0 and, at second order, reads x̂0_last. The per-sample coefficients come
+// from a pre-pass (per_sample_coef.cuh) that forms them in double.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/cuda/CUDAContext.h>
@@ -27,7 +28,9 @@ __global__ void reverse_step_kernel(
     const scalar_t* __restrict__ m,         // [numel] model output (the conditional one when guided)
     const scalar_t* __restrict__ m_uncond,  // [numel] unconditional model output, or nullptr: no guidance
     const scalar_t* __restrict__ noise,     // [numel] given z, or nullptr (made here, or none: DDIM η = 0)
-    const StepCoef<at::opmath_type<scalar_t>>* __restrict__ coefs,  // [B] at t[b] (and t_prev[b] for DDIM)
+    const scalar_t* __restrict__ x0_last,   // [numel] the last step's x̂0 (DPM-Solver++(2M)), or nullptr
+    scalar_t* __restrict__ x0_out,          // [numel] this step's x̂0 (DPM-Solver++), or nullptr: not written
+    const StepCoef<at::opmath_type<scalar_t>>* __restrict__ coefs,  // [B] at t[b] (and t_prev[b], t_last[b])
     const index_t numel,                    // batch · per_sample
     const index_t per_sample,               // elements of one sample: element i is in sample i / per_sample
     const at::opmath_type<scalar_t> w,      // guidance scale: m = m_u + w·(m − m_u)
@@ -44,7 +47,8 @@ __global__ void reverse_step_kernel(
     const int n = numel - e < 4 ? static_cast<int>(numel - e) : 4;
     const bool v = vec && n == 4;
     acc_t xv[4], mv[4], z[4] = {acc_t(0), acc_t(0), acc_t(0), acc_t(0)};
-    acc_t y[4] = {acc_t(0), acc_t(0), acc_t(0), acc_t(0)};
+    acc_t y[4] = {acc_t(0), acc_t(0), acc_t(0), acc_t(0)}, x0[4] = {acc_t(0), acc_t(0), acc_t(0), acc_t(0)};
+    acc_t last[4];
     load4(x, e, n, v, xv);
     load4(m, e, n, v, mv);
     if (m_uncond != nullptr) {
@@ -66,6 +70,7 @@ __global__ void reverse_step_kernel(
         load4(noise, e, n, v, z);
       }
     }
+    if (x0_last != nullptr) load4(x0_last, e, n, v, last);
 #pragma unroll
     for (int j = 0; j < 4; ++j) {
       if (j >= n) break;
@@ -74,9 +79,13 @@ __global__ void reverse_step_kernel(
         sample_end += per_sample;
         c = coefs[b];
       }
-      y[j] = reverse_step(c, xv[j], mv[j], clip_range, c.s == acc_t(0) ? acc_t(0) : z[j]);
+      x0[j] = predict_x0(c, xv[j], mv[j], clip_range);
+      const acc_t zj = c.s == acc_t(0) ? acc_t(0) : z[j];
+      y[j] = x0_last != nullptr ? reverse_step<true>(c, xv[j], mv[j], x0[j], last[j], zj)
+                                : reverse_step<false>(c, xv[j], mv[j], x0[j], x0[j], zj);
     }
     store4(out, e, n, v, y);
+    if (x0_out != nullptr) store4(x0_out, e, n, v, x0);
   }
 }
 
@@ -89,11 +98,13 @@ void launch_kernel(const ReverseStepArgs& a, const StepCoef<at::opmath_type<scal
   const scalar_t* m = a.model_output.const_data_ptr<scalar_t>();
   const scalar_t* mu = a.guided ? a.model_output_uncond.const_data_ptr<scalar_t>() : nullptr;
   const scalar_t* noise = a.noise.defined() ? a.noise.const_data_ptr<scalar_t>() : nullptr;
-  const bool vec = can_vectorize<scalar_t>({out, x, m, mu, noise});
+  const scalar_t* last = a.x0_last.defined() ? a.x0_last.const_data_ptr<scalar_t>() : nullptr;
+  scalar_t* x0_out = a.x0_out.defined() ? a.x0_out.mutable_data_ptr<scalar_t>() : nullptr;
+  const bool vec = can_vectorize<scalar_t>({out, x, m, mu, noise, last, x0_out});
   dispatch_index_type(a.shape.numel, [&](auto index) {
     using index_t = decltype(index);
     reverse_step_kernel<scalar_t, index_t><<<grid_for(a.shape.numel), kGroupThreads, 0, stream>>>(
-        out, x, m, mu, noise, coefs, static_cast<index_t>(a.shape.numel),
+        out, x, m, mu, noise, last, x0_out, coefs, static_cast<index_t>(a.shape.numel),
         static_cast<index_t>(a.shape.per_sample), static_cast<acc_t>(a.guidance_scale),
         static_cast<acc_t>(a.clip_range), a.make_noise, vec, a.seed, a.offset);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -139,9 +150,23 @@ at::Tensor ddim_step_cuda(const at::Tensor& model_output, const at::Tensor& t, c
   return a.out;
 }
 
+std::tuple<at::Tensor, at::Tensor> dpmpp_2m_step_cuda(
+    const at::Tensor& model_output, const at::Tensor& t, const at::Tensor& t_prev, const at::Tensor& x_t,
+    const at::Tensor& alphas_cumprod, const std::optional<at::Tensor>& x0_last, const std::optional<at::Tensor>& t_last,
+    bool sde, const std::optional<at::Tensor>& noise, int64_t seed, int64_t offset, bool clip_sample, double clip_range,
+    std::string_view prediction_type, std::optional<double> guidance_scale,
+    const std::optional<at::Tensor>& model_output_uncond) {
+  auto a = prepare_dpmpp_2m_step(model_output, t, t_prev, x_t, alphas_cumprod, x0_last, t_last, sde, noise, seed,
+                                 offset, clip_sample, clip_range, prediction_type, guidance_scale,
+                                 model_output_uncond);
+  launch(a);
+  return {a.out, a.x0_out};
+}
+
 TORCH_LIBRARY_IMPL(diffusion_ext, CUDA, m) {
   m.impl("ddpm_step", &ddpm_step_cuda);
   m.impl("ddim_step", &ddim_step_cuda);
+  m.impl("dpmpp_2m_step", &dpmpp_2m_step_cuda);
 }
 
 }  // namespace diffusion_ext

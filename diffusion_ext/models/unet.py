@@ -161,7 +161,7 @@ class UNet(torch.nn.Module):
                                  f"{tuple(y.shape)}")
             # an out-of-range index is a device-side assert on CUDA (fatal to the process): check it here, at the
             # cost of one sync; a torch.compile trace skips it rather than break the graph on a data-dependent
-            # branch, and so does a CUDA graph capture (graphed_sampling.py), where a sync is an error
+            # branch, and so does a CUDA graph capture (sampling/graphed.py), where a sync is an error
             if B and not torch.compiler.is_compiling() and not _capturing(y) and \
                     bool(((y < 0) | (y > self.num_classes)).any()):
                 raise ValueError(f"UNet.forward: y holds labels outside 0..num_classes = {self.num_classes} (the "

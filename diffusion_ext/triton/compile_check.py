@@ -18,6 +18,8 @@ What "every specialisation" means here, per op (the cases below say which call r
     which must all reuse one compiled kernel (the words are do_not_specialize).
   reverse steps: DDPM and DDIM × prediction type × variance × guidance × noise none / given / made × dtype ×
     table dtype, and the coefficient pre-pass of each.
+  dpmpp_2m_step: DPM-Solver++ × prediction type × guidance × ODE / SDE with noise given or made × first or
+    second order (x̂0_last read) × dtype × table dtype, its pre-pass (logarithms in fp64 at second order).
   group_norm_act: dtype × layout (channels-first, channels-last with G = 1 and G > 1) × activation × affine
     or not × FiLM scale/shift or not, at the project's model shapes (UNet and VAE levels, 1×1 and odd
     spatial sizes, latents) so that every tile geometry and the split/combine paths occur, forward and backward.
@@ -151,6 +153,42 @@ def _schedule_cases(reduced: bool = False) -> Iterator[Case]:
                                                     1.0, prediction, w, mu))
 
 
+def _dpm_solver_cases(reduced: bool = False) -> Iterator[Case]:
+    rs = _mod("reverse_step")
+    seeds_all = SEEDS[:1] if reduced else SEEDS
+    for dtype in (torch.bfloat16, torch.float64) if reduced else DTYPES:
+        for tdtype in (torch.float32, torch.float64):
+            table = torch.linspace(0.9999, 0.01, 1000, dtype=tdtype)
+            # the prediction type only reaches the pre-pass (one per accumulation dtype); misaligned pointers
+            # only the element-wise kernel's vector width (one dtype)
+            shapes = (((4, 3, 8, 8), False), ((5, 7), True)) if dtype == torch.bfloat16 else (((4, 3, 8, 8), False),)
+            for shape, misalign in shapes:
+                B = shape[0]
+                t = 100 + torch.arange(B) * 37
+                t_prev, t_last = (t - 20).clamp(min=-1), t + 20
+                x = _empty(shape, dtype, misalign=misalign)
+                m = torch.empty_like(x)
+                base = f"{_name(dtype)} x {'x'.join(map(str, shape))}{' misaligned' if misalign else ''}, " \
+                       f"{_name(tdtype)} table"
+                full = dtype in (torch.float32, torch.float64) and not misalign
+                for prediction in ("epsilon", "sample", "v_prediction") if full else ("epsilon",):
+                    for guided in (False, True):
+                        mu, w = (torch.empty_like(x), 3.0) if guided else (None, None)
+                        for order in (1, 2):
+                            last, tl = (torch.empty_like(x), t_last) if order == 2 else (None, None)
+                            for sde, noise in ((False, None), (True, torch.empty_like(x)), (True, None)):
+                                seeds = seeds_all if sde and noise is None and order == 2 else SEEDS[:1]
+                                for seed, offset in seeds:
+                                    what = "ode" if not sde else f"sde, noise {'given' if noise is not None else 'made'}"
+                                    yield Case("dpmpp_2m_step", f"dpmpp {prediction}, order {order}, {what}, "
+                                                                f"guided={guided}, seed {seed}, offset {offset}, {base}",
+                                               lambda m=m, t=t, t_prev=t_prev, x=x, table=table, last=last, tl=tl,
+                                               sde=sde, noise=noise, seed=seed, offset=offset, prediction=prediction,
+                                               w=w, mu=mu: rs.dpmpp_2m_step(m, t, t_prev, x, table, last, tl, sde,
+                                                                            noise, seed, offset, True, 1.0,
+                                                                            prediction, w, mu))
+
+
 # (N, C, H, W) that reach every tile geometry of the group-norm kernels: the spatial sizes of the project's
 # models (UNet 64×64 with base 64 and mults 1,2,2,2: 64², 32², 16², 8²; the VAE down to 4²; 1×1) fix
 # BLOCK_S in channels-first, the channel counts (4: latents, 32, 64, ≥ 128) fix BLOCK_C in channels-last,
@@ -248,7 +286,8 @@ def _attention_cases(reduced: bool = False) -> Iterator[Case]:
                 yield case(dtype, D, 1024, 1024, BH, "few heads")
 
 
-CASES = {"q_sample": _schedule_cases, "group_norm_act": _group_norm_cases, "attention": _attention_cases}
+CASES = {"q_sample": _schedule_cases, "dpmpp_2m_step": _dpm_solver_cases, "group_norm_act": _group_norm_cases,
+         "attention": _attention_cases}
 
 
 # ------------------------------------------------------------------------------------------------------
