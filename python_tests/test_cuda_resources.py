@@ -51,6 +51,12 @@ def test_spills_fail_unless_allowed(monkeypatch, tmp_path):
     assert "kernelB" in (tmp_path / "t.md").read_text()
     monkeypatch.setitem(cr.ALLOWED_SPILLS, ("kernelB", 90), (8, "fewer than it spills"))
     assert cr.main([str(log), "--arch", "90"]) == 1
+    monkeypatch.delitem(cr.ALLOWED_SPILLS, ("kernelB", 90))
+    monkeypatch.setitem(cr.ALLOWED_SPILLS, (r"kernel[B-Z]\(", 90), (12, "a pattern"))
+    assert cr.main([str(log), "--arch", "90"]) == 0
+    monkeypatch.delitem(cr.ALLOWED_SPILLS, (r"kernel[B-Z]\(", 90))
+    monkeypatch.setitem(cr.ALLOWED_SPILLS, (r"kernel[B-Z]\(", 80), (12, "another arch"))
+    assert cr.main([str(log), "--arch", "90"]) == 1
 
 
 def test_a_log_without_a_report_is_an_error(tmp_path):

@@ -66,14 +66,23 @@ using acc_type = at::opmath_type<scalar_t>;
 
 constexpr int kWarp = 32;
 constexpr int kUnroll = 4;             // packs (or rows) each thread loads before it computes
-constexpr int kGroupThreadsMax = 512;  // block size limit of the channels_first group kernels
+constexpr int kGroupThreadsMax = 512;  // block size limit of the channels_first statistics kernels
+constexpr int kApplyThreadsMax = 256;  // block size limit of gn_cf_apply_kernel: at 512 threads (128 registers)
+                                       // its 8-wide backward packs spilled on sm_90
 constexpr int kTileThreads = 256;      // block size of the tile, combine and reduction kernels
 
-// Rows each thread of the channels_last element-wise kernels (gn_cl_apply_kernel, gn_bwd_cl_reduce_kernel)
-// loads before it computes: 2 for 8-wide packs, so that they fit in 128 registers (2 blocks per SM).
+// Rows (packs) each thread of the element-wise kernels (gn_cl_apply_kernel, gn_bwd_cl_reduce_kernel; the
+// channels_first apply with 32-bit indices) loads before it computes: 2 for 8-wide packs, so that they fit in
+// 128 registers (2 blocks per SM) and the channels_first bf16 apply does not spill on sm_90.
 template <int VL>
 constexpr int tile_unroll() {
   return VL >= 8 ? 2 : kUnroll;
+}
+// Packs each thread of the channels_first kernels loads before it computes: kUnroll with 32-bit indices; 2 with
+// 64-bit ones (groups of 2^30 elements or more), whose index registers spilled on sm_90 at kUnroll.
+template <typename index_t>
+constexpr int cf_unroll() {
+  return sizeof(index_t) == sizeof(int32_t) ? kUnroll : 2;
 }
 // Values per thread the fused forward keeps in registers (32 fp32 or 16 fp64 accumulators: 32 registers).
 template <typename acc_t>
@@ -114,6 +123,26 @@ __device__ __forceinline__ void store_pack(scalar_t* __restrict__ p, const acc_t
 template <typename T>
 __device__ __forceinline__ T min_of(T a, T b) {
   return a < b ? a : b;
+}
+
+// a / b for a >= 0, b >= 1 whose quotient is a channel of a group (below 2^24 in practice), without a 64-bit
+// division: fp32 division is within 1 of the quotient there, and the loops correct it (whatever the quotient).
+__device__ __forceinline__ int64_t quotient_below_2_24(int64_t a, int64_t b) {
+  int64_t q = static_cast<int64_t>(__fdividef(static_cast<float>(a), static_cast<float>(b)));
+  while (q > 0 && q * b > a) --q;
+  while ((q + 1) * b <= a) ++q;
+  return q;
+}
+
+// a / b and a % b for a block index a < 2^31 and b >= 1, in 32-bit arithmetic: int64_t division is a
+// subroutine call on the GPU, and a kernel that makes one spilled registers around it on sm_90.
+struct SmallDiv {
+  int64_t quot, rem;
+};
+__device__ __forceinline__ SmallDiv small_divmod(int64_t a, int64_t b) {
+  if (b > a) return {0, a};
+  const uint32_t ua = static_cast<uint32_t>(a), ub = static_cast<uint32_t>(b);
+  return {static_cast<int64_t>(ua / ub), static_cast<int64_t>(ua % ub)};
 }
 
 // Statistics of a set of n values: their mean and M2 = Σ (v − mean)². {0, 0, 0} is the empty set.
@@ -319,16 +348,17 @@ struct BackwardOp {
 // ---------------------------------------------------------------------------------------------------------
 
 // This thread's statistics of the packs [begin, end) of the run x (packs begin + threadIdx.x, then every
-// blockDim.x-th), kUnroll packs per chunk.
+// blockDim.x-th), cf_unroll packs per chunk.
 template <int VL, typename acc_t, typename scalar_t, typename index_t>
 __device__ __forceinline__ Welford<acc_t> thread_stats(const scalar_t* __restrict__ x, index_t begin, index_t end) {
   const index_t nthreads = blockDim.x;
   Welford<acc_t> w{acc_t(0), acc_t(0), acc_t(0)};
-  for (index_t it0 = begin + static_cast<index_t>(threadIdx.x); it0 < end; it0 += kUnroll * nthreads) {
-    acc_t v[kUnroll * VL];
+  constexpr int kU = cf_unroll<index_t>();
+  for (index_t it0 = begin + static_cast<index_t>(threadIdx.x); it0 < end; it0 += kU * nthreads) {
+    acc_t v[kU * VL];
     int k = 0;  // valid values: the packs it0 + u·nthreads < end form a prefix in u
 #pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
+    for (int u = 0; u < kU; ++u) {
       const index_t it = it0 + u * nthreads;
       if (it < end) {
         load_pack<VL>(x + it * VL, v + u * VL);
@@ -351,11 +381,32 @@ __device__ __forceinline__ void apply_group_range(scalar_t* __restrict__ out, co
                                                   const SampleAffine<scalar_t, kFilm>& aff, int64_t c0, index_t HW,
                                                   index_t begin, index_t end) {
   const index_t nthreads = blockDim.x;
-  for (index_t it0 = begin + static_cast<index_t>(threadIdx.x); it0 < end; it0 += kUnroll * nthreads) {
-    acc_t xv[kUnroll][VL];
-    acc_t dv[kUnroll][VL] = {};
+  if constexpr (sizeof(index_t) == sizeof(int64_t)) {
+    // 64-bit indices (groups of 2^30 elements or more): channel by channel, so that no pack needs a 64-bit
+    // division to find its channel (a subroutine call, around which ptxas spilled registers on sm_90)
+    const index_t per_channel = HW / VL;  // packs of one channel (VL is a power of two)
+    for (index_t c = quotient_below_2_24(begin, per_channel); c * per_channel < end; ++c) {
+      const Affine<acc_t> k = aff(c0 + static_cast<int64_t>(c));
+      const index_t lo = c * per_channel > begin ? c * per_channel : begin;
+      const index_t hi = min_of<index_t>(end, (c + 1) * per_channel);
+      for (index_t it = lo + static_cast<index_t>(threadIdx.x); it < hi; it += nthreads) {
+        acc_t xv[VL];
+        acc_t dv[VL] = {};
+        load_pack<VL>(x + it * VL, xv);
+        if constexpr (Op::kReadsDy) load_pack<VL>(dy + it * VL, dv);
 #pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {  // all loads first: kUnroll packs in flight per thread
+        for (int j = 0; j < VL; ++j) xv[j] = Op::apply(gp, k.gamma, k.beta, xv[j], dv[j]);
+        store_pack<VL>(out + it * VL, xv);
+      }
+    }
+    return;
+  }
+  constexpr int kU = tile_unroll<VL>();  // 2 for 8-wide packs: at 4 the bf16 forward spilled on sm_90
+  for (index_t it0 = begin + static_cast<index_t>(threadIdx.x); it0 < end; it0 += kU * nthreads) {
+    acc_t xv[kU][VL];
+    acc_t dv[kU][VL] = {};
+#pragma unroll
+    for (int u = 0; u < kU; ++u) {  // all loads first: kU packs in flight per thread
       const index_t it = it0 + u * nthreads;
       if (it < end) {
         load_pack<VL>(x + it * VL, xv[u]);
@@ -363,7 +414,7 @@ __device__ __forceinline__ void apply_group_range(scalar_t* __restrict__ out, co
       }
     }
 #pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
+    for (int u = 0; u < kU; ++u) {
       const index_t it = it0 + u * nthreads;
       if (it < end) {
         const Affine<acc_t> k = aff(c0 + static_cast<int64_t>((it * VL) / HW));
@@ -394,10 +445,13 @@ __global__ void __launch_bounds__(kGroupThreadsMax) gn_fwd_cf_fused_kernel(
   __shared__ Welford<acc_t> red[kWarp];
   const int64_t ng = blockIdx.x;
   const int64_t base = ng * static_cast<int64_t>(M);
-  const int64_t c0 = (ng % src.G) * src.Cg;  // the group's first channel
+  const SmallDiv n_g = small_divmod(ng, src.G);  // (sample, group)
+  const int64_t c0 = n_g.rem * src.Cg;  // the group's first channel
   const index_t packs = M / VL;
   const index_t nthreads = blockDim.x;
-  if (packs <= kResident * nthreads) {
+  // (never with 64-bit indices: a group that fits in registers is far below 2^30 elements, and compiling the
+  // path for them spilled on sm_90)
+  if (sizeof(index_t) == sizeof(int32_t) && packs <= kResident * nthreads) {
     // The whole group fits in the block's registers: x is read once. Thread t holds packs t + u·nthreads.
     acc_t v[kResident * VL];
     int k = 0;  // valid values: a prefix of v
@@ -421,7 +475,7 @@ __global__ void __launch_bounds__(kGroupThreadsMax) gn_fwd_cf_fused_kernel(
       rstd[ng] = gp.rstd;
     }
     // 2. y = act((x − μ)·ρ·γ + β) (eq. 2) from the registers
-    const SampleAffine<scalar_t, kFilm> aff = src.sample(ng / src.G);  // made here: not live during step 1
+    const SampleAffine<scalar_t, kFilm> aff = src.sample(n_g.quot);  // made here: not live during step 1
 #pragma unroll
     for (int u = 0; u < kResident; ++u) {
       const index_t it = static_cast<index_t>(threadIdx.x) + u * nthreads;
@@ -445,7 +499,7 @@ __global__ void __launch_bounds__(kGroupThreadsMax) gn_fwd_cf_fused_kernel(
   }
   // 2. y = act((x − μ)·ρ·γ + β) (eq. 2), reading the group again (from L2: the block just read it)
   apply_group_range<ForwardOp<kAct>, VL>(y + base, x + base, static_cast<const scalar_t*>(nullptr), gp,
-                                         src.sample(ng / src.G), c0, HW, index_t(0), packs);
+                                         src.sample(n_g.quot), c0, HW, index_t(0), packs);
 }
 
 // Forward for few groups, step 1: the statistics of chunk s of group ng, packs [s·chunk, (s+1)·chunk).
@@ -459,7 +513,8 @@ __global__ void __launch_bounds__(kGroupThreadsMax) gn_fwd_cf_partial_kernel(
     const int64_t S) {                             // chunks per group
   using acc_t = acc_type<scalar_t>;
   __shared__ Welford<acc_t> red[kWarp];
-  const int64_t ng = blockIdx.x / S, s = blockIdx.x % S;
+  const SmallDiv b = small_divmod(blockIdx.x, S);  // (group, chunk)
+  const int64_t ng = b.quot, s = b.rem;
   const index_t packs = M / VL;
   const index_t begin = static_cast<index_t>(s) * chunk;
   const index_t end = min_of<index_t>(packs, begin + chunk);
@@ -471,7 +526,7 @@ __global__ void __launch_bounds__(kGroupThreadsMax) gn_fwd_cf_partial_kernel(
 // out = Op(x, dy) over chunk s of group ng (the forward's y, or the backward's ∂x). Grid: N·G·S blocks,
 // block b = ng·S + s.
 template <class Op, typename scalar_t, int VL, typename index_t, bool kFilm>
-__global__ void __launch_bounds__(kGroupThreadsMax) gn_cf_apply_kernel(
+__global__ void __launch_bounds__(kApplyThreadsMax) gn_cf_apply_kernel(
     scalar_t* __restrict__ out,      // [N, C, HW] contiguous, out: y or ∂x
     const scalar_t* __restrict__ x,  // [N, C, HW] contiguous: group ng is x[ng·M, (ng+1)·M)
     const scalar_t* __restrict__ dy, // [N, C, HW] contiguous (backward), or nullptr (forward)
@@ -480,13 +535,15 @@ __global__ void __launch_bounds__(kGroupThreadsMax) gn_cf_apply_kernel(
     const index_t M,                 // Cg·HW
     const index_t chunk,             // packs per chunk
     const int64_t S) {               // chunks per group
-  const int64_t ng = blockIdx.x / S, s = blockIdx.x % S;
+  const SmallDiv b = small_divmod(blockIdx.x, S);  // (group, chunk)
+  const int64_t ng = b.quot, s = b.rem;
   const int64_t base = ng * static_cast<int64_t>(M);
   const index_t packs = M / VL;
   const index_t begin = static_cast<index_t>(s) * chunk;
   const index_t end = min_of<index_t>(packs, begin + chunk);
+  const SmallDiv n_g = small_divmod(ng, src.G);  // (sample, group)
   apply_group_range<Op, VL>(out + base, x + base, dy == nullptr ? dy : dy + base, src.group(ng),
-                            src.sample(ng / src.G), (ng % src.G) * src.Cg, HW, begin, end);
+                            src.sample(n_g.quot), n_g.rem * src.Cg, HW, begin, end);
 }
 
 // Backward, step 1 for channels_first: the sums of eq. 4 over chunk r of each row (n, c). A block is
@@ -521,10 +578,11 @@ __global__ void __launch_bounds__(kTileThreads) gn_bwd_cf_reduce_kernel(
     const index_t packs = HW / VL;
     const index_t begin = static_cast<index_t>(r) * chunk;
     const index_t end = min_of<index_t>(packs, begin + chunk);
-    for (index_t it0 = begin + lane_in_row; it0 < end; it0 += kUnroll * tpr) {
-      acc_t xv[kUnroll][VL], dv[kUnroll][VL];
+    constexpr int kU = cf_unroll<index_t>();
+    for (index_t it0 = begin + lane_in_row; it0 < end; it0 += kU * tpr) {
+      acc_t xv[kU][VL], dv[kU][VL];
 #pragma unroll
-      for (int u = 0; u < kUnroll; ++u) {
+      for (int u = 0; u < kU; ++u) {
         const index_t it = it0 + u * tpr;
         if (it < end) {
           load_pack<VL>(xr + it * VL, xv[u]);
@@ -532,7 +590,7 @@ __global__ void __launch_bounds__(kTileThreads) gn_bwd_cf_reduce_kernel(
         }
       }
 #pragma unroll
-      for (int u = 0; u < kUnroll; ++u) {
+      for (int u = 0; u < kU; ++u) {
         if (it0 + u * tpr < end) {
 #pragma unroll
           for (int j = 0; j < VL; ++j) {
@@ -583,10 +641,11 @@ struct TilePos {
 template <int VL>
 __device__ __forceinline__ TilePos tile_pos(const Tile& t) {
   TilePos p;
-  const int64_t b = blockIdx.x;
-  const int64_t ct = b % t.CT;
-  p.r = (b / t.CT) % t.R;
-  p.n = b / (t.CT * t.R);
+  const SmallDiv b = small_divmod(blockIdx.x, t.CT);  // (n·R + r, ct)
+  const int64_t ct = b.rem;
+  const SmallDiv nr = small_divmod(b.quot, t.R);
+  p.r = nr.rem;
+  p.n = nr.quot;
   p.tx = static_cast<int>(threadIdx.x) % t.TX;
   p.ty = static_cast<int>(threadIdx.x) / t.TX;
   p.cv = ct * t.TX + p.tx;
@@ -992,11 +1051,12 @@ void dispatch_pack(bool vec, const Fn& fn) {
   }
 }
 
-// fn(int32_t{}) when every index a channels_first kernel forms (< numel, plus at most a few block strides)
-// fits in 31 bits with room to spare, else fn(int64_t{}).
+// fn(int32_t{}) when every index a channels_first kernel forms in index_t fits in 31 bits with room to spare,
+// else fn(int64_t{}). Those indices count from the start of a group or row (the bases ng·M and row·HW are
+// int64_t), so they stay below the group size M = Cg·HW plus a few block strides.
 template <typename Fn>
-void dispatch_index(int64_t numel, const Fn& fn) {
-  if (numel < (int64_t{1} << 30)) {
+void dispatch_index(int64_t group_size, const Fn& fn) {
+  if (group_size < (int64_t{1} << 30)) {
     fn(int32_t{0});
   } else {
     fn(int64_t{0});
@@ -1068,7 +1128,7 @@ void forward(const GroupNormArgs& a, cudaStream_t stream) {
   if (!sh.channels_last) {
     dispatch_pack<kV>(HW % kV == 0 && aligned16({x, y}), [&](auto vl) {
       constexpr int VL = decltype(vl)::value;
-      dispatch_index(N * C * HW, [&](auto index) {
+      dispatch_index(M, [&](auto index) {
         using index_t = decltype(index);
         const int64_t packs = M / VL;
         const Split sp = cf_split(NG, packs, sms);
@@ -1087,7 +1147,8 @@ void forward(const GroupNormArgs& a, cudaStream_t stream) {
             ws, x, static_cast<index_t>(M), static_cast<index_t>(sp.chunk), sp.S);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
         combine(ws, /*R=*/sp.S, /*J=*/1, /*sN=*/G * sp.S, /*sR=*/1, /*sG=*/sp.S);  // ws[(n·G + g)·S + s]
-        gn_cf_apply_kernel<ForwardOp<kAct>, scalar_t, VL, index_t, kFilm><<<blocks, threads, 0, stream>>>(
+        gn_cf_apply_kernel<ForwardOp<kAct>, scalar_t, VL, index_t, kFilm>
+            <<<blocks, threads_for(sp.chunk, 64, kApplyThreadsMax), 0, stream>>>(
             y, x, nullptr, src, static_cast<index_t>(HW), static_cast<index_t>(M), static_cast<index_t>(sp.chunk),
             sp.S);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -1172,7 +1233,7 @@ void backward(const GroupNormBackwardArgs& a, cudaStream_t stream) {
   if (!sh.channels_last) {
     dispatch_pack<kV>(HW % kV == 0 && aligned16({x, dy, dx}), [&](auto vl) {
       constexpr int VL = decltype(vl)::value;
-      dispatch_index(N * C * HW, [&](auto index) {
+      dispatch_index(M, [&](auto index) {
         using index_t = decltype(index);
         // 1. sums of eq. 4 per row (n, c) and chunk
         const int64_t row_packs = HW / VL;
@@ -1198,7 +1259,7 @@ void backward(const GroupNormBackwardArgs& a, cudaStream_t stream) {
         if (dx != nullptr) {
           const Split sp = cf_split(NG, M / VL, sms);
           gn_cf_apply_kernel<BackwardOp<kAct>, scalar_t, VL, index_t, kFilm>
-              <<<grid_of(kOp, NG * sp.S), threads_for(sp.chunk, 64, kGroupThreadsMax), 0, stream>>>(
+              <<<grid_of(kOp, NG * sp.S), threads_for(sp.chunk, 64, kApplyThreadsMax), 0, stream>>>(
                   dx, x, dy, src, static_cast<index_t>(HW), static_cast<index_t>(M), static_cast<index_t>(sp.chunk),
                   sp.S);
           C10_CUDA_KERNEL_LAUNCH_CHECK();
