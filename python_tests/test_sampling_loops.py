@@ -44,26 +44,27 @@ def dpm_solver_loop(sched, x, steps, sde, seed):
     return x
 
 
+def reference_chains(loop, seed):
+    """(x_T, ref64, ref32): loop(sched, x) on the reference backend from one x_T. The chain in fp64 is the
+    exact answer; in fp32 it shows how far fp32 rounding alone drifts. Both use the same noise stream
+    (reference.philox_normal)."""
+    sched = dx.NoiseSchedule(1000)
+    x_T = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(seed))
+    with dx.use_backend("torch"):
+        ref64, ref32 = loop(sched, x_T.double()), loop(sched, x_T)
+    assert math.isfinite(ref64.abs().max().item())
+    return x_T, ref64, ref32
+
+
 @pytest.fixture(scope="module")
 def ddpm_refs():
-    # The reference chain in fp64 is the exact answer; in fp32 it shows how far fp32 rounding alone drifts
-    # over 1000 steps. Both use the same noise stream (reference.philox_normal).
-    sched = dx.NoiseSchedule(1000)
-    x_T = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
-    with dx.use_backend("torch"):
-        return x_T, ddpm_loop(sched, x_T.double(), seed=42), ddpm_loop(sched, x_T, seed=42)
+    return reference_chains(lambda sched, x: ddpm_loop(sched, x, seed=42), seed=0)
 
 
 @pytest.fixture(scope="module", params=[0.0, 1.0], ids=lambda eta: f"eta={eta}")
 def ddim_refs(request):
     eta = request.param
-    sched = dx.NoiseSchedule(1000)
-    x_T = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(1))
-    with dx.use_backend("torch"):
-        ref64 = ddim_loop(sched, x_T.double(), 50, eta, seed=5)
-        ref32 = ddim_loop(sched, x_T, 50, eta, seed=5)
-    assert math.isfinite(ref64.abs().max().item())
-    return eta, x_T, ref64, ref32
+    return (eta, *reference_chains(lambda sched, x: ddim_loop(sched, x, 50, eta, seed=5), seed=1))
 
 
 # backend_device (conftest.py) runs each test on every backend, the CUDA and GPU-Triton ones gpu-marked.
@@ -87,13 +88,7 @@ def test_ddim_50_steps_same_on_every_backend(backend_device, ddim_refs):
 @pytest.fixture(scope="module", params=[False, True], ids=lambda sde: f"sde={sde}")
 def dpm_refs(request):
     sde = request.param
-    sched = dx.NoiseSchedule(1000)
-    x_T = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(2))
-    with dx.use_backend("torch"):
-        ref64 = dpm_solver_loop(sched, x_T.double(), 20, sde, seed=8)
-        ref32 = dpm_solver_loop(sched, x_T, 20, sde, seed=8)
-    assert math.isfinite(ref64.abs().max().item())
-    return sde, x_T, ref64, ref32
+    return (sde, *reference_chains(lambda sched, x: dpm_solver_loop(sched, x, 20, sde, seed=8), seed=2))
 
 
 def test_dpm_solver_20_steps_same_on_every_backend(backend_device, dpm_refs):
