@@ -54,6 +54,7 @@ OPS: dict[str, tuple[str, int]] = {
     "ddpm_step_cfg": ("DDPM step with classifier-free guidance, w = 7.5, noise made in the kernel "
                       "(reads ε_cond, ε_uncond, x_t; writes x_{t-1})", 4),
     "ddim_step": ("DDIM step, η = 0 (reads ε_θ, x_t; writes x_{t_prev})", 3),
+    "dpmpp_2m_step": ("DPM-Solver++(2M) second-order step (reads ε_θ, x_t, the last x̂0; writes x_{t_prev}, x̂0)", 5),
 }
 
 CPU_SHAPES: tuple[tuple[int, ...], ...] = ((64, 3, 64, 64), (64, 4, 8, 8), (256, 3, 64, 64))
@@ -132,6 +133,10 @@ def make_inputs(op: str, shape: Sequence[int], dtype: torch.dtype, device, seed:
         inp.update(model_output=randn(), model_output_uncond=randn(), x_t=randn())
     elif op == "ddim_step":
         inp.update(model_output=randn(), x_t=randn(), t_prev=(t - DDIM_STRIDE).clamp(min=-1))
+    elif op == "dpmpp_2m_step":  # second order: the last step DDIM_STRIDE above t, the target as far below
+        t = t.clamp(max=NUM_TIMESTEPS - 1 - DDIM_STRIDE)
+        inp.update(t=t, model_output=randn(), x_t=randn(), x0_last=randn(), t_prev=(t - DDIM_STRIDE).clamp(min=-1),
+                   t_last=t + DDIM_STRIDE)
     return inp
 
 
@@ -165,6 +170,11 @@ def eager_fn(op: str, inp: dict) -> Callable[[], object]:
 
         def fn():
             return reference.ddim_step(m, t, t_prev, x, table, eta=0.0)
+    elif op == "dpmpp_2m_step":
+        m, x, x0, t_prev, t_last = inp["model_output"], inp["x_t"], inp["x0_last"], inp["t_prev"], inp["t_last"]
+
+        def fn():
+            return reference.dpmpp_2m_step(m, t, t_prev, x, table, x0, t_last)
     else:
         raise ValueError(f"diffusion_ext.bench: op {op!r} is unknown; expected one of {', '.join(OPS)}")
     return fn
@@ -198,6 +208,11 @@ def fused_fn(op: str, backend: str, inp: dict) -> Callable[[], object]:
 
         def call():
             return ops.ddim_step(m, t, t_prev, x, table, 0.0)
+    elif op == "dpmpp_2m_step":
+        m, x, x0, t_prev, t_last = inp["model_output"], inp["x_t"], inp["x0_last"], inp["t_prev"], inp["t_last"]
+
+        def call():
+            return ops.dpmpp_2m_step(m, t, t_prev, x, table, x0, t_last)
     else:
         raise ValueError(f"diffusion_ext.bench: op {op!r} is unknown; expected one of {', '.join(OPS)}")
 
