@@ -21,6 +21,7 @@ SHAPES = [
     ((2, 16, 9), 4),
     ((2, 6, 3, 2, 5), 3),
     ((1, 5, 13, 11), 5),
+    ((2, 40, 6, 6), 8),  # a whole bf16/fp16 vector step (32 lanes) and a tail, along H·W and along C
 ]
 LAYOUTS = ["contiguous", "channels_last", "strided"]
 ACTIVATIONS = ["silu", "relu", "none"]

@@ -1,7 +1,7 @@
 #pragma once
 // The inner loops of group_norm_act on the CPU, over one contiguous run of elements: shifted sums for the
-// statistics, the fused normalise + activate, and the backward's per-element terms. Each has a scalar
-// form for every dtype and an AVX2 form for float (at::vec, with the sums kept in double lanes).
+// statistics, the fused normalise + activate, and the backward's per-element terms. Each has a vector form
+// for every dtype (at::vec; bf16 and fp16 widened to fp32 lanes on load, see AccLanes) and a scalar tail.
 //
 // at::vec is AVX-512 here when the compiler targets it (setup.py: -march=native): the normalise +
 // activate loop is bound by SiLU's exp and division, which 16 lanes halve. Each capability lives in its
@@ -13,11 +13,94 @@
 #endif
 #include "vec_capability.h"
 
+#include <ATen/OpMathType.h>
+#include <ATen/cpu/vec/functional.h>
+
 #include <cstdint>
+#include <tuple>
+#include <type_traits>
 
 #include "../common/activations.h"
 
 namespace diffusion_ext {
+
+// Vectorized<acc_t> lanes over scalar_t memory, acc_t = at::opmath_type<scalar_t>. fp32 and fp64 tensors
+// load and store their lanes as they are; bf16 and fp16 are widened to fp32 on load and rounded once on
+// store (at::vec's conversions, AVX-512 BF16 / F16C instructions where the compiler targets them), so a
+// half-precision tensor runs the same fp32 vector code at half the memory traffic instead of a scalar loop
+// (issue 14: the scalar loop made bf16 group norm 3-5x slower than PyTorch's). One step covers
+// Vectorized<scalar_t>::size() elements as kParts acc_t vectors (1 for fp32/fp64, 2 for bf16/fp16).
+template <typename scalar_t>
+struct AccLanes {
+  using acc_t = at::opmath_type<scalar_t>;
+  using Vec = at::vec::Vectorized<acc_t>;
+  static constexpr bool kWiden = !std::is_same_v<scalar_t, acc_t>;
+  static constexpr int64_t kStep = at::vec::Vectorized<scalar_t>::size();
+  static constexpr int kParts = static_cast<int>(kStep / Vec::size());
+  static_assert(kParts * Vec::size() == kStep, "AccLanes: a step must be whole acc_t vectors");
+  struct Parts {
+    Vec v[kParts];
+  };
+  static Parts load(const scalar_t* p) {
+    Parts out;
+    if constexpr (kWiden) {
+      std::tie(out.v[0], out.v[1]) = at::vec::convert_to_float<scalar_t>(at::vec::Vectorized<scalar_t>::loadu(p));
+    } else {
+      out.v[0] = Vec::loadu(p);
+    }
+    return out;
+  }
+  static void store(scalar_t* p, const Parts& in) {
+    if constexpr (kWiden) {
+      at::vec::convert_from_float<scalar_t>(in.v[0], in.v[1]).store(p);
+    } else {
+      in.v[0].store(p);
+    }
+  }
+};
+
+// act(z) on a vector of lanes (exp_u20: at::vec's exp to ~20 ulp, ample for fp32 SiLU and faster than exp).
+template <Activation kAct, typename Vec>
+inline Vec activate_vec(const Vec& z) {
+  if constexpr (kAct == Activation::kSilu) return z / (Vec(1) + z.neg().exp_u20());
+  if constexpr (kAct == Activation::kRelu) return at::vec::maximum(z, Vec(0));
+  return z;
+}
+
+// dy·act'(z) on a vector of lanes (activate_grad of common/activations.h).
+template <Activation kAct, typename Vec>
+inline Vec activate_grad_vec(const Vec& dy, const Vec& z) {
+  if constexpr (kAct == Activation::kSilu) {
+    const Vec one(1), s = one / (one + z.neg().exp_u20());
+    return dy * s * (one + z * (one - s));
+  }
+  if constexpr (kAct == Activation::kRelu) return Vec::blendv(Vec(0), dy, z > Vec(0));
+  return dy;
+}
+
+#ifdef DIFFUSION_EXT_AVX2
+// 8 elements widened to fp32 (exact for every dtype here): the statistics' double-lane sums read through it.
+template <typename scalar_t>
+constexpr bool kLoads8AsFloat = std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, c10::BFloat16>
+#ifdef __F16C__
+                                || std::is_same_v<scalar_t, c10::Half>
+#endif
+    ;
+
+template <typename scalar_t>
+inline __m256 load8_as_float(const scalar_t* p) {
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    return _mm256_loadu_ps(p);
+  } else {
+    const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+    if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+      return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));  // bf16 = fp32's top half
+    } else {
+      return _mm256_cvtph_ps(h);
+    }
+  }
+}
+#endif
 
 // Σ(x − K) and Σ(x − K)² in double: the shift K (an element of the same channel) keeps the variance
 // free of cancellation when |mean| ≫ std, and double lanes keep long sums exact enough for fp32 data.
@@ -29,11 +112,11 @@ template <typename scalar_t>
 inline void add_shifted_sums(const scalar_t* p, int64_t n, double K, ShiftedSums& acc) {
   int64_t i = 0;
 #ifdef DIFFUSION_EXT_AVX2
-  if constexpr (std::is_same_v<scalar_t, float>) {
+  if constexpr (kLoads8AsFloat<scalar_t>) {
     __m256d a1 = _mm256_setzero_pd(), a2 = _mm256_setzero_pd(), b1 = _mm256_setzero_pd(), b2 = _mm256_setzero_pd();
     const __m256d k = _mm256_set1_pd(K);
     for (; i + 8 <= n; i += 8) {
-      const __m256 v = _mm256_loadu_ps(p + i);
+      const __m256 v = load8_as_float(p + i);
       const __m256d lo = _mm256_sub_pd(_mm256_cvtps_pd(_mm256_castps256_ps128(v)), k);
       const __m256d hi = _mm256_sub_pd(_mm256_cvtps_pd(_mm256_extractf128_ps(v, 1)), k);
       a1 = _mm256_add_pd(a1, lo);
@@ -87,17 +170,14 @@ struct SplitMean {
 template <Activation kAct, typename scalar_t, typename acc_t>
 inline void normalize_activate(const scalar_t* x, scalar_t* y, int64_t n, SplitMean<acc_t> mu, acc_t scale,
                                acc_t beta) {
+  using L = AccLanes<scalar_t>;
+  using Vec = typename L::Vec;
+  const Vec vh(mu.hi), vl(mu.lo), vs(scale), vb(beta);
   int64_t i = 0;
-  if constexpr (std::is_same_v<scalar_t, acc_t>) {
-    using Vec = at::vec::Vectorized<acc_t>;
-    const Vec vh(mu.hi), vl(mu.lo), vs(scale), vb(beta), one(acc_t(1)), zero(acc_t(0));
-    for (; i + Vec::size() <= n; i += Vec::size()) {
-      const Vec z = at::vec::fmadd((Vec::loadu(x + i) - vh) - vl, vs, vb);
-      Vec out = z;
-      if constexpr (kAct == Activation::kSilu) out = z / (one + z.neg().exp_u20());
-      if constexpr (kAct == Activation::kRelu) out = at::vec::maximum(z, zero);
-      out.store(y + i);
-    }
+  for (; i + L::kStep <= n; i += L::kStep) {
+    auto v = L::load(x + i);
+    for (auto& p : v.v) p = activate_vec<kAct>(at::vec::fmadd((p - vh) - vl, vs, vb));
+    L::store(y + i, v);
   }
   for (; i < n; ++i) {
     y[i] = static_cast<scalar_t>(activate<kAct>((static_cast<acc_t>(x[i]) - mu.hi - mu.lo) * scale + beta));
@@ -112,54 +192,55 @@ inline void normalize_activate(const scalar_t* x, scalar_t* y, int64_t n, SplitM
 template <Activation kAct, typename scalar_t, typename acc_t>
 inline void backward_run(const scalar_t* dy, const scalar_t* x, int64_t n, acc_t mu, acc_t rstd, acc_t gamma,
                          acc_t beta, ShiftedSums* sums, scalar_t* grad_x, acc_t a, acc_t b, acc_t* dz_cache) {
+  using L = AccLanes<scalar_t>;
+  using Vec = typename L::Vec;
+  constexpr int64_t W = Vec::size();
   int64_t i = 0;
   double s_dz = 0, s_dzx = 0;
-  if constexpr (std::is_same_v<scalar_t, acc_t>) {
-    using Vec = at::vec::Vectorized<acc_t>;
-    const Vec vmu(mu), vr(rstd), vg(gamma), vb(beta), one(acc_t(1)), zero(acc_t(0)), va(a), vbb(b);
-    Vec acc_dz(acc_t(0)), acc_dzx(acc_t(0));
-    // Vector lanes sum at most kLaneRun elements before they are added into the double totals.
-    constexpr int64_t kLaneRun = 64 * Vec::size();
-    int64_t run_end = 0;
-    auto flush = [&] {  // add the vector lanes into the double totals and restart them
-      acc_t t1[Vec::size()], t2[Vec::size()];
-      acc_dz.store(t1);
-      acc_dzx.store(t2);
-      for (int l = 0; l < Vec::size(); ++l) {
-        s_dz += t1[l];
-        s_dzx += t2[l];
-      }
-      acc_dz = Vec(acc_t(0));
-      acc_dzx = Vec(acc_t(0));
-    };
-    for (; i + Vec::size() <= n; i += Vec::size()) {
-      const Vec xh = (Vec::loadu(x + i) - vmu) * vr;
-      Vec dz;
-      if (grad_x != nullptr && dz_cache != nullptr) {
-        dz = Vec::loadu(dz_cache + i);
-      } else {
-        const Vec z = at::vec::fmadd(xh, vg, vb);
-        dz = Vec::loadu(dy + i);
-        if constexpr (kAct == Activation::kSilu) {
-          const Vec s = one / (one + z.neg().exp_u20());
-          dz = dz * s * (one + z * (one - s));
-        }
-        if constexpr (kAct == Activation::kRelu) dz = Vec::blendv(zero, dz, z > zero);
-        if (dz_cache != nullptr) dz.store(dz_cache + i);
-      }
-      if (grad_x != nullptr) {
-        (vr * (dz * vg - va - xh * vbb)).store(grad_x + i);
-      } else {
-        acc_dz = acc_dz + dz;
-        acc_dzx = at::vec::fmadd(dz, xh, acc_dzx);
-        if (i >= run_end) {
-          flush();
-          run_end = i + kLaneRun;
-        }
+  const Vec vmu(mu), vr(rstd), vg(gamma), vb(beta), va(a), vbb(b);
+  Vec acc_dz(acc_t(0)), acc_dzx(acc_t(0));
+  // Vector lanes sum at most kLaneRun elements before they are added into the double totals.
+  constexpr int64_t kLaneRun = 64 * W;
+  int64_t run_end = 0;
+  auto flush = [&] {  // add the vector lanes into the double totals and restart them
+    acc_t t1[W], t2[W];
+    acc_dz.store(t1);
+    acc_dzx.store(t2);
+    for (int l = 0; l < W; ++l) {
+      s_dz += t1[l];
+      s_dzx += t2[l];
+    }
+    acc_dz = Vec(acc_t(0));
+    acc_dzx = Vec(acc_t(0));
+  };
+  for (; i + L::kStep <= n; i += L::kStep) {
+    const auto xv = L::load(x + i);
+    typename L::Parts dz;
+    if (grad_x != nullptr && dz_cache != nullptr) {
+      for (int j = 0; j < L::kParts; ++j) dz.v[j] = Vec::loadu(dz_cache + i + j * W);
+    } else {
+      dz = L::load(dy + i);
+      for (int j = 0; j < L::kParts; ++j) {
+        dz.v[j] = activate_grad_vec<kAct>(dz.v[j], at::vec::fmadd((xv.v[j] - vmu) * vr, vg, vb));
+        if (dz_cache != nullptr) dz.v[j].store(dz_cache + i + j * W);
       }
     }
-    flush();
+    if (grad_x != nullptr) {
+      typename L::Parts gx;
+      for (int j = 0; j < L::kParts; ++j) gx.v[j] = vr * (dz.v[j] * vg - va - (xv.v[j] - vmu) * vr * vbb);
+      L::store(grad_x + i, gx);
+    } else {
+      for (int j = 0; j < L::kParts; ++j) {
+        acc_dz = acc_dz + dz.v[j];
+        acc_dzx = at::vec::fmadd(dz.v[j], (xv.v[j] - vmu) * vr, acc_dzx);
+      }
+      if (i >= run_end) {
+        flush();
+        run_end = i + kLaneRun;
+      }
+    }
   }
+  flush();
   for (; i < n; ++i) {
     const acc_t xh = (static_cast<acc_t>(x[i]) - mu) * rstd;
     acc_t dz;
@@ -184,10 +265,24 @@ inline void backward_run(const scalar_t* dy, const scalar_t* x, int64_t n, acc_t
 
 // ---- channels_last: a run is one spatial position's C channels, each with its own coefficients ----
 
-// s1[c] += x[c] − K[c], s2[c] += (x[c] − K[c])² (independent lanes: the compiler vectorises this).
+// s1[c] += x[c] − K[c], s2[c] += (x[c] − K[c])², in double lanes.
 template <typename scalar_t>
 inline void add_row_sums(const scalar_t* x, int64_t C, const double* K, double* s1, double* s2) {
-  for (int64_t c = 0; c < C; ++c) {
+  int64_t c = 0;
+#ifdef DIFFUSION_EXT_AVX2
+  if constexpr (kLoads8AsFloat<scalar_t>) {  // bf16/fp16 would not auto-vectorise: widen 8 at a time
+    for (; c + 8 <= C; c += 8) {
+      const __m256 v = load8_as_float(x + c);
+      const __m256d lo = _mm256_sub_pd(_mm256_cvtps_pd(_mm256_castps256_ps128(v)), _mm256_loadu_pd(K + c));
+      const __m256d hi = _mm256_sub_pd(_mm256_cvtps_pd(_mm256_extractf128_ps(v, 1)), _mm256_loadu_pd(K + c + 4));
+      _mm256_storeu_pd(s1 + c, _mm256_add_pd(_mm256_loadu_pd(s1 + c), lo));
+      _mm256_storeu_pd(s1 + c + 4, _mm256_add_pd(_mm256_loadu_pd(s1 + c + 4), hi));
+      _mm256_storeu_pd(s2 + c, _mm256_fmadd_pd(lo, lo, _mm256_loadu_pd(s2 + c)));
+      _mm256_storeu_pd(s2 + c + 4, _mm256_fmadd_pd(hi, hi, _mm256_loadu_pd(s2 + c + 4)));
+    }
+  }
+#endif
+  for (; c < C; ++c) {
     const double d = static_cast<double>(x[c]) - K[c];
     s1[c] += d;
     s2[c] += d * d;
@@ -198,18 +293,18 @@ inline void add_row_sums(const scalar_t* x, int64_t C, const double* K, double* 
 template <Activation kAct, typename scalar_t, typename acc_t>
 inline void normalize_activate_row(const scalar_t* x, scalar_t* y, int64_t C, const acc_t* mu, const acc_t* mu_lo,
                                    const acc_t* scale, const acc_t* beta) {
+  using L = AccLanes<scalar_t>;
+  using Vec = typename L::Vec;
+  constexpr int64_t W = Vec::size();
   int64_t c = 0;
-  if constexpr (std::is_same_v<scalar_t, acc_t>) {
-    using Vec = at::vec::Vectorized<acc_t>;
-    const Vec one(acc_t(1)), zero(acc_t(0));
-    for (; c + Vec::size() <= C; c += Vec::size()) {
-      const Vec xc = (Vec::loadu(x + c) - Vec::loadu(mu + c)) - Vec::loadu(mu_lo + c);
-      const Vec z = at::vec::fmadd(xc, Vec::loadu(scale + c), Vec::loadu(beta + c));
-      Vec out = z;
-      if constexpr (kAct == Activation::kSilu) out = z / (one + z.neg().exp_u20());
-      if constexpr (kAct == Activation::kRelu) out = at::vec::maximum(z, zero);
-      out.store(y + c);
+  for (; c + L::kStep <= C; c += L::kStep) {
+    auto v = L::load(x + c);
+    for (int j = 0; j < L::kParts; ++j) {
+      const int64_t o = c + j * W;
+      const Vec xc = (v.v[j] - Vec::loadu(mu + o)) - Vec::loadu(mu_lo + o);
+      v.v[j] = activate_vec<kAct>(at::vec::fmadd(xc, Vec::loadu(scale + o), Vec::loadu(beta + o)));
     }
+    L::store(y + c, v);
   }
   for (; c < C; ++c) {
     y[c] = static_cast<scalar_t>(activate<kAct>((static_cast<acc_t>(x[c]) - mu[c] - mu_lo[c]) * scale[c] + beta[c]));
@@ -228,32 +323,46 @@ struct ChannelCoefs {
 template <Activation kAct, typename scalar_t, typename acc_t>
 inline void backward_row(const scalar_t* dy, const scalar_t* x, int64_t C, const ChannelCoefs<acc_t>& k,
                          double* ds, double* db, scalar_t* grad_x, acc_t* tmp) {
-  for (int64_t c = 0; c < C; ++c) {
-    const acc_t xh = (static_cast<acc_t>(x[c]) - k.mu[c]) * k.rstd[c];
-    tmp[c] = xh;
-    tmp[C + c] = xh * k.gamma[c] + k.beta[c];
-  }
-  // dz = dy·act'(z), vectorised for the activation's exp
+  using L = AccLanes<scalar_t>;
+  using Vec = typename L::Vec;
+  constexpr int64_t W = Vec::size();
+  // 1. x̂ into tmp[0, C), dz = dy·act'(x̂·γ + β) into tmp[C, 2C)
   int64_t c = 0;
-  if constexpr (std::is_same_v<scalar_t, acc_t> && kAct == Activation::kSilu) {
-    using Vec = at::vec::Vectorized<acc_t>;
-    const Vec one(acc_t(1));
-    for (; c + Vec::size() <= C; c += Vec::size()) {
-      const Vec z = Vec::loadu(tmp + C + c);
-      const Vec s = one / (one + z.neg().exp_u20());
-      (Vec::loadu(dy + c) * s * (one + z * (one - s))).store(tmp + C + c);
+  for (; c + L::kStep <= C; c += L::kStep) {
+    const auto xv = L::load(x + c), dv = L::load(dy + c);
+    for (int j = 0; j < L::kParts; ++j) {
+      const int64_t o = c + j * W;
+      const Vec xh = (xv.v[j] - Vec::loadu(k.mu + o)) * Vec::loadu(k.rstd + o);
+      xh.store(tmp + o);
+      const Vec z = at::vec::fmadd(xh, Vec::loadu(k.gamma + o), Vec::loadu(k.beta + o));
+      activate_grad_vec<kAct>(dv.v[j], z).store(tmp + C + o);
     }
   }
-  for (; c < C; ++c) tmp[C + c] = static_cast<acc_t>(dy[c]) * activate_grad<kAct>(tmp[C + c]);
-  if (grad_x == nullptr) {
+  for (; c < C; ++c) {
+    const acc_t xh = (static_cast<acc_t>(x[c]) - k.mu[c]) * k.rstd[c];
+    tmp[c] = xh;
+    tmp[C + c] = static_cast<acc_t>(dy[c]) * activate_grad<kAct>(xh * k.gamma[c] + k.beta[c]);
+  }
+  if (grad_x == nullptr) {  // 2a. the sums, in double (independent lanes: the compiler vectorises this)
     for (int64_t j = 0; j < C; ++j) {
       ds[j] += tmp[C + j];
       db[j] += static_cast<double>(tmp[C + j]) * tmp[j];
     }
-  } else {
-    for (int64_t j = 0; j < C; ++j) {
-      grad_x[j] = static_cast<scalar_t>(k.rstd[j] * (tmp[C + j] * k.gamma[j] - k.a[j] - tmp[j] * k.b[j]));
+    return;
+  }
+  // 2b. grad_x = rstd·(dz·γ − a − x̂·b)
+  c = 0;
+  for (; c + L::kStep <= C; c += L::kStep) {
+    typename L::Parts gx;
+    for (int j = 0; j < L::kParts; ++j) {
+      const int64_t o = c + j * W;
+      gx.v[j] = Vec::loadu(k.rstd + o) * (Vec::loadu(tmp + C + o) * Vec::loadu(k.gamma + o) - Vec::loadu(k.a + o) -
+                                          Vec::loadu(tmp + o) * Vec::loadu(k.b + o));
     }
+    L::store(grad_x + c, gx);
+  }
+  for (; c < C; ++c) {
+    grad_x[c] = static_cast<scalar_t>(k.rstd[c] * (tmp[C + c] * k.gamma[c] - k.a[c] - tmp[c] * k.b[c]));
   }
 }
 
