@@ -3,12 +3,15 @@ step (one model call + one fused DDIM update) at the report's 64×64 configurati
 torch.compile(eager), measured in one run.
 
     pytest benchmarks/bench_unet.py --benchmark-only
-    python benchmarks/bench_unet.py [cpu|cuda] [--quick|--smoke] [--compile] [--channels-last]   # the table
+    python benchmarks/bench_unet.py [cpu|cuda] [--quick|--smoke] [--compile] [--channels-last]
+                                    [--precision fp32|bf16|fp16]                            # one table
+    python benchmarks/bench_unet.py cpu --grid      # fp32 and bf16 autocast × NCHW and channels_last
 
 "fused" is UNet(fused=True) (GroupNormAct + flash attention kernels), "eager" is UNet(fused=False) with
 the same weights (nn.GroupNorm-equivalent F.group_norm + SiLU, softmax(q·kᵀ)·v with the scores stored),
-"compile" is torch.compile of the eager model. On CPU the batch is 8 in fp32; on GPU 64 under bf16
-autocast. No assertion here is about time.
+"compile" is torch.compile of the eager model. On CPU the batch is 8, in fp32 unless --precision says
+otherwise; on GPU 64 under bf16 autocast. The table's providers are timed interleaved (timing.interleaved:
+A B, B A, ...), and it quotes the median and the minimum of each. No assertion here is about time.
 """
 import sys
 
@@ -33,7 +36,16 @@ def batch_for(device):
     return 8 if device.type == "cpu" else 64
 
 
-def make_fn(mode, provider, device, batch, channels_last=False, config=CONFIG):
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def default_precision(device) -> str:
+    return "fp32" if torch.device(device).type == "cpu" else "bf16"
+
+
+def make_fn(mode, provider, device, batch, channels_last=False, config=CONFIG, precision=None):
+    """One training or sampling step of the provider's model; `precision` ("fp32", "bf16", "fp16"; default
+    fp32 on CPU, bf16 on GPU) other than fp32 runs the model under autocast to that dtype."""
     torch.manual_seed(0)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     model = UNet(**config, fused=provider == "fused").to(device).to(memory_format=fmt)
@@ -43,7 +55,8 @@ def make_fn(mode, provider, device, batch, channels_last=False, config=CONFIG):
     size = config["image_size"]
     x0 = (torch.rand(batch, 3, size, size, generator=g) * 2 - 1).to(device).contiguous(memory_format=fmt)
     t = torch.randint(0, 1000, (batch,), generator=g).to(device)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+    low = PRECISIONS[precision or default_precision(device)]
+    autocast = torch.autocast(device.type, dtype=low or torch.bfloat16, enabled=low is not None)
     if mode == "train step":
         opt = torch.optim.Adam(model.parameters(), lr=1e-4)
         model.train()
@@ -90,38 +103,66 @@ def test_unet(benchmark, device, mode, provider):
     benchmark.pedantic(fn, rounds=5, warmup_rounds=1)
 
 
-def table(device, compile_cpu=False, channels_last=False, batch=None, options=None, config=CONFIG) -> str:
+def table(device, compile_cpu=False, channels_last=False, batch=None, reps=5, config=CONFIG, precision=None,
+          header=True) -> str:
+    """Markdown rows (mode, provider, median and min ms, median vs eager) of the UNet's steps, the providers
+    of each mode timed interleaved, `reps` repetitions each after two warm-ups (the first compiles)."""
+    from diffusion_ext import timing
+
     device = torch.device(device)
     if device.type == "cpu":
         bench.steady_cpu_allocator()
     batch = batch or batch_for(device)
-    # whole-model steps take 0.1–2 s on CPU: a few repetitions (median) suffice
-    options = options or bench.TimingOptions(warmup=2, min_reps=7, max_reps=50, min_time_s=2.0)
-    lines = ["| mode | provider | time (ms) | vs eager |", "|---|---|---:|---:|"]
-    for mode in MODES:
-        base = None
-        for provider in _providers(device, compile_cpu):
-            t, why = bench.attempt(lambda: make_fn(mode, provider, device, batch, channels_last, config), device,
-                                   options)
-            base = t if provider == "eager" else base
-            lines.append(f"| {mode} | {provider} | {bench.time_cells(t, base, why, unit=1e3)} |")
-            print(lines[-1], file=sys.stderr)
-    dtype = "fp32" if device.type == "cpu" else "bf16 autocast"
+    precision = precision or default_precision(device)
     layout = "channels_last" if channels_last else "contiguous"
+    label = "fp32" if precision == "fp32" else f"{precision} autocast"
+    lines = ["| precision | layout | mode | provider | median (ms) | min (ms) | vs eager (median) |",
+             "|---|---|---|---|---:|---:|---:|"] if header else []
+    for mode in MODES:
+        fns, failed = {}, {}
+        for p in _providers(device, compile_cpu):
+            try:  # a provider that cannot build or run its first step gets a row saying why, not the table's end
+                fns[p] = bench.synced(make_fn(mode, p, device, batch, channels_last, config, precision), device)
+                fns[p]()
+            except Exception as e:
+                fns.pop(p, None)
+                failed[p] = f"{type(e).__name__}: {str(e).splitlines()[0][:120]}" if str(e) else type(e).__name__
+        t = timing.interleaved(fns, reps, warmup=2)
+        med = {p: sorted(v)[len(v) // 2] for p, v in t.times.items()}
+        for p in _providers(device, compile_cpu):
+            if p in failed:
+                lines.append(f"| {label} | {layout} | {mode} | {p} | failed: {failed[p]} | – | – |")
+            else:
+                ratio = f"{med['eager'] / med[p]:.2f}×" if "eager" in med else "–"
+                lines.append(f"| {label} | {layout} | {mode} | {p} | {med[p] * 1e3:.1f} | {t.min(p) * 1e3:.1f} | {ratio} |")
+            print(lines[-1], file=sys.stderr)
+        if fns:
+            lines.append(f"<!-- {mode}, {label}, {layout}: {t.describe()} -->")
+    if not header:
+        return "\n".join(lines)
     size = config["image_size"]
-    return (f"UNet {config}, batch {batch}, {size}×{size}, {dtype}, {layout}, torch threads {torch.get_num_threads()}\n\n"
-            + "\n".join(lines))
+    return (f"UNet {config}, batch {batch}, {size}×{size}, torch {torch.__version__}, torch threads "
+            f"{torch.get_num_threads()}, {bench.describe_device(device)}\n\n" + "\n".join(lines))
 
 
 def _options(p):
     p.add_argument("--compile", action="store_true", help="on CPU, also torch.compile of the eager model (slow)")
     p.add_argument("--channels-last", action="store_true", help="model and inputs in channels_last")
+    p.add_argument("--precision", choices=tuple(PRECISIONS), default=None,
+                   help="fp32, or autocast to bf16 / fp16 (default: fp32 on CPU, bf16 on GPU)")
+    p.add_argument("--grid", action="store_true", help="fp32 and bf16 autocast, each contiguous and channels_last")
+    p.add_argument("--reps", type=int, default=5, help="timed repetitions of each provider (default 5)")
 
 
 if __name__ == "__main__":
     args = bench.script_args(__doc__, extra=_options)
     # --quick keeps the device's batch (64 on a GPU) with fewer repetitions; --smoke runs batch 2 once
-    options = bench.TimingOptions(warmup=1, min_reps=5, max_reps=20, min_time_s=0.5) if args.quick else \
-        args.options if args.smoke else None
-    print(table(args.device, args.compile, args.channels_last, batch=2 if args.smoke else None, options=options,
-                config=SMOKE_CONFIG if args.smoke else CONFIG))
+    reps = 3 if args.quick else 1 if args.smoke else args.reps
+    kw = dict(batch=2 if args.smoke else None, reps=reps, config=SMOKE_CONFIG if args.smoke else CONFIG)
+    if args.grid:
+        cells = [(prec, cl) for prec in ("fp32", "bf16") for cl in (False, True)]
+        parts = [table(args.device, args.compile, cl, precision=prec, header=i == 0, **kw)
+                 for i, (prec, cl) in enumerate(cells)]
+        print("\n".join(parts))
+    else:
+        print(table(args.device, args.compile, args.channels_last, precision=args.precision, **kw))

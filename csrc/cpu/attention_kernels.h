@@ -41,6 +41,13 @@ constexpr int kVectorRegisters = 32;
 constexpr int kVectorRegisters = 16;
 #endif
 
+// The widest column panel, in vectors. With 32 registers a 6×4 tile (24 accumulators); with 16, a 2×4 tile
+// would have 8 accumulators and 6 loads per 8 FMAs, so 6×2 (12 accumulators, 8 loads per 12 FMAs) is used.
+#ifndef DIFFUSION_EXT_ATTN_WIDEST
+#define DIFFUSION_EXT_ATTN_WIDEST (kVectorRegisters >= 32 ? 4 : 2)
+#endif
+constexpr int kWidest = DIFFUSION_EXT_ATTN_WIDEST;
+
 // How C is updated: C = A·B, C += A·B, or C = α_row·C + A·B (the online softmax's rescale of the output
 // accumulator, Dao 2023, Alg. 1 line 10, fused into the product so the accumulator is read only once).
 enum class Update { kStore, kAdd, kScaleAdd };
@@ -126,7 +133,9 @@ inline void gemm(int64_t M, int64_t N, int64_t K, const T* A, int64_t rsa, int64
                  T* C, int64_t ldc, Update update, const T* alpha = nullptr) {
   constexpr int W = Vectorized<T>::size();
   int64_t n = 0;
-  for (; N - n >= 4 * W; n += 4 * W) panel<T, 4>(M, K, A, rsa, csa, B + n, ldb, C + n, ldc, update, alpha);
+  for (; N - n >= kWidest * W; n += kWidest * W) {
+    panel<T, kWidest>(M, K, A, rsa, csa, B + n, ldb, C + n, ldc, update, alpha);
+  }
   switch ((N - n) / W) {
     case 3: panel<T, 3>(M, K, A, rsa, csa, B + n, ldb, C + n, ldc, update, alpha); break;
     case 2: panel<T, 2>(M, K, A, rsa, csa, B + n, ldb, C + n, ldc, update, alpha); break;
@@ -170,7 +179,8 @@ inline void pack_transposed(const scalar_t* src, int64_t ld, int64_t rows, int64
 // fp32 form is inline: x = n·ln2 + r with |r| ≤ ln2/2 (ln2 split in two so n·ln2_hi is exact), e^r by its
 // degree-7 Taylor polynomial (truncation < 6e-9, under 1 ulp), and 2ⁿ applied by vscalefps, which gives 0
 // for x = −inf (the padding); max error 0.93 ulp over [−100, 0.5] against double exp. Inline, it spares
-// the softmax loop a library call per vector (at::vec's exp calls Sleef). Elsewhere (fp64, AVX2) that
+// the softmax loop a library call per vector (at::vec's exp calls Sleef). AVX2 (below) likewise, with 2ⁿ
+// built in the exponent field. Elsewhere (fp64, builds without AVX2) that
 // Sleef exp (1 ulp).
 template <typename T>
 inline Vectorized<T> exp_nonpositive(const Vectorized<T>& x) {
@@ -196,6 +206,30 @@ inline Vectorized<float> exp_nonpositive(const Vectorized<float>& vx) {
   p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
   return _mm512_scalef_ps(p, n);
 }
+#elif defined(CPU_CAPABILITY_AVX2)
+// The same reduction and polynomial on 8 lanes. AVX2 has no vscalefps: 2ⁿ is built in the exponent field,
+// so x is clamped to [ln 2^-126, 0.5] where 2ⁿ is a normal float, and lanes below the clamp (e^x < 1.2e-38,
+// nothing against a row's maximum term of 1, and −inf from the padding) are set to 0 exactly.
+template <>
+inline Vectorized<float> exp_nonpositive(const Vectorized<float>& vx) {
+  const __m256 lo = _mm256_set1_ps(-87.33654475f);                  // ln(2^-126)
+  const __m256 x = _mm256_max_ps(lo, vx);                            // keeps a NaN x (max returns x then)
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693145751953125f), x);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(1.42860682030941723e-6f), r);
+  __m256 p = _mm256_set1_ps(1.0f / 5040);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 720));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 120));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 24));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 6));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  const __m256 y = _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+  return _mm256_andnot_ps(_mm256_cmp_ps(vx, lo, _CMP_LT_OQ), y);   // 0 below the clamp (NaN compares false)
+}
 #endif
 
 // max without at::vec::maximum's NaN propagation (the scores are finite or −inf).
@@ -204,6 +238,9 @@ inline Vectorized<T> fast_max(const Vectorized<T>& a, const Vectorized<T>& b) {
 #if defined(CPU_CAPABILITY_AVX512)
   if constexpr (std::is_same_v<T, float>) return _mm512_max_ps(a, b);
   if constexpr (std::is_same_v<T, double>) return _mm512_max_pd(a, b);
+#elif defined(CPU_CAPABILITY_AVX2)
+  if constexpr (std::is_same_v<T, float>) return _mm256_max_ps(a, b);
+  if constexpr (std::is_same_v<T, double>) return _mm256_max_pd(a, b);
 #endif
   return at::vec::maximum(a, b);
 }
