@@ -25,20 +25,6 @@ def _triton():
     return dx_triton
 
 
-_triton_autograd_ready: set[str] = set()
-
-
-def _triton_differentiable(name: str):
-    """The Triton op `name`, with its autograd (the Triton `name`_backward, through the same
-    _register_<name>_autograd as the C++ op) registered on first use: Triton is imported only when chosen."""
-    dx_triton = _triton()
-    if name not in _triton_autograd_ready:
-        register = {"group_norm_act": _register_group_norm_autograd, "attention": _register_attention_autograd}[name]
-        register(getattr(dx_triton, name), getattr(dx_triton, name + "_backward"))
-        _triton_autograd_ready.add(name)
-    return getattr(dx_triton, name)
-
-
 # ----------------------------------------------------------------------------------------------------
 # fake (meta) implementations: shapes, dtypes and layouts of the outputs, for torch.compile and opcheck
 # ----------------------------------------------------------------------------------------------------
@@ -114,36 +100,6 @@ def _group_norm_act_backward_fake(grad_y, x, mean, rstd, weight, bias, num_group
     return group_norm_act_backward_empty(x, weight, bias, scale, shift, output_mask, scale_shift_mask)
 
 
-# ----------------------------------------------------------------------------------------------------
-# autograd of group_norm_act: the backward op recomputes the activation from x, mean and rstd, so only
-# x (not y, not z) is kept for it, with the (N, C) FiLM scale and shift when given. Double backward is
-# refused with a clear error.
-# ----------------------------------------------------------------------------------------------------
-def _register_group_norm_autograd(forward_op, backward_op):
-    def setup_context(ctx, inputs, output):
-        x, num_groups, weight, bias, eps, activation, scale, shift = inputs
-        _, mean, rstd = output
-        ctx.save_for_backward(x, mean, rstd, weight, bias, scale, shift)
-        ctx.num_groups, ctx.activation = num_groups, activation
-        ctx.mark_non_differentiable(mean, rstd)
-
-    def backward(ctx, grad_y, _grad_mean, _grad_rstd):
-        if torch.is_grad_enabled():
-            raise RuntimeError("diffusion_ext.group_norm_act: double backward (create_graph=True) is not supported")
-        x, mean, rstd, weight, bias, scale, shift = ctx.saved_tensors
-        need = ctx.needs_input_grad
-        mask = [need[0], weight is not None and need[2], bias is not None and need[3]]
-        film_mask = [scale is not None and need[6], shift is not None and need[7]]
-        grad_x, grad_w, grad_b, grad_scale, grad_shift = backward_op(
-            grad_y, x, mean, rstd, weight, bias, ctx.num_groups, ctx.activation, mask, scale, shift, film_mask)
-        return grad_x, None, grad_w, grad_b, None, None, grad_scale, grad_shift
-
-    torch.library.register_autograd(forward_op, backward, setup_context=setup_context)
-
-
-_register_group_norm_autograd("diffusion_ext::group_norm_act", _ops.group_norm_act_backward)
-
-
 @torch.library.register_fake("diffusion_ext::attention")
 def _attention_fake(q, k, v, scale):
     return attention_output_empty(q, q.shape[2]), attention_lse_empty(q)
@@ -152,31 +108,6 @@ def _attention_fake(q, k, v, scale):
 @torch.library.register_fake("diffusion_ext::attention_backward")
 def _attention_backward_fake(grad_out, q, k, v, out, lse, scale):
     return attention_output_empty(q, q.shape[2]), attention_output_empty(k, k.shape[2]), attention_output_empty(v, v.shape[2])
-
-
-# ----------------------------------------------------------------------------------------------------
-# autograd of attention (FlashAttention-2): the forward keeps q, k, v, out and the row logsumexp; the
-# backward recomputes the score tiles from them. Nothing of size Lq×Lk is stored.
-# ----------------------------------------------------------------------------------------------------
-def _register_attention_autograd(forward_op, backward_op):
-    def setup_context(ctx, inputs, output):
-        q, k, v, scale = inputs
-        out, lse = output
-        ctx.save_for_backward(q, k, v, out, lse)
-        ctx.scale = scale
-        ctx.mark_non_differentiable(lse)
-
-    def backward(ctx, grad_out, _grad_lse):
-        if torch.is_grad_enabled():
-            raise RuntimeError("diffusion_ext.attention: double backward (create_graph=True) is not supported")
-        q, k, v, out, lse = ctx.saved_tensors
-        dq, dk, dv = backward_op(grad_out, q, k, v, out, lse, ctx.scale)
-        return dq, dk, dv, None
-
-    torch.library.register_autograd(forward_op, backward, setup_context=setup_context)
-
-
-_register_attention_autograd("diffusion_ext::attention", _ops.attention_backward)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -269,7 +200,7 @@ def group_norm_act(x: torch.Tensor, num_groups: int, weight: torch.Tensor | None
     if backend == "torch":
         return reference.group_norm_act(*args)
     if backend == "triton":
-        return _triton_differentiable("group_norm_act")(*args)[0]
+        return _triton().group_norm_act(*args)[0]
     return _ops.group_norm_act(*args)[0]
 
 
@@ -284,5 +215,5 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | 
     if backend == "torch":
         return reference.attention(q, k, v, scale)
     if backend == "triton":
-        return _triton_differentiable("attention")(q, k, v, float(scale))[0]
+        return _triton().attention(q, k, v, float(scale))[0]
     return _ops.attention(q, k, v, float(scale))[0]

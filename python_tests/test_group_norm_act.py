@@ -223,8 +223,7 @@ def test_opcheck_triton_on_cpu():
     """The Triton custom ops (schemas as csrc/torch_bindings.cpp's, fakes, autograd), under the interpreter."""
     if "triton" not in dx.available_backends("cpu"):
         pytest.skip("Triton is not available")
-    fwd = ops._triton_differentiable("group_norm_act")  # registers its autograd, as the backend's first use does
-    bwd = ops._triton().group_norm_act_backward
+    fwd, bwd = ops._triton().group_norm_act, ops._triton().group_norm_act_backward  # autograd registered on import
     for op, args in _opcheck_args("cpu"):
         torch.library.opcheck(fwd if op is torch.ops.diffusion_ext.group_norm_act.default else bwd, args)
 

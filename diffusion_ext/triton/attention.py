@@ -43,6 +43,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .._autograd import register_attention_autograd
 from .._loader import _C
 from .._meta import attention_lse_empty, attention_output_empty
 from .q_sample import _acc
@@ -487,3 +488,6 @@ def _(q, k, v, scale):
 def _(grad_out, q, k, v, out, lse, scale):
     return (attention_output_empty(q, q.shape[2]), attention_output_empty(k, k.shape[2]),
             attention_output_empty(v, v.shape[2]))
+
+
+register_attention_autograd(attention, attention_backward)

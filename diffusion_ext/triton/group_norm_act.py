@@ -32,6 +32,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .._autograd import register_group_norm_autograd
 from .._loader import _C
 from .._meta import (group_norm_act_backward_empty, group_norm_channels_last, group_norm_empty_like,
                      group_norm_film_grad_empty, group_norm_stats_empty)
@@ -708,3 +709,6 @@ def _(x, num_groups, weight, bias, eps, activation, scale=None, shift=None):
 def _(grad_y, x, mean, rstd, weight, bias, num_groups, activation, output_mask, scale=None, shift=None,
       scale_shift_mask=(True, True)):
     return group_norm_act_backward_empty(x, weight, bias, scale, shift, output_mask, scale_shift_mask)
+
+
+register_group_norm_autograd(group_norm_act, group_norm_act_backward)

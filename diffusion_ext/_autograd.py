@@ -1,0 +1,59 @@
+"""Autograd of the Triton group_norm_act and attention ops (diffusion_ext_triton::*), registered by their
+modules in diffusion_ext/triton/ when the ops are defined — so never while torch.compile traces a first call.
+
+The C++ ops have the same formulas in C++ (csrc/autograd.cpp): there, torch.library.register_autograd's
+Python wrapper cost ~60 µs per forward and ~200 µs per backward on the CPU, as much as the kernel of a
+U-Net's small map; the Triton ops run on a GPU, where that host time hides behind the kernels.
+"""
+from __future__ import annotations
+
+import torch
+
+
+# ----------------------------------------------------------------------------------------------------
+# autograd of group_norm_act: the backward op recomputes the activation from x, mean and rstd, so only
+# x (not y, not z) is kept for it, with the (N, C) FiLM scale and shift when given. Double backward is
+# refused with a clear error.
+# ----------------------------------------------------------------------------------------------------
+def register_group_norm_autograd(forward_op, backward_op):
+    def setup_context(ctx, inputs, output):
+        x, num_groups, weight, bias, eps, activation, scale, shift = inputs
+        _, mean, rstd = output
+        ctx.save_for_backward(x, mean, rstd, weight, bias, scale, shift)
+        ctx.num_groups, ctx.activation = num_groups, activation
+        ctx.mark_non_differentiable(mean, rstd)
+
+    def backward(ctx, grad_y, _grad_mean, _grad_rstd):
+        if torch.is_grad_enabled():
+            raise RuntimeError("diffusion_ext.group_norm_act: double backward (create_graph=True) is not supported")
+        x, mean, rstd, weight, bias, scale, shift = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        mask = [need[0], weight is not None and need[2], bias is not None and need[3]]
+        film_mask = [scale is not None and need[6], shift is not None and need[7]]
+        grad_x, grad_w, grad_b, grad_scale, grad_shift = backward_op(
+            grad_y, x, mean, rstd, weight, bias, ctx.num_groups, ctx.activation, mask, scale, shift, film_mask)
+        return grad_x, None, grad_w, grad_b, None, None, grad_scale, grad_shift
+
+    torch.library.register_autograd(forward_op, backward, setup_context=setup_context)
+
+
+# ----------------------------------------------------------------------------------------------------
+# autograd of attention (FlashAttention-2): the forward keeps q, k, v, out and the row logsumexp; the
+# backward recomputes the score tiles from them. Nothing of size Lq×Lk is stored.
+# ----------------------------------------------------------------------------------------------------
+def register_attention_autograd(forward_op, backward_op):
+    def setup_context(ctx, inputs, output):
+        q, k, v, scale = inputs
+        out, lse = output
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.scale = scale
+        ctx.mark_non_differentiable(lse)
+
+    def backward(ctx, grad_out, _grad_lse):
+        if torch.is_grad_enabled():
+            raise RuntimeError("diffusion_ext.attention: double backward (create_graph=True) is not supported")
+        q, k, v, out, lse = ctx.saved_tensors
+        dq, dk, dv = backward_op(grad_out, q, k, v, out, lse, ctx.scale)
+        return dq, dk, dv, None
+
+    torch.library.register_autograd(forward_op, backward, setup_context=setup_context)
