@@ -3,7 +3,7 @@ eager (softmax(q·kᵀ·scale)·v with the scores materialised), every F.scaled_
 device has, and, on GPU, torch.compile of the eager code.
 
     pytest benchmarks/bench_attention.py --benchmark-only
-    python benchmarks/bench_attention.py [cpu|cuda] [--quick|--smoke]   # the table: time, vs eager, vs SDPA, TFLOP/s
+    python benchmarks/bench_attention.py [cpu|cuda] [--quick|--smoke] [--dtypes bf16,fp16]   # the table: time, vs eager, vs SDPA, TFLOP/s
 
 FLOPs counted as FlashAttention does: forward 4·B·H·Lq·Lk·D (two matmuls), backward 2.5× the forward.
 No assertion here is about time.
@@ -151,6 +151,8 @@ def table(device, cases=None, options=None) -> str:
 
 
 if __name__ == "__main__":
-    args = bench.script_args(__doc__)
+    args = bench.script_args(__doc__, extra=bench.add_dtypes_option)
     cases = SMOKE if args.smoke else HEADLINE[args.device.type] if args.quick else None
+    if args.dtypes and not args.smoke:  # the headline shapes in the dtypes asked for
+        cases = (HEADLINE[args.device.type][0], args.dtypes)
     print(table(args.device, cases, args.options))

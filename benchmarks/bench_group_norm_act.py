@@ -4,7 +4,7 @@ first shape also with FiLM (scale, shift from one (N, 2C) tensor, as a U-Net's t
 eager F.silu(F.group_norm(x)·(1 + scale) + shift). The markdown table holds the plain rows.
 
     pytest benchmarks/bench_group_norm_act.py --benchmark-only
-    python benchmarks/bench_group_norm_act.py [cpu|cuda] [--quick|--smoke]   # the markdown table of ratios
+    python benchmarks/bench_group_norm_act.py [cpu|cuda] [--quick|--smoke] [--dtypes bf16,fp16]   # the markdown table of ratios
 
 Rows are grouped by (mode, shape, layout, dtype) so the providers of one case stand side by side. On a
 GPU each call is followed by torch.cuda.synchronize. No assertion here is about time.
@@ -130,6 +130,8 @@ def table(device, cases=None, options=None) -> str:
 
 
 if __name__ == "__main__":
-    args = bench.script_args(__doc__)
+    args = bench.script_args(__doc__, extra=bench.add_dtypes_option)
     cases = SMOKE if args.smoke else HEADLINE[args.device.type] if args.quick else None
+    if args.dtypes and not args.smoke:  # the headline shapes in the dtypes asked for
+        cases = (HEADLINE[args.device.type][0], args.dtypes)
     print(table(args.device, cases, args.options))

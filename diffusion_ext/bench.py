@@ -100,6 +100,20 @@ def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
+DTYPE_NAMES = {"fp32": torch.float32, "fp64": torch.float64, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def add_dtypes_option(p: argparse.ArgumentParser) -> None:
+    """--dtypes fp32,bf16,...: a script's headline shapes in these dtypes (a script_args extra)."""
+    def parse(text: str) -> list[torch.dtype]:
+        try:
+            return [DTYPE_NAMES[n.strip()] for n in text.split(",") if n.strip()]
+        except KeyError as e:
+            raise argparse.ArgumentTypeError(f"unknown dtype {e}; expected some of {', '.join(DTYPE_NAMES)}") from None
+    p.add_argument("--dtypes", type=parse, default=None,
+                   help="comma-separated (fp32, fp64, bf16, fp16): the headline shapes in these dtypes")
+
+
 def shape_name(shape: Sequence[int]) -> str:
     return "x".join(str(s) for s in shape)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 
 import torch
 
@@ -19,7 +20,7 @@ DEMO_BATCH = 32
 
 
 def demo_config(out: str, image_size: int, steps: int, seed: int, num_samples: int, fused: bool, quiet: bool,
-                device: str | None):
+                device: str | None, precision: str = "fp32"):
     from .train import TrainConfig
 
     return TrainConfig(
@@ -31,7 +32,29 @@ def demo_config(out: str, image_size: int, steps: int, seed: int, num_samples: i
         num_timesteps=1000, beta_schedule="cosine", prediction_type="v_prediction",
         steps=steps, batch_size=DEMO_BATCH, lr=2e-3, lr_warmup=50, clip_grad=1.0, ema_decay=0.995,
         seed=seed, device=device, ckpt_every=max(1, steps // 2), log_every=1, sample_every=0,
-        num_samples=num_samples, sample_steps=25, quiet=quiet)
+        num_samples=num_samples, sample_steps=25, quiet=quiet, precision=precision)
+
+
+def native_bf16() -> bool:
+    """Whether this CPU computes in bf16 natively (AVX512-BF16 or AMX-BF16 among /proc/cpuinfo's flags), so
+    that bf16 autocast is faster than fp32. Without it PyTorch emulates bf16 convolutions: a 3×3 convolution
+    of 8×64×64×64 took 2318 ms in bf16 against 43 ms in fp32 on the 2-core AVX2 machine here."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line for line in f if line.startswith("flags")), "").split()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def demo_precision(device: torch.device) -> tuple[str, str]:
+    """(precision, why): the fastest the device supports — bf16 autocast on a GPU with bf16 or a CPU with
+    native bf16, else fp32."""
+    if device.type == "cuda":
+        return ("bf16", "the GPU has bf16") if torch.cuda.is_bf16_supported() else ("fp32", "the GPU has no bf16")
+    if native_bf16():
+        return "bf16", "the CPU has native bf16 (AVX512-BF16/AMX)"
+    return "fp32", "the CPU has no native bf16, which torch would emulate far slower than fp32"
 
 
 def fused_available(device: torch.device) -> tuple[bool, str]:
@@ -48,9 +71,11 @@ def fused_available(device: torch.device) -> tuple[bool, str]:
     return True, ""
 
 
-def step_fns(model_config: dict, state_dict: dict, diffusion, device, batch: int, fused: bool):
+def step_fns(model_config: dict, state_dict: dict, diffusion, device, batch: int, fused: bool,
+             precision: str = "fp32"):
     """(one training step, one DDIM sampling step) of the model built with `fused`, as callables over
-    fixed inputs: forward + backward + Adam step; one model call + one DDIM update."""
+    fixed inputs: forward + backward + Adam step; one model call + one DDIM update; under bf16 autocast
+    when precision is "bf16", as the demo trained."""
     from .models import build_model
 
     torch.manual_seed(0)
@@ -62,46 +87,58 @@ def step_fns(model_config: dict, state_dict: dict, diffusion, device, batch: int
     t = torch.randint(0, diffusion.num_timesteps, (batch,), device=device)
     x = torch.randn(batch, C, S, S, device=device)
 
+    def autocast():
+        return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+
     def train_step():
         model.train()
         opt.zero_grad(set_to_none=True)
         x_t, eps = diffusion.schedule.q_sample_with_noise(x0, t, seed=1)
-        loss = torch.nn.functional.mse_loss(model(x_t, t), eps)
+        with autocast():
+            loss = torch.nn.functional.mse_loss(model(x_t, t).float(), eps)
         loss.backward()
         opt.step()
 
     @torch.no_grad()
     def sample_step():
         model.eval()
-        diffusion.sample_step(model, x, 500, 480, sampler="ddim")
+        with autocast():
+            diffusion.sample_step(model, x, 500, 480, sampler="ddim")
 
     return train_step, sample_step
 
 
 def time_steps(model_config: dict, state_dict: dict, diffusion, device, batch: int, fused_too: bool,
-               reps: int = 9) -> dict:
+               reps: int = 9, precision: str = "fp32") -> dict:
     """The training and the sampling step of the eager model and (fused_too) the fused one, timed
     interleaved (timing.interleaved): {"train": Timing, "sample": Timing}, sides "eager" and "fused"."""
     from . import timing
 
-    sides = {"eager": step_fns(model_config, state_dict, diffusion, device, batch, fused=False)}
+    sides = {"eager": step_fns(model_config, state_dict, diffusion, device, batch, False, precision)}
     if fused_too:
-        sides["fused"] = step_fns(model_config, state_dict, diffusion, device, batch, fused=True)
+        sides["fused"] = step_fns(model_config, state_dict, diffusion, device, batch, True, precision)
     return {"train": timing.interleaved({k: v[0] for k, v in sides.items()}, reps),
             "sample": timing.interleaved({k: v[1] for k, v in sides.items()}, reps * 2)}
 
 
 def default_threads() -> int:
-    """One fewer than the CPUs this process may use (at least 1, at most torch's default): torch's OpenMP
+    """Every CPU this process may use when the others are idle as the demo starts (other processes keep
+    less than a quarter of a core busy over half a second), else one fewer (at least 1). torch's OpenMP
     threads wait for one another at every op, so one that shares a core with another process slows them
-    all. Measured on a 2-core machine with the other core busy (benchmarks/demo_threads.py): 2 threads ran
-    the demo's training step slower than 1 thread even at their best, and several times slower in the
-    median, while 1 thread ran at the same speed with and without the busy core."""
+    all: on the 2-core machine here with the other core busy, 2 threads ran the demo's training step slower
+    than 1 thread (benchmarks/demo_threads.py), while on the idle machine 2 threads ran it 1.6× faster
+    (fused: 152 against 243 ms)."""
+    from . import timing
+
     try:
         cpus = len(os.sched_getaffinity(0))
     except (AttributeError, OSError):
         cpus = os.cpu_count() or 1
-    return max(1, min(torch.get_num_threads(), cpus - 1))
+    meter = timing.LoadMeter()
+    time.sleep(0.5)
+    others = meter.stop().others_cores
+    idle = others is not None and others < 0.25
+    return max(1, min(torch.get_num_threads(), cpus if idle else cpus - 1))
 
 
 def main(args) -> int:
@@ -125,9 +162,11 @@ def main(args) -> int:
     if not ok:
         print(f"note: a fused kernel is not available on {device.type} here ({why}); the demo trains the eager "
               "model and cannot time the fused one", file=sys.stderr)
-    cfg = demo_config(args.out, S, steps, args.seed, args.num_samples, ok, args.quiet, str(device))
+    precision, why_precision = demo_precision(device)
+    cfg = demo_config(args.out, S, steps, args.seed, args.num_samples, ok, args.quiet, str(device), precision)
     print(f"demo: training a pixel DDPM on builtin:shapes {S}×{S} for {steps} steps (batch {DEMO_BATCH}, "
-          f"{'fused' if ok else 'eager'} model, {device}, torch threads: {torch.get_num_threads()}) ...", flush=True)
+          f"{'fused' if ok else 'eager'} model, {device}, {precision}: {why_precision}; torch threads: "
+          f"{torch.get_num_threads()}) ...", flush=True)
     meter = timing.LoadMeter()
     summary = train(cfg, log=lambda *a: None)
     load = meter.stop()
@@ -146,17 +185,28 @@ def main(args) -> int:
     # fused vs eager: the same config and weights, measured here and now, interleaved
     m = load_trained(summary["checkpoint"], device, fused=False)
     diffusion = build_diffusion(cfg.to_dict(), device)
-    t = time_steps(m.model.config, m.model.state_dict(), diffusion, device, DEMO_BATCH, fused_too=ok)
-    print(f"\nspeed on {device} (batch {DEMO_BATCH}, {S}×{S}; torch threads {torch.get_num_threads()}):")
-    print("| model | training step (ms) | DDIM sampling step (ms) |\n|---|---|---|")
-    for name in t["train"].times:
-        print(f"| {name} | {t['train'].min(name) * 1e3:.1f} | {t['sample'].min(name) * 1e3:.1f} |")
+    t = time_steps(m.model.config, m.model.state_dict(), diffusion, device, DEMO_BATCH, fused_too=ok,
+                   precision=precision)
+    print(f"\nspeed on {device} (batch {DEMO_BATCH}, {S}×{S}, {precision}; torch threads {torch.get_num_threads()}; "
+          "each row the minimum of interleaved repetitions taken just now):")
     if ok:
-        tr, sa = t["train"], t["sample"]
-        print(f"fused / eager speed-up: training step {tr.min('eager') / tr.min('fused'):.2f}×, "
-              f"sampling step {sa.min('eager') / sa.min('fused'):.2f}×")
+        from . import demo_speed
+
+        train_step = step_fns(m.model.config, m.model.state_dict(), diffusion, device, DEMO_BATCH, True, precision)[0]
+        rows = demo_speed.op_rows(device, DEMO_BATCH, S, 2 * cfg.base_channels)
+        print(demo_speed.markdown(rows, {"training step": t["train"], "sampling step": t["sample"]},
+                                  demo_speed.conv_share(train_step)))
+    else:
+        for name in t["train"].times:
+            print(f"{name}: training step {t['train'].min(name) * 1e3:.1f} ms, sampling step "
+                  f"{t['sample'].min(name) * 1e3:.1f} ms")
     print(f"training step: {t['train'].describe()}")
     print(f"sampling step: {t['sample'].describe()}")
+    print(f"\nnext: sample more from this model with `python -m diffusion_ext sample --checkpoint "
+          f"{summary['checkpoint']} --num 64 --sampler dpmpp_2m --steps 20 --out grid.png`; train on your own images "
+          f"with `python -m diffusion_ext train --task pixel --data PATH/TO/IMAGES --out runs/mine`; on a GPU "
+          "machine, `bash benchmarks/gpu_check.sh call1 OUT` and `call2 OUT` test and time every kernel (README: "
+          "What has run on a GPU).")
     return 0
 
 

@@ -73,8 +73,17 @@ def test_a_noisy_measurement_says_so():
     assert busy.noisy and "other processes kept 1.00 of 2 cores busy" in busy.describe()
 
 
-@pytest.mark.parametrize("cpus, torch_threads, want", [(1, 1, 1), (2, 2, 1), (4, 4, 3), (16, 8, 8)])
-def test_demo_leaves_one_core_for_other_work(monkeypatch, cpus, torch_threads, want):
+@pytest.mark.parametrize("cpus, torch_threads, others, want", [
+    (1, 1, 0.0, 1), (2, 2, 0.0, 2), (2, 2, 0.9, 1), (4, 4, 1.0, 3), (4, 4, 0.1, 4), (16, 8, 2.0, 8), (2, 2, None, 1)])
+def test_demo_uses_every_core_only_when_the_others_are_idle(monkeypatch, cpus, torch_threads, others, want):
+    """All cores when other processes keep less than a quarter core busy as the demo starts; else one fewer
+    (at least 1); unknown load (no /proc/stat) counts as busy."""
+    class Meter:
+        def stop(self):
+            return timing.MachineLoad(cpus, 0.5, others, None, None)
+
     monkeypatch.setattr(demo.os, "sched_getaffinity", lambda pid: set(range(cpus)), raising=False)
     monkeypatch.setattr(demo.torch, "get_num_threads", lambda: torch_threads)
+    monkeypatch.setattr(timing, "LoadMeter", Meter)
+    monkeypatch.setattr(demo.time, "sleep", lambda s: None)
     assert demo.default_threads() == want
