@@ -9,9 +9,10 @@ The model is the report's 64×64 U-Net as a UNet2DModel (diffusers_backbone.REPO
 and in the mid-block). CPU: batch 8, fp32 and bf16 autocast. CUDA: batch 64, bf16 autocast.
 
     python benchmarks/bench_diffusers.py cpu|cuda [--quick] [--no-compile] [--batch N] [--steps N]
-                                         [--precisions fp32,bf16]
+                                         [--precisions fp32,bf16] [--reps N] [--modes train,pipeline]
 
-prints a markdown table with the ratio to the unpatched model measured in the same run; a case that fails
+prints a markdown table (median and minimum of interleaved repetitions) with the ratio to the unpatched
+model measured in the same run; a case that fails
 gets a row saying why and the table goes on. --quick (a smoke test, not a measurement): batch 1 (8 on
 CUDA), a 2-step pipeline, one timed repetition. --batch, --steps, --precisions override the defaults (a
 CPU without native bf16 — AVX512-BF16, AMX — emulates bf16 convolutions, ~60× slower than fp32 on the
@@ -21,9 +22,7 @@ CPU without native bf16 — AVX512-BF16, AMX — emulates bf16 convolutions, ~60
 from __future__ import annotations
 
 import contextlib
-import copy
 import sys
-import time
 
 import torch
 
@@ -99,37 +98,45 @@ def table(device, quick: bool = False, compile_models: bool = True, **overrides)
     device = torch.device(device)
     s = settings(device, quick)
     s.update({k: v for k, v in overrides.items() if v is not None})
-    head = ["| mode | precision | provider | time (ms) | vs unpatched |", "|---|---|---|---:|---:|"]
+    head = ["| mode | precision | provider | median (ms) | min (ms) | vs unpatched (median) |",
+            "|---|---|---|---:|---:|---:|"]
     try:
         import diffusers
     except ImportError as e:
         return "\n".join(head + [f"| all | all | all | not measured: diffusers is not installed ({e}); "
-                                 f"pip install 'diffusion_ext[diffusers]' | — |"])
+                                 f"pip install 'diffusion_ext[diffusers]' | — | — |"])
     if device.type == "cpu":
         bench.steady_cpu_allocator()
-    options = bench.TimingOptions(warmup=1, min_reps=1, max_reps=1, min_time_s=0.0) if quick else \
-        bench.TimingOptions(warmup=2, min_reps=5, max_reps=20, min_time_s=5.0)
+    from diffusion_ext import timing
+
+    reps = 1 if quick else s.get("reps") or 5
     lines = list(head)
-    for mode in MODES:
+    for mode in [m for m in MODES if m in (s.get("modes") or MODES)]:
         for precision in s["precisions"]:
-            base = None
+            fns, rows = {}, {}
             for provider in PROVIDERS:
                 if provider.startswith("compile") and not compile_models:
-                    lines.append(f"| {mode} | {precision} | {provider} | skipped (--no-compile) | — |")
+                    rows[provider] = f"| {mode} | {precision} | {provider} | skipped (--no-compile) | — | — |"
                     continue
-                try:
-                    start = time.perf_counter()
-                    fn = make_fn(mode, provider, precision, device, s["batch"], s["steps"])
-                    t, reps = bench.measure(fn, device, options)  # its first, untimed call compiles
+                try:  # built and called once (compiles): a provider that fails is a row saying why
+                    fns[provider] = bench.synced(make_fn(mode, provider, precision, device, s["batch"], s["steps"]),
+                                                 device)
+                    fns[provider]()
                 except Exception as e:  # noqa: BLE001 - the row says why; the table goes on
-                    lines.append(f"| {mode} | {precision} | {provider} | {_why(e)} | — |")
-                    print(lines[-1], file=sys.stderr)
-                    continue
-                if provider == "unpatched":
-                    base = t
-                ratio = f"{base / t:.2f}×" if base else "— (no unpatched time)"
-                lines.append(f"| {mode} | {precision} | {provider} | {t * 1e3:.1f} | {ratio} |")
-                print(f"{lines[-1]}  ({reps} reps, {time.perf_counter() - start:.0f} s with set-up)", file=sys.stderr)
+                    fns.pop(provider, None)
+                    rows[provider] = f"| {mode} | {precision} | {provider} | {_why(e)} | — | — |"
+            # the providers alternate (A B, B A, ...): the same disturbances for all, the ratio from one run
+            t = timing.interleaved(fns, reps, warmup=0 if quick else 1)
+            med = {p: sorted(v)[len(v) // 2] for p, v in t.times.items()}
+            for provider in PROVIDERS:
+                if provider in med:
+                    ratio = f"{med['unpatched'] / med[provider]:.2f}×" if "unpatched" in med else "— (no unpatched time)"
+                    rows[provider] = (f"| {mode} | {precision} | {provider} | {med[provider] * 1e3:.1f} | "
+                                      f"{t.min(provider) * 1e3:.1f} | {ratio} |")
+                lines.append(rows[provider])
+                print(lines[-1], file=sys.stderr)
+            if fns:
+                lines.append(f"<!-- {mode}, {precision}: {t.describe()} -->")
     note = " — quick run: a smoke test, not a measurement" if quick else ""
     return (f"diffusers {diffusers.__version__} UNet2DModel (diffusers_backbone.REPORT_64), 64×64, batch {s['batch']}, "
             f"DDIM pipeline {s['steps']} steps, {device.type}, torch {torch.__version__}, "
@@ -150,6 +157,13 @@ def _parser():
             raise argparse.ArgumentTypeError(f"expected fp32 and/or bf16, comma-separated, got {v!r}")
         return out
 
+    def modes(v: str) -> tuple[str, ...]:
+        names = {"train": "train step", "pipeline": "DDIM pipeline"}
+        out = tuple(names.get(m.strip(), "?") for m in v.split(",") if m.strip())
+        if not out or "?" in out:
+            raise argparse.ArgumentTypeError(f"expected train and/or pipeline, comma-separated, got {v!r}")
+        return out
+
     p = argparse.ArgumentParser(prog="python benchmarks/bench_diffusers.py",
                                 description="patched vs unpatched vs torch.compile'd diffusers UNet2DModel")
     p.add_argument("device", choices=("cpu", "cuda"))
@@ -158,6 +172,8 @@ def _parser():
     p.add_argument("--batch", type=positive, help="batch size (default: 8 on CPU, 64 on CUDA)")
     p.add_argument("--steps", type=positive, help="DDIM pipeline steps (default 50)")
     p.add_argument("--precisions", type=precisions, help="fp32,bf16 on CPU (default both); CUDA runs bf16")
+    p.add_argument("--reps", type=positive, help="timed repetitions of each provider, interleaved (default 5)")
+    p.add_argument("--modes", type=modes, help="train,pipeline (default both)")
     return p
 
 
@@ -167,7 +183,7 @@ def main(argv: list[str]) -> int:
         print("bench_diffusers.py: cuda requested, but torch sees no CUDA device", file=sys.stderr)
         return 2
     print(table(args.device, args.quick, args.compile, batch=args.batch, steps=args.steps,
-                precisions=args.precisions))
+                precisions=args.precisions, reps=args.reps, modes=args.modes))
     return 0
 
 
