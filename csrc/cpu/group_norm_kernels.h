@@ -214,25 +214,26 @@ inline void backward_run(const scalar_t* dy, const scalar_t* x, int64_t n, acc_t
     acc_dzx = Vec(acc_t(0));
   };
   for (; i + L::kStep <= n; i += L::kStep) {
-    const auto xv = L::load(x + i);
+    auto xh = L::load(x + i);  // x̂ = (x − μ)·rstd, once per step for both uses below
+    for (auto& p : xh.v) p = (p - vmu) * vr;
     typename L::Parts dz;
     if (grad_x != nullptr && dz_cache != nullptr) {
       for (int j = 0; j < L::kParts; ++j) dz.v[j] = Vec::loadu(dz_cache + i + j * W);
     } else {
       dz = L::load(dy + i);
       for (int j = 0; j < L::kParts; ++j) {
-        dz.v[j] = activate_grad_vec<kAct>(dz.v[j], at::vec::fmadd((xv.v[j] - vmu) * vr, vg, vb));
+        dz.v[j] = activate_grad_vec<kAct>(dz.v[j], at::vec::fmadd(xh.v[j], vg, vb));
         if (dz_cache != nullptr) dz.v[j].store(dz_cache + i + j * W);
       }
     }
     if (grad_x != nullptr) {
       typename L::Parts gx;
-      for (int j = 0; j < L::kParts; ++j) gx.v[j] = vr * (dz.v[j] * vg - va - (xv.v[j] - vmu) * vr * vbb);
+      for (int j = 0; j < L::kParts; ++j) gx.v[j] = vr * (dz.v[j] * vg - va - xh.v[j] * vbb);
       L::store(grad_x + i, gx);
     } else {
       for (int j = 0; j < L::kParts; ++j) {
         acc_dz = acc_dz + dz.v[j];
-        acc_dzx = at::vec::fmadd(dz.v[j], (xv.v[j] - vmu) * vr, acc_dzx);
+        acc_dzx = at::vec::fmadd(dz.v[j], xh.v[j], acc_dzx);
       }
       if (i >= run_end) {
         flush();
