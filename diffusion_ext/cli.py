@@ -24,7 +24,16 @@ def _samplers() -> tuple[str, ...]:
     return tuple(SAMPLERS)
 
 
+def _spacings() -> tuple[str, ...]:
+    from .schedule import SPACINGS
+
+    return SPACINGS
+
+
 SAMPLER_HELP = "ddpm, ddim (default), dpmpp_2m (DPM-Solver++(2M), for few steps) or dpmpp_2m_sde (its SDE variant)"
+SPACING_HELP = ("timesteps of a respaced chain: leading (the default of ddpm and ddim, as diffusers), trailing (starts at "
+                "t = T - 1: better samples in few steps, Lin et al. 2024), linspace (DPM-Solver++'s default), karras; "
+                "default the sampler's own")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -228,6 +237,8 @@ def _add_train(sub) -> None:
     g.add_argument("--num-timesteps", dest="num_timesteps", type=int, help="default 1000")
     g.add_argument("--beta-schedule", dest="beta_schedule", choices=("linear", "scaled_linear", "cosine"))
     g.add_argument("--prediction-type", dest="prediction_type", choices=("epsilon", "sample", "v_prediction"))
+    g.add_argument("--snr-gamma", dest="snr_gamma", type=float,
+                   help="weight each timestep's loss by Min-SNR-γ (Hang et al. 2023; they use 5); default off")
     g.add_argument("--vae", metavar="CKPT", help="latent: the trained VAE (a checkpoint of --task vae)")
     g.add_argument("--kl-weight", dest="kl_weight", type=float, help="vae: β of the KL term, default 1e-3")
     g = p.add_argument_group("optimisation")
@@ -236,6 +247,8 @@ def _add_train(sub) -> None:
     g.add_argument("--grad-accum", dest="grad_accum", type=int, help="micro-batches per step, default 1")
     g.add_argument("--lr", type=float, help="Adam learning rate, default 1e-4")
     g.add_argument("--lr-warmup", dest="lr_warmup", type=int, help="linear warm-up steps, default 0")
+    g.add_argument("--lr-decay", dest="lr_decay", choices=("none", "cosine"),
+                   help="after the warm-up: none (constant, the default) or cosine (to 0 at --steps)")
     g.add_argument("--weight-decay", dest="weight_decay", type=float, help="AdamW weight decay, default 0 (Adam)")
     g.add_argument("--clip-grad", dest="clip_grad", type=float, help="max grad norm, default 1 (0: off)")
     g.add_argument("--ema-decay", dest="ema_decay", type=float, help="default 0.9999")
@@ -256,6 +269,8 @@ def _add_train(sub) -> None:
     g.add_argument("--sample-steps", dest="sample_steps", type=int, help="sampler steps of the grids, default 50")
     g.add_argument("--sample-sampler", dest="sample_sampler", choices=_samplers(),
                    help="sampler of the grids, default ddim")
+    g.add_argument("--sample-spacing", dest="sample_spacing", choices=_spacings(),
+                   help=SPACING_HELP.replace("the sampler", "the grids' sampler"))
     g.add_argument("--save-format", dest="save_format", choices=("pt", "safetensors"),
                    help="format of the exported EMA weights, default pt")
     g.add_argument("--quiet", action="store_true", help="no progress bar or progress lines")
@@ -317,6 +332,7 @@ def _add_sample(sub) -> None:
     p.add_argument("--steps", type=int, default=None,
                    help="sampling steps (default: 50 for ddim, 20 for dpmpp_2m and dpmpp_2m_sde, T for ddpm)")
     p.add_argument("--eta", type=float, default=0.0, help="DDIM η (0: deterministic; ddim only)")
+    p.add_argument("--spacing", choices=_spacings(), default=None, help=SPACING_HELP)
     p.add_argument("--guidance", type=float, default=None, metavar="W",
                    help="classifier-free guidance scale (a class-conditional model, --class-cond)")
     p.add_argument("--label", type=int, default=None, help="class of every sample (default: cycle through classes)")
@@ -355,8 +371,8 @@ def _run_sample(args) -> int:
             return _error("sample", f"--label {args.label} is outside 0..{n_cls - 1}")
     elif args.guidance is not None or args.label is not None:
         return _error("sample", "--guidance and --label need a class-conditional model (trained with --class-cond)")
-    kw = dict(sampler=args.sampler, steps=args.steps, eta=args.eta, guidance_scale=args.guidance, y=y,
-              seed=args.seed, device=device, cuda_graph=args.cuda_graph)
+    kw = dict(sampler=args.sampler, steps=args.steps, eta=args.eta, spacing=args.spacing, guidance_scale=args.guidance,
+              y=y, seed=args.seed, device=device, cuda_graph=args.cuda_graph)
     try:
         if m.latent is not None:
             images = m.latent.sample(m.model, args.num, **kw)
@@ -375,7 +391,7 @@ def _run_sample(args) -> int:
 # ----------------------------------------------------------------------------------------------------
 def _add_demo(sub) -> None:
     p = sub.add_parser("demo", help="train a tiny DDPM on builtin:shapes on CPU, sample it, time fused vs eager",
-                       description="Trains a small pixel DDPM on builtin:shapes for 700 steps of batch 32 (a few "
+                       description="Trains a small pixel DDPM on builtin:shapes for 600 steps of batch 32 (a few "
                                    "minutes on a laptop CPU; README.md has measured times), samples it with DDIM "
                                    "into a PNG grid, prints the fraction of samples the shapes checker accepts next "
                                    "to that of pure noise, and the time of one training step and one sampling step "
@@ -384,14 +400,15 @@ def _add_demo(sub) -> None:
     p.add_argument("--out", default="runs/demo", metavar="DIR", help="the run's folder (default runs/demo)")
     p.add_argument("--overwrite", action="store_true",
                    help="if DIR already holds a run (an earlier demo), move it aside to DIR.old-<time> first")
-    p.add_argument("--steps", type=int, default=None, help="training steps, default 700")
+    p.add_argument("--steps", type=int, default=None, help="training steps, default 600")
     p.add_argument("--image-size", dest="image_size", type=int, choices=(16, 32), default=16)
     p.add_argument("--num-samples", dest="num_samples", type=int, default=64)
     p.add_argument("--device", default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None, metavar="N",
-                   help="torch.set_num_threads(N); by default one fewer than the CPUs this process may use (at "
-                        "least 1), so that the threads do not wait for a core another process holds")
+                   help="torch.set_num_threads(N); by default every CPU this process may use when the others are "
+                        "idle as the demo starts, else one fewer (at least 1), so that no thread waits for a core "
+                        "another process holds")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=_run_demo)
 

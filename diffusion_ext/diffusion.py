@@ -32,20 +32,26 @@ class Diffusion:
     >>> images = diff.sample(unet, (16, 3, 64, 64), sampler="ddim", steps=50, seed=0)
     """
 
-    def __init__(self, schedule: NoiseSchedule, prediction_type: str = "epsilon"):
+    def __init__(self, schedule: NoiseSchedule, prediction_type: str = "epsilon", snr_gamma: float | None = None):
         if not isinstance(schedule, NoiseSchedule):
             raise TypeError(f"Diffusion: schedule must be a NoiseSchedule, got {type(schedule).__name__}")
         if prediction_type not in PREDICTION_TYPES:
             raise ValueError(f"Diffusion: prediction_type {prediction_type!r} is unknown; expected one of "
                              f"{PREDICTION_TYPES}")
+        if snr_gamma is not None and (isinstance(snr_gamma, bool) or not isinstance(snr_gamma, (int, float))
+                                      or not 0 < snr_gamma < math.inf):
+            raise ValueError(f"Diffusion: snr_gamma = {snr_gamma!r}; expected None (no weighting) or a positive "
+                             "finite number (5 in Hang et al. 2023)")
         self.schedule, self.prediction_type = schedule, prediction_type
+        self.snr_gamma = None if snr_gamma is None else float(snr_gamma)
 
     @property
     def num_timesteps(self) -> int:
         return self.schedule.num_timesteps
 
     def __repr__(self) -> str:
-        return f"Diffusion({self.schedule!r}, prediction_type={self.prediction_type!r})"
+        gamma = "" if self.snr_gamma is None else f", snr_gamma={self.snr_gamma}"
+        return f"Diffusion({self.schedule!r}, prediction_type={self.prediction_type!r}{gamma})"
 
     def _on(self, device) -> NoiseSchedule:
         return sampling.on_device(self.schedule, device)
@@ -84,21 +90,38 @@ class Diffusion:
     def loss_at(self, model, x0: torch.Tensor, t: torch.Tensor, x_t: torch.Tensor, eps: torch.Tensor, *,
                 y: torch.Tensor | None = None, cond: torch.Tensor | None = None) -> torch.Tensor:
         """‖target − model(x_t, t)‖² for x_t already drawn from q(x_t | x0) with noise eps: the part of
-        L_simple shared by training_loss and the trainer (which draws its noise per sample)."""
+        L_simple shared by training_loss and the trainer (which draws its noise per sample); with snr_gamma,
+        sample i's squared error is weighted by min_snr_weight(t_i)."""
         # 1. the regression target of the parameterisation
+        a = self.schedule.alphas_cumprod[t].to(torch.float32).view(-1, *([1] * (x0.dim() - 1)))
         if self.prediction_type == "epsilon":
             target = eps
         elif self.prediction_type == "sample":
             target = x0
         else:  # v = √ᾱ_t·ε − √(1−ᾱ_t)·x0 (Salimans & Ho 2022, §4)
-            a = self.schedule.alphas_cumprod[t].to(torch.float32).view(-1, *([1] * (x0.dim() - 1)))
             target = a.sqrt() * eps.float() - (1 - a).sqrt() * x0.float()
         # 2. the model's prediction from x_t (and the conditioning image on channels), then the mean squared error
         out = call_model(model, with_condition(x_t, cond), t, y)
         if out.shape != x0.shape:
             raise ValueError(f"Diffusion.training_loss: the model returned shape {tuple(out.shape)}; expected x0's "
                              f"{tuple(x0.shape)}")
-        return F.mse_loss(out.float(), target.float())
+        if self.snr_gamma is None:
+            return F.mse_loss(out.float(), target.float())
+        err = (out.float() - target.float()).square().flatten(1).mean(1)
+        return (err * self.min_snr_weight(a.flatten())).mean()
+
+    def min_snr_weight(self, alpha_bar: torch.Tensor) -> torch.Tensor:
+        """Min-SNR-γ loss weights (Hang et al. 2023, "Efficient Diffusion Training via Min-SNR Weighting
+        Strategy", §3.4): each timestep's loss counts as min(SNR_t, γ)·‖x0 − x̂0‖², SNR_t = ᾱ_t/(1 − ᾱ_t),
+        so that the easy low-noise timesteps stop dominating the gradient. In the model's own
+        parameterisation ‖x0 − x̂0‖² is SNR_t⁻¹·‖ε − ε̂‖² and (SNR_t + 1)⁻¹·‖v − v̂‖², hence the weight on
+        its squared error: min(SNR, γ)/SNR (ε), min(SNR, γ) (x0), min(SNR, γ)/(SNR + 1) (v)."""
+        a = alpha_bar.to(torch.float32)
+        snr = a / (1 - a)
+        if self.prediction_type == "epsilon":   # min(1, γ/SNR): 1, not 0/0, where SNR is 0 (zero terminal SNR)
+            return torch.clamp(self.snr_gamma / snr, max=1.0)
+        clipped = torch.clamp(snr, max=self.snr_gamma)
+        return clipped if self.prediction_type == "sample" else clipped / (snr + 1)
 
     # ------------------------------------------------------------------------------------------------
     def sampler(self, name: str = "ddim", *, eta: float = 0.0, clip_range: float | None = 1.0,

@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import math
 import os
 import random
 import signal
@@ -44,10 +45,11 @@ from .run_folder import CHECKPOINT_NAME, LOG_NAME, config_differences, prepare_n
 TASKS = ("pixel", "vae", "latent", "depth")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 BACKBONES = ("native", "diffusers")
+LR_DECAYS = ("none", "cosine")
 # what may differ between a run and its resumption (its length, bookkeeping and where it runs; `out` is
 # the run's folder itself, wherever it now lives)
 RESUME_OVERRIDES = ("steps", "quiet", "ckpt_every", "log_every", "sample_every", "num_samples", "sample_steps",
-                    "sample_sampler", "save_format", "num_workers", "device", "compile", "max_bad_fraction",
+                    "sample_sampler", "sample_spacing", "save_format", "num_workers", "device", "compile", "max_bad_fraction",
                     "progress_every")
 
 
@@ -78,6 +80,7 @@ class TrainConfig:
     beta_start: float = 1e-4
     beta_end: float = 0.02
     prediction_type: str = "epsilon"
+    snr_gamma: float | None = None       # Min-SNR-γ loss weighting (Hang et al. 2023; 5 there), None: L_simple
     kl_weight: float = 1e-3              # vae
     vae: str | None = None               # latent: the trained VAE checkpoint
     scale_batches: int = 8               # latent: batches of `batch_size` for the scale factor
@@ -87,6 +90,7 @@ class TrainConfig:
     grad_accum: int = 1
     lr: float = 1e-4
     lr_warmup: int = 0                   # linear warm-up steps
+    lr_decay: str = "none"               # after the warm-up: "none" (constant) or "cosine" (to 0 at `steps`)
     weight_decay: float = 0.0
     adam_betas: tuple = (0.9, 0.999)
     clip_grad: float = 1.0               # max global grad norm (0: no clipping)
@@ -105,6 +109,7 @@ class TrainConfig:
     num_samples: int = 16
     sample_steps: int = 50               # sampler steps of the sample grids
     sample_sampler: str = "ddim"         # the grids' sampler: ddpm, ddim, dpmpp_2m, dpmpp_2m_sde
+    sample_spacing: str | None = None    # the grids' timestep spacing (schedule.SPACINGS; None: the sampler's)
     save_format: str = "pt"              # exported EMA weights: pt or safetensors
     quiet: bool = False
     progress_every: float = 30.0         # seconds between plain progress lines when stdout is not a terminal
@@ -134,10 +139,18 @@ class TrainConfig:
 
         if self.sample_sampler not in SAMPLERS:
             bad(f"sample_sampler {self.sample_sampler!r} is unknown; expected one of {tuple(SAMPLERS)}")
+        from .schedule import SPACINGS
+
+        if self.sample_spacing is not None and self.sample_spacing not in SPACINGS:
+            bad(f"sample_spacing {self.sample_spacing!r} is unknown; expected None or one of {SPACINGS}")
         if self.batch_size % self.grad_accum:
             bad(f"batch_size = {self.batch_size} is not divisible by grad_accum = {self.grad_accum}")
         if not self.lr > 0:
             bad(f"lr = {self.lr}; expected > 0")
+        if self.lr_decay not in LR_DECAYS:
+            bad(f"lr_decay {self.lr_decay!r} is unknown; expected one of {LR_DECAYS}")
+        if self.snr_gamma is not None and not 0 < self.snr_gamma < float("inf"):
+            bad(f"snr_gamma = {self.snr_gamma}; expected None (L_simple) or a positive number (5 in Hang et al. 2023)")
         if self.backbone not in BACKBONES:
             bad(f"backbone {self.backbone!r} is unknown; expected one of {BACKBONES}")
         if self.backbone == "diffusers" and self.task != "pixel":
@@ -322,7 +335,7 @@ def build_diffusion(config: dict, device):
 
     sched = NoiseSchedule(config["num_timesteps"], config["beta_schedule"], config["beta_start"],
                           config["beta_end"]).to(device)
-    return Diffusion(sched, config["prediction_type"])
+    return Diffusion(sched, config["prediction_type"], config.get("snr_gamma"))
 
 
 def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
@@ -565,9 +578,16 @@ class Trainer:
         return recon + self.cfg.kl_weight * kl, {"recon": recon.detach(), "kl": kl.detach()}
 
     def lr_at(self, step: int) -> float:
-        if self.cfg.lr_warmup and step < self.cfg.lr_warmup:
-            return self.cfg.lr * (step + 1) / self.cfg.lr_warmup
-        return self.cfg.lr
+        """The learning rate of optimizer step `step` (0-based): linear warm-up over lr_warmup steps, then
+        constant, or with lr_decay "cosine" half a cosine from lr towards 0 at `steps` (Loshchilov & Hutter
+        2017, SGDR, without restarts) — a short run ends on settled weights instead of mid-stride."""
+        cfg = self.cfg
+        if cfg.lr_warmup and step < cfg.lr_warmup:
+            return cfg.lr * (step + 1) / cfg.lr_warmup
+        if cfg.lr_decay == "cosine":
+            span = max(1, cfg.steps - cfg.lr_warmup)
+            return cfg.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, (step - cfg.lr_warmup) / span)))
+        return cfg.lr
 
     def train_step(self, batches) -> dict:
         """One optimizer step (grad_accum micro-batches): returns the step's mean loss (this rank's,
@@ -622,7 +642,7 @@ class Trainer:
             save_grid(grid, path, nrow=min(n, 8) if n > 8 else n)
             return stats
         kw = dict(sampler=cfg.sample_sampler, steps=min(cfg.sample_steps, cfg.num_timesteps), seed=cfg.seed,
-                  device=self.device)
+                  device=self.device, spacing=cfg.sample_spacing)
         if cfg.task == "depth":
             items = [self.dataset[i] for i in range(min(n, len(self.dataset)))]
             b = torch.utils.data.default_collate(items)

@@ -102,6 +102,9 @@ def test_clear_errors(tmp_path, capsys):
     assert main(["train", "--task", "pixel", "--data", "builtin:shapes", "--precision", "fp16", "--device", "cpu",
                  "--out", str(tmp_path / "r")]) == 2
     assert "diffusion_ext train: --precision fp16 needs a CUDA device" in capsys.readouterr().err  # named once
+    assert main(["train", "--task", "pixel", "--data", "builtin:shapes", "--snr-gamma", "0", "--device", "cpu",
+                 "--out", str(tmp_path / "r")]) == 2
+    assert "TrainConfig: snr_gamma = 0.0; expected None (L_simple) or a positive number" in capsys.readouterr().err
 
 
 def test_sampler_errors(run_dir, tmp_path, capsys):

@@ -59,6 +59,35 @@ def test_training_loss_is_the_mse_to_the_parameterisations_target(prediction_typ
     torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("prediction_type", ["epsilon", "sample", "v_prediction"])
+@pytest.mark.parametrize("gamma", [0.5, 5.0])
+def test_min_snr_loss_is_min_snr_times_the_x0_error(prediction_type, gamma):
+    # Hang et al. 2023: the weighted loss of every parameterisation is E_t[min(SNR_t, γ)·‖x0 − x̂0‖²], x̂0 the
+    # model's estimate of x0 recovered from its output; derived here from x_t and the output, in float64
+    diff = Diffusion(dx.NoiseSchedule(T, "cosine"), prediction_type, snr_gamma=gamma)
+    x0 = torch.rand(SHAPE, generator=torch.Generator().manual_seed(1), dtype=torch.float64) * 2 - 1
+    loss = diff.training_loss(Toy(), x0.float(), seed=7)
+    t = torch.randint(0, T, (SHAPE[0],), generator=torch.Generator().manual_seed(7))
+    eps = reference.noise_like(x0.float(), 7, 0).double()
+    a = diff.schedule.alphas_cumprod[t].double().view(-1, 1, 1, 1)
+    x_t = a.sqrt() * x0 + (1 - a).sqrt() * eps
+    out = Toy()(x_t.float(), t).double()
+    x0_hat = {"epsilon": (x_t - (1 - a).sqrt() * out) / a.sqrt(), "sample": out,
+              "v_prediction": a.sqrt() * x_t - (1 - a).sqrt() * out}[prediction_type]
+    snr = (a / (1 - a)).flatten()
+    expected = (torch.clamp(snr, max=gamma) * (x0 - x0_hat).square().flatten(1).mean(1)).mean()
+    torch.testing.assert_close(loss.double(), expected, rtol=2e-5, atol=1e-6)
+
+
+def test_min_snr_weight_of_zero_snr_is_finite_and_gamma_is_checked():
+    # ε-prediction at SNR 0 (a zero-terminal-SNR schedule's last step): min(SNR, γ)/SNR → 1, not 0/0
+    w = Diffusion(dx.NoiseSchedule(T), "epsilon", snr_gamma=5.0).min_snr_weight(torch.tensor([0.0, 0.5, 1 - 1e-3]))
+    torch.testing.assert_close(w, torch.tensor([1.0, 1.0, 5.0 / 999.0]), rtol=1e-4, atol=0)
+    for bad in (0, -1.0, float("inf"), True, "5"):
+        with pytest.raises(ValueError, match="Diffusion: snr_gamma"):
+            Diffusion(dx.NoiseSchedule(T), snr_gamma=bad)
+
+
 def test_training_loss_drops_labels_to_the_null_class():
     diff, model = make(), Toy(num_classes=3)
     y = torch.tensor([0, 1, 2])

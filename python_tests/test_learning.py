@@ -39,9 +39,10 @@ def test_pixel_ddpm_learns_shapes(tmp_path):
     cfg = demo_config(str(tmp_path), 16, DEMO_STEPS[16], seed=0, num_samples=64, fused=FUSED, quiet=True, device="cpu")
     trainer = Trainer(cfg, log=lambda *a: None)
     diffusion = build_diffusion(cfg.to_dict(), "cpu")
-    untrained = diffusion.sample(trainer.ema.module, (64, 3, 16, 16), steps=cfg.sample_steps, seed=5)
+    kw = dict(steps=cfg.sample_steps, spacing=cfg.sample_spacing, seed=5)   # the demo's sampler
+    untrained = diffusion.sample(trainer.ema.module, (64, 3, 16, 16), **kw)
     summary = trainer.run()
-    trained = diffusion.sample(trainer.ema.module, (64, 3, 16, 16), steps=cfg.sample_steps, seed=5)
+    trained = diffusion.sample(trainer.ema.module, (64, 3, 16, 16), **kw)
     noise = torch.randn(64, 3, 16, 16, generator=torch.Generator().manual_seed(1)).clamp(-1, 1)
     # 128 samples: the final sample hook's 64 (seed 0) and 64 more (seed 5)
     f_trained = (valid_fraction(trained) + summary["valid_fraction"]) / 2

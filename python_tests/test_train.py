@@ -59,6 +59,30 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path):
         assert torch.equal(ea["module"][k], eb["module"][k]), k
 
 
+def test_cosine_lr_decay_and_min_snr_weighting_are_used_and_resume_exactly(tmp_path):
+    import math
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    kw = dict(lr_warmup=2, lr_decay="cosine", snr_gamma=5.0)
+    train(tiny(a, **kw), log=lambda *x: None)
+    train(tiny(b, steps=3, **kw), log=lambda *x: None)
+    train(tiny(b, steps=6, **kw), resume=True, log=lambda *x: None)
+    # warm-up 1e-3·(s+1)/2, then 1e-3·½(1 + cos(π·(s − 2)/4)) for optimizer steps s = 0..5
+    lrs = [r["lr"] for r in read_jsonl(os.path.join(a, "log.jsonl")) if "lr" in r]
+    expected = [5e-4, 1e-3] + [1e-3 * 0.5 * (1 + math.cos(math.pi * (s - 2) / 4)) for s in range(2, 6)]
+    assert lrs == pytest.approx(expected, rel=1e-12)
+    assert losses(a) == losses(b)
+    # the weighting reaches the loss: the first step's loss (same weights, data and noise) differs from L_simple's
+    assert build_diffusion(tiny(a, **kw).to_dict(), "cpu").snr_gamma == 5.0
+    c = tmp_path / "c"
+    train(tiny(c, steps=1, lr_warmup=2, lr_decay="cosine"), log=lambda *x: None)
+    assert losses(c)[0][1] != pytest.approx(losses(a)[0][1], rel=1e-3)
+    for k, v in params(a).items():
+        assert torch.equal(v, params(b)[k]), k
+    with pytest.raises(ValueError, match="TrainConfig: lr_decay 'step' is unknown"):
+        tiny(a, lr_decay="step").validate()
+
+
 def test_resume_refuses_a_changed_configuration(tmp_path):
     train(tiny(tmp_path, steps=3), log=lambda *x: None)
     with pytest.raises(ValueError, match=r"trained with another configuration: lr: 0\.001 in the checkpoint, "
