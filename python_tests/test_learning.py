@@ -49,5 +49,6 @@ def test_pixel_ddpm_learns_shapes(tmp_path):
     f_untrained, f_noise = valid_fraction(untrained), valid_fraction(noise)
     print(f"shapes checker: trained {f_trained:.3f} (final hook {summary['valid_fraction']:.3f}), "
           f"untrained {f_untrained:.3f}, noise {f_noise:.3f}")
-    # measured: 0.234 (seed 0) and 0.109 (seed 5) for the trained model; 0 for the untrained model and noise
-    assert f_trained >= 0.08 and f_trained >= f_untrained + 0.08 and f_trained >= f_noise + 0.08
+    # measured (the demo's recipe since d42f5e3): 0.344 (seed 0) and 0.297 (seed 5) for the trained model, 0 for
+    # the untrained model and noise; over four training seeds 0.26-0.37 (benchmarks/results/demo-recipe-*.md)
+    assert f_trained >= 0.15 and f_trained >= f_untrained + 0.15 and f_trained >= f_noise + 0.15
