@@ -112,7 +112,7 @@ class Diffusion:
 
     def min_snr_weight(self, alpha_bar: torch.Tensor) -> torch.Tensor:
         """Min-SNR-γ loss weights (Hang et al. 2023, "Efficient Diffusion Training via Min-SNR Weighting
-        Strategy", §3.4): each timestep's loss counts as min(SNR_t, γ)·‖x0 − x̂0‖², SNR_t = ᾱ_t/(1 − ᾱ_t),
+        Strategy"): each timestep's loss counts as min(SNR_t, γ)·‖x0 − x̂0‖², SNR_t = ᾱ_t/(1 − ᾱ_t),
         so that the easy low-noise timesteps stop dominating the gradient. In the model's own
         parameterisation ‖x0 − x̂0‖² is SNR_t⁻¹·‖ε − ε̂‖² and (SNR_t + 1)⁻¹·‖v − v̂‖², hence the weight on
         its squared error: min(SNR, γ)/SNR (ε), min(SNR, γ) (x0), min(SNR, γ)/(SNR + 1) (v)."""

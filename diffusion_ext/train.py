@@ -49,8 +49,8 @@ LR_DECAYS = ("none", "cosine")
 # what may differ between a run and its resumption (its length, bookkeeping and where it runs; `out` is
 # the run's folder itself, wherever it now lives)
 RESUME_OVERRIDES = ("steps", "quiet", "ckpt_every", "log_every", "sample_every", "num_samples", "sample_steps",
-                    "sample_sampler", "sample_spacing", "save_format", "num_workers", "device", "compile", "max_bad_fraction",
-                    "progress_every")
+                    "sample_sampler", "sample_spacing", "save_format", "num_workers", "device", "compile",
+                    "max_bad_fraction", "progress_every")
 
 
 @dataclass
@@ -90,7 +90,8 @@ class TrainConfig:
     grad_accum: int = 1
     lr: float = 1e-4
     lr_warmup: int = 0                   # linear warm-up steps
-    lr_decay: str = "none"               # after the warm-up: "none" (constant) or "cosine" (to 0 at `steps`)
+    lr_decay: str = "none"               # after the warm-up: "none" (constant) or "cosine" (to 0 at `steps`;
+                                         # resuming with more steps stretches what is left of the curve)
     weight_decay: float = 0.0
     adam_betas: tuple = (0.9, 0.999)
     clip_grad: float = 1.0               # max global grad norm (0: no clipping)
