@@ -64,17 +64,19 @@ def test_sample_writes_a_grid(run_dir, tmp_path, source, capsys):
     assert _png(out) == ((2 + 2 * (8 + 2)) * 8,) * 2  # a 2×2 grid of 8×8 images, upscaled 8× to be seen
 
 
-@pytest.mark.parametrize("sampler", ["dpmpp_2m", "dpmpp_2m_sde", "ddpm"])
-def test_sample_takes_every_sampler(run_dir, tmp_path, sampler, capsys):
+@pytest.mark.parametrize("sampler, spacing", [("dpmpp_2m", None), ("dpmpp_2m_sde", None), ("ddpm", None),
+                                              ("ddim", "trailing"), ("dpmpp_2m", "karras")])
+def test_sample_takes_every_sampler(run_dir, tmp_path, sampler, spacing, capsys):
     from diffusion_ext.images import save_grid
     from diffusion_ext.train import load_trained
 
     out, expected = tmp_path / "grid.png", tmp_path / "expected.png"
     rc = main(["sample", "--checkpoint", str(run_dir / "checkpoint.pt"), "--num", "2", "--sampler", sampler,
-               "--steps", "3", "--seed", "4", "--out", str(out)] + SAMPLE)
+               "--steps", "3", "--seed", "4", "--out", str(out)] + (["--spacing", spacing] if spacing else []) + SAMPLE)
     assert rc == 0, capsys.readouterr().err
     m = load_trained(str(run_dir / "checkpoint.pt"), fused=cli_run.FUSED)
-    save_grid(m.diffusion.sample(m.model, (2, 3, 8, 8), sampler=sampler, steps=3, seed=4).float(), str(expected))
+    x = m.diffusion.sample(m.model, (2, 3, 8, 8), sampler=sampler, steps=3, seed=4, spacing=spacing)
+    save_grid(x.float(), str(expected))
     assert out.read_bytes() == expected.read_bytes()
 
 
