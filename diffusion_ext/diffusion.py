@@ -92,8 +92,10 @@ class Diffusion:
         """‖target − model(x_t, t)‖² for x_t already drawn from q(x_t | x0) with noise eps: the part of
         L_simple shared by training_loss and the trainer (which draws its noise per sample); with snr_gamma,
         sample i's squared error is weighted by min_snr_weight(t_i)."""
-        # 1. the regression target of the parameterisation
-        a = self.schedule.alphas_cumprod[t].to(torch.float32).view(-1, *([1] * (x0.dim() - 1)))
+        # 1. the regression target of the parameterisation (ᾱ_t only where the target or the weights need it)
+        a = None
+        if self.prediction_type == "v_prediction" or self.snr_gamma is not None:
+            a = self.schedule.alphas_cumprod[t].to(torch.float32).view(-1, *([1] * (x0.dim() - 1)))
         if self.prediction_type == "epsilon":
             target = eps
         elif self.prediction_type == "sample":

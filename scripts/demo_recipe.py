@@ -3,7 +3,7 @@
 (diffusion_ext.demo.demo_config) with some options changed, for a fixed number of steps, and samples each
 model with several sampler settings from the same x_T, reporting the fraction the shapes checker accepts.
 
-    PYTHONPATH=. python scripts/demo_recipe.py --variant base='{"snr_gamma": null}' --variant snr5='{}' \\
+    PYTHONPATH=. python scripts/demo_recipe.py --variant old='{"snr_gamma": null, "lr_decay": "none"}' --variant demo='{}' \\
         --seeds 0 1 --steps 600 --jsonl /tmp/recipe.jsonl --results benchmarks/results/demo-recipe-cpu-$(date +%F).md
 
 A variant is NAME=JSON, the JSON an object of TrainConfig fields to override ('{}': the demo as it is).
