@@ -14,6 +14,8 @@ import time
 
 import torch
 
+from .cpu_features import native_bf16
+
 # The demo's budget (cli.py's `demo --help` quotes it; python_tests/test_docs.py checks that it does).
 DEMO_STEPS = {16: 600, 32: 600}
 DEMO_BATCH = 32
@@ -42,18 +44,6 @@ def demo_config(out: str, image_size: int, steps: int, seed: int, num_samples: i
         # whose x_t still holds signal that pure noise lacks; 50 steps cost ~5 s here
         num_samples=num_samples, sample_steps=DEMO_SAMPLE_STEPS, sample_spacing="trailing", quiet=quiet,
         precision=precision)
-
-
-def native_bf16() -> bool:
-    """Whether this CPU computes in bf16 natively (AVX512-BF16 or AMX-BF16 among /proc/cpuinfo's flags), so
-    that bf16 autocast is faster than fp32. Without it PyTorch emulates bf16 convolutions: a 3×3 convolution
-    of 8×64×64×64 took 2318 ms in bf16 against 43 ms in fp32 on the 2-core AVX2 machine here."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next((line for line in f if line.startswith("flags")), "").split()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 def demo_precision(device: torch.device) -> tuple[str, str]:

@@ -245,6 +245,32 @@ def test_bf16_autocast_trains_the_fused_model_like_fp32(tmp_path):
     assert os.listdir(tmp_path / "bf16" / "samples")
 
 
+def test_bf16_on_a_cpu_without_native_bf16_warns_and_runs_as_asked(tmp_path, monkeypatch):
+    """--precision bf16 on a CPU that would emulate it: a warning that says so and what to pick instead;
+    none where the CPU has native bf16 (the flag parsed from a cpuinfo file) or on auto/fp32."""
+    import warnings
+
+    from diffusion_ext import cpu_features, train as train_mod
+
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nflags\t\t: fpu avx2 fma f16c\n")
+    assert not cpu_features.native_bf16(str(info))
+    info.write_text("processor\t: 0\nflags\t\t: fpu avx2 avx512f avx512_bf16\n")
+    assert cpu_features.native_bf16(str(info))
+    assert not cpu_features.native_bf16(str(tmp_path / "missing"))
+
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(train_mod, "native_bf16", lambda: False)
+    with pytest.warns(UserWarning, match=r"--precision bf16 on a CPU without native bf16.*--precision fp32"):
+        assert train_mod.resolve_precision("bf16", cpu) is torch.bfloat16
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert train_mod.resolve_precision("auto", cpu) is None
+        assert train_mod.resolve_precision("fp32", cpu) is None
+        monkeypatch.setattr(train_mod, "native_bf16", lambda: True)
+        assert train_mod.resolve_precision("bf16", cpu) is torch.bfloat16
+
+
 def _failing_setup_worker(rank: int, world: int, port: int, cfg: TrainConfig) -> None:
     import torch.distributed as dist
 
