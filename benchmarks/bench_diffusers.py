@@ -10,13 +10,16 @@ and in the mid-block). CPU: batch 8, fp32 and bf16 autocast. CUDA: batch 64, bf1
 
     python benchmarks/bench_diffusers.py cpu|cuda [--quick] [--no-compile] [--batch N] [--steps N]
                                          [--precisions fp32,bf16] [--reps N] [--modes train,pipeline]
+                                         [--channels-last]
 
 prints a markdown table (median and minimum of interleaved repetitions) with the ratio to the unpatched
 model measured in the same run; a case that fails
 gets a row saying why and the table goes on. --quick (a smoke test, not a measurement): batch 1 (8 on
 CUDA), a 2-step pipeline, one timed repetition. --batch, --steps, --precisions override the defaults (a
 CPU without native bf16 — AVX512-BF16, AMX — emulates bf16 convolutions, ~60× slower than fp32 on the
-2-core AVX2 machine here: the bf16 rows want a smaller batch there). Needs diffusers
+2-core AVX2 machine here: the bf16 rows want a smaller batch there). --channels-last puts every provider's
+model and inputs in channels_last (the layout a CPU user picks for oneDNN's convolutions; the pipeline's
+x_T stays contiguous and its first convolution's output follows the weights). Needs diffusers
 (pip install 'diffusion_ext[diffusers]'); without it the table says so. No assertion here is about time.
 """
 from __future__ import annotations
@@ -44,7 +47,8 @@ def _autocast(device: torch.device, precision: str):
     return torch.autocast(device.type, dtype=torch.bfloat16)
 
 
-def make_fn(mode: str, provider: str, precision: str, device: torch.device, batch: int, steps: int):
+def make_fn(mode: str, provider: str, precision: str, device: torch.device, batch: int, steps: int,
+            channels_last: bool = False):
     """A no-argument callable running one case (built fresh: each provider has its own model)."""
     from diffusers import DDIMPipeline, DDIMScheduler, DDPMScheduler, UNet2DModel
 
@@ -52,7 +56,8 @@ def make_fn(mode: str, provider: str, precision: str, device: torch.device, batc
     from diffusion_ext.integrations.diffusers_backbone import REPORT_64
 
     torch.manual_seed(0)
-    unet = UNet2DModel(**REPORT_64).to(device)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    unet = UNet2DModel(**REPORT_64).to(device, memory_format=fmt)
     scheduler = DDPMScheduler(num_train_timesteps=1000) if mode == "train step" else DDIMScheduler(1000)
     if provider == "patched":
         dxd.patch(unet)
@@ -61,8 +66,8 @@ def make_fn(mode: str, provider: str, precision: str, device: torch.device, batc
     autocast = _autocast(device, precision)
     g = torch.Generator().manual_seed(1)
     if mode == "train step":
-        x0 = (torch.rand(batch, 3, 64, 64, generator=g) * 2 - 1).to(device)
-        noise = torch.randn(batch, 3, 64, 64, generator=g).to(device)
+        x0 = (torch.rand(batch, 3, 64, 64, generator=g) * 2 - 1).to(device, memory_format=fmt)
+        noise = torch.randn(batch, 3, 64, 64, generator=g).to(device, memory_format=fmt)
         t = torch.randint(0, 1000, (batch,), generator=g).to(device)
         opt = torch.optim.Adam(unet.parameters(), lr=1e-4)
         unet.train()
@@ -94,7 +99,8 @@ def _why(e: BaseException) -> str:
 
 
 def table(device, quick: bool = False, compile_models: bool = True, **overrides) -> str:
-    """The markdown table; overrides: batch, steps, precisions (None: the defaults of settings())."""
+    """The markdown table; overrides: batch, steps, precisions, reps, modes, channels_last (None: the
+    defaults of settings())."""
     device = torch.device(device)
     s = settings(device, quick)
     s.update({k: v for k, v in overrides.items() if v is not None})
@@ -119,8 +125,8 @@ def table(device, quick: bool = False, compile_models: bool = True, **overrides)
                     rows[provider] = f"| {mode} | {precision} | {provider} | skipped (--no-compile) | — | — |"
                     continue
                 try:  # built and called once (compiles): a provider that fails is a row saying why
-                    fns[provider] = bench.synced(make_fn(mode, provider, precision, device, s["batch"], s["steps"]),
-                                                 device)
+                    fns[provider] = bench.synced(make_fn(mode, provider, precision, device, s["batch"], s["steps"],
+                                                         bool(s.get("channels_last"))), device)
                     fns[provider]()
                 except Exception as e:  # noqa: BLE001 - the row says why; the table goes on
                     fns.pop(provider, None)
@@ -138,7 +144,9 @@ def table(device, quick: bool = False, compile_models: bool = True, **overrides)
             if fns:
                 lines.append(f"<!-- {mode}, {precision}: {t.describe()} -->")
     note = " — quick run: a smoke test, not a measurement" if quick else ""
-    return (f"diffusers {diffusers.__version__} UNet2DModel (diffusers_backbone.REPORT_64), 64×64, batch {s['batch']}, "
+    layout = "channels_last" if s.get("channels_last") else "contiguous"
+    return (f"diffusers {diffusers.__version__} UNet2DModel (diffusers_backbone.REPORT_64), 64×64, {layout}, "
+            f"batch {s['batch']}, "
             f"DDIM pipeline {s['steps']} steps, {device.type}, torch {torch.__version__}, "
             f"{torch.get_num_threads()} threads{note}\n\n" + "\n".join(lines))
 
@@ -174,6 +182,7 @@ def _parser():
     p.add_argument("--precisions", type=precisions, help="fp32,bf16 on CPU (default both); CUDA runs bf16")
     p.add_argument("--reps", type=positive, help="timed repetitions of each provider, interleaved (default 5)")
     p.add_argument("--modes", type=modes, help="train,pipeline (default both)")
+    p.add_argument("--channels-last", action="store_true", help="models and inputs in channels_last")
     return p
 
 
@@ -183,7 +192,8 @@ def main(argv: list[str]) -> int:
         print("bench_diffusers.py: cuda requested, but torch sees no CUDA device", file=sys.stderr)
         return 2
     print(table(args.device, args.quick, args.compile, batch=args.batch, steps=args.steps,
-                precisions=args.precisions, reps=args.reps, modes=args.modes))
+                precisions=args.precisions, reps=args.reps, modes=args.modes,
+                channels_last=args.channels_last or None))
     return 0
 
 
