@@ -3,7 +3,10 @@
 # each writing at most 8 files into the folder it is given (the lease's $OUT), then, back on the CPU
 # machine, the results file is assembled from what came back and committed.
 #
-# The two device calls, verbatim (the device tool's `run`; its command line must stay under 2,000 chars):
+# Before the lease, here: `bash benchmarks/gpu_wheels.sh` puts the diffusers wheel into .whl/ (the lease's
+# image has no diffusers; without it the diffusers tests skip and its table says "not installed").
+# The two device calls, verbatim (the device tool's `run`, with carry [".whl"]; its command line must stay
+# under 2,000 chars):
 #   call 1:  bash benchmarks/gpu_check.sh call1 "$OUT"
 #   call 2:  bash benchmarks/gpu_check.sh call2 "$OUT"
 # and afterwards, here:
@@ -21,16 +24,19 @@
 #   call 2  build again only if the machine is a fresh one (the lease keeps a machine 30 s after a call:
 #           issue call 2 at once) · schedule ops at 16.8M elements with the copy bandwidth (~0.5) ·
 #           group norm 64×256×32×32 NCHW/NHWC (~1) · attention (16,8,1024,64), (64,4,256,32) (~1) ·
-#           UNet train/sampling step, batch 64, bf16 (~2) · 250-step sampling loop, batch 16 (~1.5)
+#           UNet train/sampling step, batch 64, bf16 (~2) · 250-step sampling loop, batch 16 (~1.5) ·
+#           diffusers UNet2DModel patched vs unpatched, batch 64, bf16, no compile (~0.5)
 #                                                                            files: 2-*.md, 2-bench.log
 # What to drop first when a call runs long: in call 1 the sanitizer (SKIP_SANITIZER=1), then the tests'
 # Triton half (GPU_TESTS="-m 'gpu or fuzz' -k 'not triton'"); in call 2 the sampling loop (SKIP=sampling), then the
-# UNet's compile rows (UNET_ARGS=) and the attention table (SKIP="sampling attention").
+# UNet's compile rows (UNET_ARGS=) and the attention table (SKIP="sampling attention"). With time to spare,
+# DIFFUSERS_ARGS="--reps 3" adds the torch.compile rows to the diffusers table (~2-3 min more).
 #
 # Environment: PYTHON (default python3: on the lease that python holds torch with CUDA, Triton and
 # pytest-xdist; nothing is installed or downloaded), TORCH_CUDA_ARCH_LIST (default: the device's own),
 # WORKERS (pytest-xdist workers, default 12), SKIP (stages of call 2 to leave out: schedule gn attention
-# unet sampling), SKIP_SANITIZER=1.
+# unet sampling diffusers), SKIP_SANITIZER=1, DIFFUSERS_ARGS (bench_diffusers.py's options after the device,
+# default "--reps 3 --no-compile").
 set -uo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -98,6 +104,28 @@ except ImportError as e:
 PY
 }
 
+# The wheels benchmarks/gpu_wheels.sh put into .whl/ (carried to the lease: its image has no diffusers),
+# installed into a private folder that PYTHONPATH then names: nothing in the image's site-packages changes.
+SITE=""
+carried_wheels() {  # LOG
+  local whl=("$ROOT"/.whl/*.whl)
+  if [ ! -e "${whl[0]}" ]; then
+    note "- carried wheels: none (.whl/ is empty; \`bash benchmarks/gpu_wheels.sh\` and carry .whl for the diffusers rows)"
+    return
+  fi
+  SITE="${TMPDIR:-/tmp}/diffusion_ext-carried-site"
+  if "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" \
+       "${whl[@]}" >> "$1" 2>&1; then
+    note "- carried wheels installed into $SITE: $(cd "$ROOT/.whl" && echo *.whl)"
+  else
+    note "- carried wheels: pip install failed (see $(basename "$1")); going on without them"
+    SITE=""
+  fi
+  note "- diffusers: $(PYTHONPATH="$(python_path)" "$PY" -c 'import diffusers; print(diffusers.__version__)' 2>/dev/null ||
+    echo 'not importable: its tests skip and its table says so')"
+}
+python_path() { echo "$ROOT${SITE:+:$SITE}"; }
+
 device_arch() {  # "9.0" for an H100/H200
   "$PY" -c 'import torch; p = torch.cuda.get_device_properties(0); print(f"{p.major}.{p.minor}")'
 }
@@ -126,8 +154,10 @@ build() {  # LOG
 # ---------------------------------------------------------------------------------------------------
 call1() {
   start_summary "$OUT/1-summary.md" "GPU check, call 1: build, gpu-marked tests, compute-sanitizer memcheck"
+  carried_wheels "$OUT/1-build.log"
   build "$OUT/1-build.log"
-  export PYTHONPATH="$ROOT"
+  export PYTHONPATH
+  PYTHONPATH="$(python_path)"
   local tests_log="$OUT/1-tests.log"
   if [ "$DRY" = 1 ]; then
     stage "gpu-marked and fuzz tests (dry run: collected, not run)" 300 "$tests_log" \
@@ -173,11 +203,13 @@ call2() {
   start_summary "$OUT/2-summary.md" "GPU check, call 2: benchmarks"
   local log="$OUT/2-bench.log" dev="cuda" mode="--quick"
   if [ "$DRY" = 1 ]; then dev="cpu"; mode="--smoke"; fi
+  carried_wheels "$log"
   if [ "$DRY" = 0 ] && ! extension_has_cuda; then
     note "- the extension with CUDA is not built here (a fresh machine): building again"
     build "$log"
   fi
-  export PYTHONPATH="$ROOT"
+  export PYTHONPATH
+  PYTHONPATH="$(python_path)"
   local shapes="256x4x128x128" dtypes="bfloat16"
   [ "$DRY" = 1 ] && shapes="2x3x8x8" && dtypes="float32"
   skipped schedule || stage "schedule ops" 120 "$log" "$PY" -m diffusion_ext bench --device "$dev" \
@@ -194,6 +226,11 @@ call2() {
   # shellcheck disable=SC2086
   LIMIT=240 bench_md unet "UNet train and sampling step" benchmarks/bench_unet.py "$dev" "$mode" ${UNET_ARGS:-}
   LIMIT=150 bench_md sampling "DDPM sampling loop, CUDA graph" benchmarks/bench_sampling_loop.py "$dev" "$mode"
+  local dargs=(--reps 3 --no-compile)
+  [ "$DRY" = 1 ] && dargs=(--quick --no-compile)
+  [ -n "${DIFFUSERS_ARGS:-}" ] && eval "dargs=($DIFFUSERS_ARGS)"
+  LIMIT=240 bench_md diffusers "diffusers UNet2DModel: patched vs unpatched" benchmarks/bench_diffusers.py "$dev" \
+    "${dargs[@]}"
   stages_section
 }
 
@@ -217,7 +254,7 @@ assemble() {  # DIR1 DIR2 [RESULT]
       [ -f "$f" ] && { sed -e '1s/^# /## /' -e '2,$s/^## /### /' "$f"; echo; }
     done
     for f in "$d1/1-cuda-resources.md" "$d2"/2-schedule.md "$d2"/2-gn.md "$d2"/2-attention.md "$d2"/2-unet.md \
-             "$d2"/2-sampling.md; do
+             "$d2"/2-sampling.md "$d2"/2-diffusers.md; do
       [ -f "$f" ] && { sed -e 's/^# /## /' "$f"; echo; }
     done
   } > "$result"

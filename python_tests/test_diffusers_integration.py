@@ -18,7 +18,6 @@ import json
 import os
 import subprocess
 import sys
-import types
 
 import pytest
 import torch
@@ -30,6 +29,7 @@ from diffusers import (AutoencoderKL, DDIMPipeline, DDIMScheduler, DDPMPipeline,
                        UNet2DConditionModel, UNet2DModel)
 from diffusers.models.attention_processor import Attention, AttnAddedKVProcessor, AttnProcessor2_0  # noqa: E402
 from diffusers.models.resnet import ResnetBlock2D, ResnetBlockCondNorm2D  # noqa: E402
+from conftest import skip_unless_available  # noqa: E402
 from network_check import (assert_autocast_matches_eager, assert_fused_matches_eager, out_and_grads,  # noqa: E402
                            randomize)
 from tolerances import assert_matches_oracle  # noqa: E402
@@ -85,9 +85,11 @@ def _case(name):
     x = torch.randn(2, cfg["in_channels"], 8, 8, generator=g, dtype=torch.float64)
     if name in ("unet_c", "unet_d"):
         ctx = torch.randn(2, 5, 12, generator=g, dtype=torch.float64)
-        return UNet2DConditionModel, cfg, lambda m, x: m(x, t, encoder_hidden_states=ctx.to(x.dtype)).sample, x
+        return UNet2DConditionModel, cfg, \
+            lambda m, x: m(x, t.to(x.device), encoder_hidden_states=ctx.to(x.device, x.dtype)).sample, x
     y = torch.tensor([0, 2]) if "num_class_embeds" in cfg else None
-    return UNet2DModel, cfg, lambda m, x: m(x, t, class_labels=y).sample, x
+    return UNet2DModel, cfg, \
+        lambda m, x: m(x, t.to(x.device), class_labels=None if y is None else y.to(x.device)).sample, x
 
 
 def _patched_pair(name, seed=0):
@@ -145,6 +147,33 @@ def test_patched_model_on_the_triton_interpreter():
     model, twin, _, fn, x = _patched_pair("unet_a")
     with diffusion_ext.use_backend("triton"):
         assert_fused_matches_eager(model, twin, fn, x, "cpu", torch.float32, zero_grads=ZERO_GRADS, factor=FACTOR)
+
+
+GPU_BACKENDS = [pytest.param(b, id=b, marks=pytest.mark.gpu) for b in ("cuda", "triton")]
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+@pytest.mark.parametrize("name", ["unet_a", "unet_b", "unet_c", "vae"])
+def test_patched_model_on_the_gpu_matches_diffusers_output_and_every_gradient(name, backend):
+    """On a GPU, through each GPU backend: group norm (and FiLM in unet_b), self- and cross-attention."""
+    skip_unless_available(backend, "cuda")
+    model, twin, _, fn, x = _patched_pair(name)
+    with diffusion_ext.use_backend(backend):
+        assert_fused_matches_eager(model, twin, fn, x, "cuda", torch.float32, zero_grads=ZERO_GRADS, factor=FACTOR)
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_patched_model_on_the_gpu_under_bf16_autocast_is_as_accurate_as_diffusers(backend):
+    skip_unless_available(backend, "cuda")
+    model, twin, _, fn, x = _patched_pair("unet_a")
+    twin64 = copy.deepcopy(twin).double().cuda()
+    x = x.cuda()
+    with torch.no_grad():
+        shape = fn(twin64, x).shape
+    g_out = torch.randn(shape, generator=torch.Generator().manual_seed(3)).cuda()
+    with diffusion_ext.use_backend(backend):
+        assert_autocast_matches_eager(model.cuda(), twin.cuda(), twin64, fn, x, g_out, zero_grads=ZERO_GRADS,
+                                      factor=FACTOR)
 
 
 def test_patched_model_runs_the_fused_ops(monkeypatch):
@@ -716,6 +745,28 @@ def test_seeded_pipelines_give_the_same_images_patched_or_not(pipeline, steps, k
     torch.testing.assert_close(a, b, rtol=0, atol=1e-4)
     dxd.unpatch(fused)
     assert "step" not in vars(fused.scheduler) and all("forward" not in vars(m) for m in fused.unet.modules())
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+@pytest.mark.parametrize("pipeline,kw", [(DDPMPipeline, {}), (DDIMPipeline, dict(eta=1.0))])
+def test_seeded_pipelines_on_the_gpu_give_the_same_images_patched_or_not(pipeline, kw, backend, monkeypatch):
+    """As on the CPU, with the noise drawn from a CUDA generator. cuDNN's TF32 convolutions off (PyTorch's
+    default has them on; matmuls are fp32 by default), so that the two chains round alike."""
+    skip_unless_available(backend, "cuda")
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    unet = _unet_for_pipelines().cuda()
+    sched = DDPMScheduler(num_train_timesteps=40, clip_sample=True)
+    plain = pipeline(unet=copy.deepcopy(unet), scheduler=sched)
+    fused = pipeline(unet=unet, scheduler=copy.deepcopy(sched))
+    dxd.patch(fused)
+    images = []
+    for p in (fused, plain):
+        p.set_progress_bar_config(disable=True)
+        with diffusion_ext.use_backend(backend):
+            images.append(p(batch_size=2, generator=torch.Generator("cuda").manual_seed(0), num_inference_steps=10,
+                            output_type="pt", **kw).images)
+    assert images[1].std() > 0.05, "the images are flat: the comparison would be vacuous"
+    torch.testing.assert_close(images[0], images[1], rtol=0, atol=1e-4)
 
 
 @pytest.mark.gpu
