@@ -227,7 +227,7 @@ call2() {
   LIMIT=240 bench_md unet "UNet train and sampling step" benchmarks/bench_unet.py "$dev" "$mode" ${UNET_ARGS:-}
   LIMIT=150 bench_md sampling "DDPM sampling loop, CUDA graph" benchmarks/bench_sampling_loop.py "$dev" "$mode"
   local dargs=(--reps 3 --no-compile)
-  [ "$DRY" = 1 ] && dargs=(--quick --no-compile)
+  [ "$DRY" = 1 ] && dargs=(--quick --no-compile --precisions fp32)  # bf16 is emulated on CPUs without it
   [ -n "${DIFFUSERS_ARGS:-}" ] && eval "dargs=($DIFFUSERS_ARGS)"
   LIMIT=240 bench_md diffusers "diffusers UNet2DModel: patched vs unpatched" benchmarks/bench_diffusers.py "$dev" \
     "${dargs[@]}"
