@@ -117,7 +117,8 @@ def table(device, quick: bool = False, compile_models: bool = True, **overrides)
 
     reps = 1 if quick else s.get("reps") or 5
     lines = list(head)
-    for mode in [m for m in MODES if m in (s.get("modes") or MODES)]:
+    modes = [m for m in MODES if m in (s.get("modes") or MODES)]
+    for mode in modes:
         for precision in s["precisions"]:
             fns, rows = {}, {}
             for provider in PROVIDERS:
@@ -146,8 +147,8 @@ def table(device, quick: bool = False, compile_models: bool = True, **overrides)
     note = " — quick run: a smoke test, not a measurement" if quick else ""
     layout = "channels_last" if s.get("channels_last") else "contiguous"
     return (f"diffusers {diffusers.__version__} UNet2DModel (diffusers_backbone.REPORT_64), 64×64, {layout}, "
-            f"batch {s['batch']}, "
-            f"DDIM pipeline {s['steps']} steps, {device.type}, torch {torch.__version__}, "
+            f"batch {s['batch']}, " + (f"DDIM pipeline {s['steps']} steps, " if "DDIM pipeline" in modes else "") +
+            f"{device.type}, torch {torch.__version__}, "
             f"{torch.get_num_threads()} threads{note}\n\n" + "\n".join(lines))
 
 
