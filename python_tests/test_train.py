@@ -198,6 +198,26 @@ class FakeDepth(torch.utils.data.Dataset):
         return {"image": self.images[i], "depth": d, "depth_m": (d + 1) * 5, "valid": torch.ones_like(d, dtype=torch.bool)}
 
 
+def test_load_trained_samples_in_channels_last_on_a_cpu_as_in_nchw(tmp_path):
+    """load_trained's "auto" layout is channels_last on a CPU (faster there); the samples are those of the
+    contiguous model up to rounding, and a bad memory_format is a clear error."""
+    from diffusion_ext.train import load_trained
+
+    train(tiny(tmp_path, steps=3), log=lambda *x: None)
+    ckpt = str(tmp_path / "checkpoint.pt")
+    auto, nchw = load_trained(ckpt, fused=FUSED), load_trained(ckpt, fused=FUSED, memory_format="contiguous")
+    convs = [(m_a.weight, m_b.weight) for m_a, m_b in zip(auto.model.modules(), nchw.model.modules())
+             if isinstance(m_a, torch.nn.Conv2d)]
+    assert convs and all(a.is_contiguous(memory_format=torch.channels_last) and not a.is_contiguous()
+                         and b.is_contiguous() for a, b in convs if a.shape[-1] > 1)
+    xa = auto.diffusion.sample(auto.model, (3, 3, 8, 8), steps=4, seed=2)
+    xb = nchw.diffusion.sample(nchw.model, (3, 3, 8, 8), steps=4, seed=2)
+    assert xa.is_contiguous() and xb.std() > 0.05
+    torch.testing.assert_close(xa, xb, rtol=0, atol=1e-4)
+    with pytest.raises(ValueError, match="load_trained: memory_format 'nhwc' is unknown"):
+        load_trained(ckpt, memory_format="nhwc")
+
+
 def test_depth_task_trains_and_predicts(tmp_path, monkeypatch):
     from diffusion_ext import depth_tools, train as train_mod
     from diffusion_ext.train import load_trained
