@@ -20,6 +20,7 @@ from .cpu_features import native_bf16
 DEMO_STEPS = {16: 600, 32: 600}
 DEMO_BATCH = 32
 DEMO_SAMPLE_STEPS = 50
+SAMPLING_LAYOUT = "auto"  # the sampling step's layout: load_trained's default (train.sampling_memory_format)
 
 
 def demo_config(out: str, image_size: int, steps: int, seed: int, num_samples: int, fused: bool, quiet: bool,
@@ -74,12 +75,18 @@ def step_fns(model_config: dict, state_dict: dict, diffusion, device, batch: int
              precision: str = "fp32"):
     """(one training step, one DDIM sampling step) of the model built with `fused`, as callables over
     fixed inputs: forward + backward + Adam step; one model call + one DDIM update; under bf16 autocast
-    when precision is "bf16", as the demo trained."""
+    when precision is "bf16", as the demo trained. The sampling step runs a copy of the model in the
+    layout `sample` loads it in (SAMPLING_LAYOUT: channels_last on a CPU), from a contiguous x_t as the
+    sampler's; the training step the model as the trainer has it (NCHW)."""
     from .models import build_model
+    from .train import sampling_memory_format
 
     torch.manual_seed(0)
     model = build_model("unet", model_config, fused=fused).to(device)
     model.load_state_dict(state_dict)
+    sampling_model = build_model("unet", model_config, fused=fused).to(device)
+    sampling_model.load_state_dict(state_dict)
+    sampling_model = sampling_model.to(memory_format=sampling_memory_format(SAMPLING_LAYOUT, device)).eval()
     opt = torch.optim.Adam(model.parameters(), lr=1e-4)
     S, C = model_config["image_size"], model_config["in_channels"]
     x0 = torch.rand(batch, C, S, S, device=device) * 2 - 1
@@ -100,9 +107,8 @@ def step_fns(model_config: dict, state_dict: dict, diffusion, device, batch: int
 
     @torch.no_grad()
     def sample_step():
-        model.eval()
         with autocast():
-            diffusion.sample_step(model, x, 500, 480, sampler="ddim")
+            diffusion.sample_step(sampling_model, x, 500, 480, sampler="ddim")
 
     return train_step, sample_step
 
@@ -144,7 +150,7 @@ def main(args) -> int:
     from . import timing
     from .data.shapes import valid_fraction
     from .run_folder import prepare_new_run
-    from .train import build_diffusion, load_trained, train
+    from .train import build_diffusion, load_trained, sampling_memory_format, train
 
     try:
         moved = prepare_new_run(args.out, getattr(args, "overwrite", False), command="demo")
@@ -193,7 +199,9 @@ def main(args) -> int:
 
         train_step = step_fns(m.model.config, m.model.state_dict(), diffusion, device, DEMO_BATCH, True, precision)[0]
         rows = demo_speed.op_rows(device, DEMO_BATCH, S, 2 * cfg.base_channels)
-        print(demo_speed.markdown(rows, {"training step": t["train"], "sampling step": t["sample"]},
+        layout = "channels_last" if sampling_memory_format(SAMPLING_LAYOUT, device) == torch.channels_last else "NCHW"
+        print(demo_speed.markdown(rows, {"training step": t["train"], f"sampling step ({layout}, as `sample` loads "
+                                                                       f"the model)": t["sample"]},
                                   demo_speed.conv_share(train_step)))
     else:
         for name in t["train"].times:
