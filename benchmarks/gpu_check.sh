@@ -33,7 +33,8 @@
 # DIFFUSERS_ARGS="--reps 3" adds the torch.compile rows to the diffusers table (~2-3 min more).
 #
 # Environment: PYTHON (default python3: on the lease that python holds torch with CUDA, Triton and
-# pytest-xdist; nothing is installed or downloaded), TORCH_CUDA_ARCH_LIST (default: the device's own),
+# pytest-xdist; nothing is downloaded, and only the carried wheels of .whl/ are installed, into a private
+# folder), TORCH_CUDA_ARCH_LIST (default: the device's own),
 # WORKERS (pytest-xdist workers, default 12), SKIP (stages of call 2 to leave out: schedule gn attention
 # unet sampling diffusers), SKIP_SANITIZER=1, DIFFUSERS_ARGS (bench_diffusers.py's options after the device,
 # default "--reps 3 --no-compile").
