@@ -871,7 +871,7 @@ def load_trained(path: str, device="cpu", fused: bool = True, memory_format: str
     except RuntimeError as e:
         raise CheckpointError(f"checkpoint {path}: its weights do not fit its model config: "
                               f"{str(e).splitlines()[0]}") from None
-    model = model.to(device).to(memory_format=fmt).eval().requires_grad_(False)
+    model = model.to(device, memory_format=fmt).eval().requires_grad_(False)
     diffusion = latent = None
     if meta["task"] != "vae":
         diffusion = build_diffusion(meta["config"], device)
@@ -880,7 +880,7 @@ def load_trained(path: str, device="cpu", fused: bool = True, memory_format: str
 
         vae = build_model("vae", info["vae"]["config"], fused=fused)
         vae.load_state_dict(info["vae"]["state_dict"])
-        vae = vae.to(device).to(memory_format=fmt).eval().requires_grad_(False)
+        vae = vae.to(device, memory_format=fmt).eval().requires_grad_(False)
         latent = LatentDiffusion(vae, diffusion, meta["scale_factor"])
     return Trained(meta["task"], model, diffusion, latent, meta)
 
