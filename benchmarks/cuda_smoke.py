@@ -9,7 +9,8 @@ The cases reach each kernel family and its main branches: the schedule kernels w
 access (aligned, misaligned, per-sample sizes not a multiple of 4), noise given, made, and per-sample
 streams, guidance, the coefficient pre-pass; group norm channels-first and channels-last, one group and
 many, the split path of a large group, forward and backward; attention on the tensor-core path (fp16,
-bf16; head dims 32 to 256) and the SIMT path (fp32, fp64), Lq ≠ Lk and L = 1, forward and backward.
+bf16; head dims 32 to 256) and the SIMT path (fp32, fp64), Lq ≠ Lk and L = 1, forward and backward;
+dropout aligned, misaligned and channels_last, forward and backward.
 Exit status 1 when a result is off (a loose check: this is about memory errors, the tests check accuracy).
 """
 from __future__ import annotations
@@ -116,12 +117,30 @@ def attention_cases(device):
             check(f"{name} {what}", a, r, 4 * TOL[dtype])
 
 
+def dropout_cases(device):
+    g = torch.Generator().manual_seed(3)
+    for dtype, shape, layout in ((torch.float32, (4, 8, 9, 9), "contiguous"), (torch.bfloat16, (2, 8, 5, 5), "channels_last"),
+                                 (torch.float16, (3, 7), "misaligned"), (torch.float64, (5, 3, 2), "contiguous")):
+        x = torch.randn(shape, generator=g, dtype=torch.float64)
+        if layout == "misaligned":
+            x = torch.cat([torch.zeros(1, dtype=torch.float64), x.flatten()])[1:].view(shape)
+        x = x.to(device, dtype)
+        if layout == "channels_last":
+            x = x.contiguous(memory_format=torch.channels_last)
+        leaf = x.detach().requires_grad_()
+        y = ops.dropout(leaf, 0.3, 17, 2)
+        (gx,) = torch.autograd.grad(y, leaf, torch.ones_like(y))
+        name = f"dropout {str(dtype)[6:]} {'x'.join(map(str, shape))} {layout}"
+        check(name, y, reference.dropout(x.double(), 0.3, 17, 2), TOL[dtype])
+        check(f"{name} backward", gx, reference.dropout(torch.ones_like(x, dtype=torch.float64), 0.3, 17, 2), TOL[dtype])
+
+
 def main(argv) -> int:
     device = torch.device(argv[1] if len(argv) > 1 else "cuda")
     backend = "cuda" if device.type == "cuda" else "cpu"
     t0 = time.time()
     with dx.use_backend(backend):
-        for cases in (schedule_cases, group_norm_cases, attention_cases):
+        for cases in (schedule_cases, group_norm_cases, attention_cases, dropout_cases):
             cases(device)
     if device.type == "cuda":
         torch.cuda.synchronize()

@@ -1,4 +1,4 @@
-// Autograd of group_norm_act and attention, in C++: the forward op keeps what its backward op needs (x,
+// Autograd of group_norm_act, attention and dropout, in C++: the forward op keeps what its backward op needs (x,
 // mean, rstd and FiLM's scale/shift; q, k, v, out and the row logsumexp), and the backward op recomputes the
 // rest. In C++ rather than Python's torch.library.register_autograd because that wrapper cost ~60 µs per
 // forward and ~200 µs per backward on the CPU here (an autograd.Function applied from the dispatcher, the
@@ -163,11 +163,50 @@ std::tuple<at::Tensor, at::Tensor> attention_autograd(const at::Tensor& q, const
   return {out[0], out[1]};
 }
 
+at::Tensor call_dropout(const at::Tensor& x, double p, int64_t seed, int64_t offset) {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("diffusion_ext::dropout", "")
+                             .typed<at::Tensor(const at::Tensor&, double, int64_t, int64_t)>();
+  return op.call(x, p, seed, offset);
+}
+
+// dropout is linear in x with a mask regenerated from (seed, offset): its backward is the same op on the
+// gradient, arranged in the output's layout first because the mask follows memory order
+// (csrc/dropout_args.h). Called through the dispatcher, so it is differentiable in turn.
+class DropoutFunction : public torch::autograd::Function<DropoutFunction> {
+ public:
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& x, double p, int64_t seed, int64_t offset) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    at::Tensor y = call_dropout(x, p, seed, offset);
+    ctx->saved_data["p"] = p;
+    ctx->saved_data["seed"] = seed;
+    ctx->saved_data["offset"] = offset;
+    ctx->saved_data["strides"] = y.strides().vec();
+    return {y};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    at::Tensor g = grads[0];
+    const auto strides = ctx->saved_data["strides"].toIntVector();
+    if (g.strides() != c10::IntArrayRef(strides)) {
+      g = at::empty_strided(g.sizes(), strides, g.options()).copy_(g);
+    }
+    return {call_dropout(g, ctx->saved_data["p"].toDouble(), ctx->saved_data["seed"].toInt(),
+                         ctx->saved_data["offset"].toInt()),
+            at::Tensor(), at::Tensor(), at::Tensor()};
+  }
+};
+
+at::Tensor dropout_autograd(const at::Tensor& x, double p, int64_t seed, int64_t offset) {
+  return DropoutFunction::apply(x, p, seed, offset)[0];
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(diffusion_ext, Autograd, m) {
   m.impl("group_norm_act", &group_norm_act_autograd);
   m.impl("attention", &attention_autograd);
+  m.impl("dropout", &dropout_autograd);
 }
 
 }  // namespace diffusion_ext

@@ -52,12 +52,17 @@ namespace diffusion_ext {
       const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,                     \
       const at::Tensor& out, const at::Tensor& lse, double scale);
 
+#define DX_DROPOUT_OP_DECLS(dev) \
+  at::Tensor dropout_##dev(const at::Tensor& x, double p, int64_t seed, int64_t offset);
+
 DX_SCHEDULE_OP_DECLS(cpu)
 DX_SCHEDULE_OP_DECLS(cuda)
 DX_GROUP_NORM_OP_DECLS(cpu)
 DX_GROUP_NORM_OP_DECLS(cuda)
 DX_ATTENTION_OP_DECLS(cpu)
 DX_ATTENTION_OP_DECLS(cuda)
+DX_DROPOUT_OP_DECLS(cpu)
+DX_DROPOUT_OP_DECLS(cuda)
 
 #undef DX_SCHEDULE_OP_DECLS
 #undef DX_GROUP_NORM_OP_DECLS

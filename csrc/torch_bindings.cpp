@@ -15,6 +15,7 @@
 #include <string>
 
 #include "attention_args.h"
+#include "dropout_args.h"
 #include "group_norm_args.h"
 #include "schedule_args.h"
 
@@ -60,6 +61,9 @@ TORCH_LIBRARY(diffusion_ext, m) {
   m.def(
       "attention_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, float scale)"
       " -> (Tensor, Tensor, Tensor)");
+  // x·keep/(1 − p) with keep made from (seed, offset) (csrc/dropout_args.h, common/dropout_mask.h); its
+  // backward is the same op on the gradient, so the mask is never stored.
+  m.def("dropout(Tensor x, float p, int seed, int offset) -> Tensor");
 }
 
 #ifndef DIFFUSION_EXT_NO_PYTHON
@@ -153,6 +157,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
            const at::Tensor& out, const at::Tensor& lse, double scale) {
           diffusion_ext::prepare_attention_backward(grad_out, q, k, v, out, lse, scale, false);
         });
+  // dropout's checks, and the integer threshold of its mask (common/dropout_mask.h), for the Triton launcher
+  m.def("check_dropout", [](const at::Tensor& x, double p, int64_t seed, int64_t offset) {
+    return static_cast<int64_t>(diffusion_ext::prepare_dropout(x, p, seed, offset, false).threshold);
+  });
 }
 
 #endif  // DIFFUSION_EXT_NO_PYTHON

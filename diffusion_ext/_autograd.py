@@ -1,4 +1,4 @@
-"""Autograd of the Triton group_norm_act and attention ops (diffusion_ext_triton::*), registered by their
+"""Autograd of the Triton group_norm_act, attention and dropout ops (diffusion_ext_triton::*), registered by their
 modules in diffusion_ext/triton/ when the ops are defined — so never while torch.compile traces a first call.
 
 The C++ ops have the same formulas in C++ (csrc/autograd.cpp): there, torch.library.register_autograd's
@@ -57,3 +57,21 @@ def register_attention_autograd(forward_op, backward_op):
         return dq, dk, dv, None
 
     torch.library.register_autograd(forward_op, backward, setup_context=setup_context)
+
+
+# ----------------------------------------------------------------------------------------------------
+# autograd of dropout: linear in x with a mask regenerated from (seed, offset), so the backward is the
+# same op on the gradient, arranged in the output's layout (the mask follows memory order).
+# ----------------------------------------------------------------------------------------------------
+def register_dropout_autograd(op):
+    def setup_context(ctx, inputs, output):
+        _, ctx.p, ctx.seed, ctx.offset = inputs
+        ctx.strides = output.stride()
+
+    def backward(ctx, grad_y):
+        if grad_y.stride() != ctx.strides:
+            grad_y = torch.empty_strided(grad_y.shape, ctx.strides, dtype=grad_y.dtype,
+                                         device=grad_y.device).copy_(grad_y)
+        return op(grad_y, ctx.p, ctx.seed, ctx.offset), None, None, None
+
+    torch.library.register_autograd(op, backward, setup_context=setup_context)

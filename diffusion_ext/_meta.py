@@ -10,8 +10,9 @@ from __future__ import annotations
 import torch
 
 
-def _dense_non_overlapping(x: torch.Tensor) -> bool:
-    # Sizes sorted by stride must tile memory exactly (size-1 dims may have any stride).
+def dense_non_overlapping(x: torch.Tensor) -> bool:
+    """torch's is_non_overlapping_and_dense: sizes sorted by stride tile memory exactly (size-1 dims may
+    have any stride)."""
     dims = sorted((d for d in range(x.dim()) if x.size(d) != 1), key=lambda d: x.stride(d))
     expected = 1
     for d in dims:
@@ -24,7 +25,7 @@ def _dense_non_overlapping(x: torch.Tensor) -> bool:
 def share_flat_batch_layout(*tensors: torch.Tensor | None) -> bool:
     ts = [t for t in tensors if t is not None]
     first = ts[0]
-    if not _dense_non_overlapping(first):
+    if not dense_non_overlapping(first):
         return False
     if first.numel() > 0 and first.size(0) > 1 and first.stride(0) != first.numel() // first.size(0):
         return False
@@ -37,12 +38,19 @@ def flat_batch_empty_like(x: torch.Tensor, *others: torch.Tensor | None) -> torc
     return torch.empty(x.shape, dtype=x.dtype, device=x.device)
 
 
+def dense_empty_like(x: torch.Tensor) -> torch.Tensor:
+    """dropout's output (csrc/dropout_args.h): x's layout when x is dense, else contiguous."""
+    if dense_non_overlapping(x):
+        return torch.empty_like(x)
+    return torch.empty(x.shape, dtype=x.dtype, device=x.device)
+
+
 def group_norm_channels_last(x: torch.Tensor) -> bool:
     """group_norm_act reads x without a copy when contiguous or when C is innermost with the batch
     outermost (NHWC, NDHWC, (N, C, L) from (N, L, C)); csrc/group_norm_args.cpp states the same rule."""
     if x.dim() < 3 or x.size(1) == 1 or x.is_contiguous() or x.stride(1) != 1:
         return False
-    return _dense_non_overlapping(x.movedim(1, -1)) and (x.size(0) == 1 or x.stride(0) == x.numel() // x.size(0))
+    return dense_non_overlapping(x.movedim(1, -1)) and (x.size(0) == 1 or x.stride(0) == x.numel() // x.size(0))
 
 
 def group_norm_empty_like(x: torch.Tensor) -> torch.Tensor:

@@ -55,7 +55,9 @@ OPS: dict[str, tuple[str, int]] = {
                       "(reads ε_cond, ε_uncond, x_t; writes x_{t-1})", 4),
     "ddim_step": ("DDIM step, η = 0 (reads ε_θ, x_t; writes x_{t_prev})", 3),
     "dpmpp_2m_step": ("DPM-Solver++(2M) second-order step (reads ε_θ, x_t, the last x̂0; writes x_{t_prev}, x̂0)", 5),
+    "dropout": ("dropout, p = 0.1, mask made in the kernel (reads x; writes y); eager: F.dropout", 2),
 }
+DROPOUT_P = 0.1
 
 CPU_SHAPES: tuple[tuple[int, ...], ...] = ((64, 3, 64, 64), (64, 4, 8, 8), (256, 3, 64, 64))
 GPU_SHAPES: tuple[tuple[int, ...], ...] = CPU_SHAPES + ((256, 4, 128, 128),)  # the last: 16.8M elements
@@ -151,6 +153,8 @@ def make_inputs(op: str, shape: Sequence[int], dtype: torch.dtype, device, seed:
         t = t.clamp(max=NUM_TIMESTEPS - 1 - DDIM_STRIDE)
         inp.update(t=t, model_output=randn(), x_t=randn(), x0_last=randn(), t_prev=(t - DDIM_STRIDE).clamp(min=-1),
                    t_last=t + DDIM_STRIDE)
+    elif op == "dropout":
+        inp.update(x=randn())
     return inp
 
 
@@ -189,6 +193,11 @@ def eager_fn(op: str, inp: dict) -> Callable[[], object]:
 
         def fn():
             return reference.dpmpp_2m_step(m, t, t_prev, x, table, x0, t_last)
+    elif op == "dropout":  # what a training model runs: torch's Bernoulli mask from its generator
+        x = inp["x"]
+
+        def fn():
+            return torch.nn.functional.dropout(x, DROPOUT_P, training=True)
     else:
         raise ValueError(f"diffusion_ext.bench: op {op!r} is unknown; expected one of {', '.join(OPS)}")
     return fn
@@ -227,6 +236,11 @@ def fused_fn(op: str, backend: str, inp: dict) -> Callable[[], object]:
 
         def call():
             return ops.dpmpp_2m_step(m, t, t_prev, x, table, x0, t_last)
+    elif op == "dropout":
+        x = inp["x"]
+
+        def call():
+            return ops.dropout(x, DROPOUT_P, SEED)
     else:
         raise ValueError(f"diffusion_ext.bench: op {op!r} is unknown; expected one of {', '.join(OPS)}")
 

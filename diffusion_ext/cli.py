@@ -43,7 +43,8 @@ def _add_bench(sub) -> None:
     p = sub.add_parser(
         "bench",
         help="time the schedule ops against eager PyTorch",
-        description="Times q_sample, q_sample_with_noise, ddpm_step (with and without guidance) and ddim_step "
+        description="Times q_sample, q_sample_with_noise, ddpm_step (with and without guidance), ddim_step, "
+                    "dpmpp_2m_step and dropout "
                     "for every provider (eager, compile, and each diffusion_ext backend for the device) and "
                     "prints time, effective GB/s and the ratio to eager measured in the same run.",
     )
@@ -52,7 +53,8 @@ def _add_bench(sub) -> None:
     p.add_argument("--quick", action="store_true", help="few repetitions: a smoke test, not a measurement")
     p.add_argument("--markdown", metavar="OUT.md", help="also write the table, with the environment, to this file")
     p.add_argument("--ops", type=_csv, default=None, metavar="OP[,OP...]",
-                   help="only these ops (q_sample, q_sample_with_noise, ddpm_step, ddpm_step_cfg, ddim_step)")
+                   help="only these ops (q_sample, q_sample_with_noise, ddpm_step, ddpm_step_cfg, ddim_step, "
+                        "dpmpp_2m_step, dropout)")
     p.add_argument("--providers", type=_csv, default=None, metavar="P[,P...]",
                    help="only these providers (eager is always measured: the ratios need it)")
     p.add_argument("--dtypes", type=_csv, default=None, metavar="DTYPE[,DTYPE...]",

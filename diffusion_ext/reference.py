@@ -11,7 +11,7 @@ import math
 
 import torch
 
-from ._meta import share_flat_batch_layout
+from ._meta import dense_non_overlapping, share_flat_batch_layout
 
 _M0, _M1 = 0xD2511F53, 0xCD9E8D57
 _W0, _W1 = 0x9E3779B9, 0xBB67AE85
@@ -57,6 +57,24 @@ def noise_like(x: torch.Tensor, seed: int, offset: int = 0, *others: torch.Tenso
     if share_flat_batch_layout(x, *others):
         return torch.as_strided(z, x.shape, x.stride()) if x.numel() else torch.empty_like(x)
     return z.reshape(x.shape)
+
+
+def dropout_keep(x: torch.Tensor, p: float, seed: int, offset: int = 0) -> torch.Tensor:
+    """The keep mask of dropout (csrc/common/dropout_mask.h) for a tensor x, in x's layout: element e of x's
+    memory (of its contiguous copy when x is not dense) keeps iff the top 23 bits of Philox word e % 4 of
+    block e // 4 are at least round(p·2^23)."""
+    numel = x.numel()
+    groups = torch.arange((numel + 3) // 4, dtype=torch.int64, device=x.device)
+    words = torch.stack(philox4x32_10(groups, offset, seed), dim=1).reshape(-1)[:numel]
+    keep = (words >> 9) >= math.floor(math.ldexp(p, 23) + 0.5)
+    if numel and dense_non_overlapping(x):
+        return torch.as_strided(keep, x.shape, x.stride())
+    return keep.reshape(x.shape)
+
+
+def dropout(x, p, seed, offset=0):
+    """Inverted dropout (Srivastava et al. 2014) with the kernels' mask: x·keep/(1 − p)."""
+    return x * dropout_keep(x, p, seed, offset) / (1 - p)
 
 
 def _acc_dtype(x: torch.Tensor) -> torch.dtype:

@@ -35,6 +35,7 @@ from network_check import (assert_autocast_matches_eager, assert_fused_matches_e
 from tolerances import assert_matches_oracle  # noqa: E402
 
 from diffusion_ext.integrations import diffusers as dxd  # noqa: E402
+from diffusion_ext.nn.dropout import new_seed  # noqa: E402
 from diffusion_ext.integrations import diffusers_attention, diffusers_resnet, diffusers_schedulers, fused_norm  # noqa: E402
 
 ZERO_GRADS = ("to_k.bias",)  # softmax is blind to a key bias (network_check.rel_errs)
@@ -267,6 +268,38 @@ def test_unpatch_restores_diffusers_forward_exactly():
     with torch.no_grad():
         assert torch.equal(fn(model, x.float()), fn(twin, x.float()))  # bit for bit: diffusers' own code
     assert dxd.unpatch(model) == 0
+
+
+def test_resnet_dropout_makes_its_mask_in_the_kernel():
+    """A ResnetBlock2D with dropout > 0: patch binds its nn.Dropout to ops.dropout (a key drawn from torch's
+    generator per call), the report counts it, dropout=False leaves torch's, unpatch restores it; the model
+    keeps its state_dict and eval mode is dropout-free either way."""
+    cfg = dict(UNET_A, dropout=0.25)
+    model = randomize(UNet2DModel(**cfg), 0)
+    keys = list(model.state_dict())
+    report = dxd.patch(model)
+    resnets, _ = _unet2d_counts(cfg)
+    assert report.counts()[diffusers_resnet.DROPOUT_KIND] == resnets
+    assert list(model.state_dict()) == keys
+    block = next(m for m in model.modules() if type(m) is ResnetBlock2D)
+    assert type(block.dropout) is torch.nn.Dropout and "forward" in vars(block.dropout)
+    h = torch.randn(2, 8, 4, 4)
+    with torch.random.fork_rng():
+        torch.manual_seed(8)
+        out = block.dropout.train()(h)
+        torch.manual_seed(8)
+        seed = new_seed()
+    torch.testing.assert_close(out, diffusion_ext.reference.dropout(h, 0.25, seed))
+    assert block.dropout.eval()(h) is h
+    # the whole model trains through it: a finite loss and gradients
+    model.train()
+    x = torch.randn(2, 3, 8, 8)
+    model(x, torch.tensor([3, 900])).sample.square().mean().backward()
+    assert all(p.grad is None or torch.isfinite(p.grad).all() for p in model.parameters())
+    assert dxd.unpatch(model) > 0 and all("forward" not in vars(m) for m in model.modules())
+    off = dxd.patch(UNet2DModel(**cfg), dropout=False).counts()
+    assert diffusers_resnet.DROPOUT_KIND not in off and off[diffusers_resnet.RESNET_KIND] == resnets
+    assert diffusers_resnet.DROPOUT_KIND not in dxd.patch(UNet2DModel(**UNET_A)).counts()  # p = 0: nothing to do
 
 
 def test_patching_twice_is_patching_once():

@@ -21,7 +21,7 @@ pytest.importorskip("triton")
 pytestmark = pytest.mark.slow
 # target -> the compile_check runs that cover it: Hopper's full set in two halves that share no kernel (so
 # that the three runs keep two cores busy for about the same time), Ampere's reduced set in one
-TARGETS = {"h200": [["--ops", "attention"], ["--ops", "q_sample", "group_norm_act"]], "a100": [["--reduced"]]}
+TARGETS = {"h200": [["--ops", "attention"], ["--ops", "q_sample", "group_norm_act", "dropout"]], "a100": [["--reduced"]]}
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@
 #include <algorithm>
 #include <cstdint>
 
-#include "../common/philox.h"
+#include "philox_avx2.h"
 
 namespace diffusion_ext {
 
@@ -30,14 +30,6 @@ inline void fill_normals_scalar(uint64_t seed, uint64_t offset, int64_t first, i
 }
 
 #ifdef DIFFUSION_EXT_AVX2
-// hi32(a·m) for 8 uint32 lanes: _mm256_mul_epu32 multiplies the even lanes to 64 bits; the odd lanes
-// are shifted down into even position for a second multiply.
-inline __m256i mulhi_epu32(__m256i a, __m256i m) {
-  const __m256i even = _mm256_srli_epi64(_mm256_mul_epu32(a, m), 32);
-  const __m256i odd = _mm256_mul_epu32(_mm256_srli_epi64(a, 32), m);
-  return _mm256_blend_epi32(even, odd, 0xAA);  // odd lanes: the high words of the odd products
-}
-
 // ln(u) for 8 positive normal floats: Cephes' logf (Moshier), as in sse_mathfun: u = m·2^e with
 // m in [√½, √2), ln u = e·ln2 + ln m, ln(1 + x) by a degree-9 polynomial. About 1 ulp, branch-free and
 // inlined, several times cheaper than a library call.
@@ -91,42 +83,13 @@ inline void sincos_ps(__m256 x, __m256* s, __m256* c) {
 }
 
 // The 32·kBatches normals of Philox blocks group0 .. group0 + 8·kBatches − 1, in element order:
-// philox4x32_10 of common/philox.h on 8 blocks per AVX2 register, then Box-Muller with log_ps and
-// sincos_ps. Each round is a chain of dependent multiplies, so several independent registers go through
-// the rounds together to keep the multipliers busy; the result of a block does not depend on kBatches.
+// philox_avx2, then Box-Muller with log_ps and sincos_ps; a block's result does not depend on kBatches.
 template <int kBatches>
 inline void normals_avx2(uint64_t group0, uint64_t offset, uint64_t seed, float* out) {
   using Vec = at::vec::Vectorized<float>;
   static_assert(Vec::size() == 8, "one Vectorized<float> per Philox output word");
-  __m256i c0[kBatches], c1[kBatches], c2[kBatches], c3[kBatches];
-  for (int q = 0; q < kBatches; ++q) {
-    alignas(32) uint32_t lo[8], hi[8];
-    for (int l = 0; l < 8; ++l) {  // block group0 + 8q + l, a 64-bit counter split in two words
-      const uint64_t g = group0 + 8 * q + l;
-      lo[l] = static_cast<uint32_t>(g);
-      hi[l] = static_cast<uint32_t>(g >> 32);
-    }
-    c0[q] = _mm256_load_si256(reinterpret_cast<const __m256i*>(lo));
-    c1[q] = _mm256_load_si256(reinterpret_cast<const __m256i*>(hi));
-    c2[q] = _mm256_set1_epi32(static_cast<int>(static_cast<uint32_t>(offset)));
-    c3[q] = _mm256_set1_epi32(static_cast<int>(static_cast<uint32_t>(offset >> 32)));
-  }
-  uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
-  const __m256i m0 = _mm256_set1_epi32(static_cast<int>(kPhiloxM0));
-  const __m256i m1 = _mm256_set1_epi32(static_cast<int>(kPhiloxM1));
-  for (int r = 0; r < kPhiloxRounds; ++r) {
-    const __m256i key0 = _mm256_set1_epi32(static_cast<int>(k0)), key1 = _mm256_set1_epi32(static_cast<int>(k1));
-    for (int q = 0; q < kBatches; ++q) {
-      const __m256i n0 = _mm256_xor_si256(_mm256_xor_si256(mulhi_epu32(c2[q], m1), c1[q]), key0);
-      const __m256i n2 = _mm256_xor_si256(_mm256_xor_si256(mulhi_epu32(c0[q], m0), c3[q]), key1);
-      c1[q] = _mm256_mullo_epi32(c2[q], m1);
-      c3[q] = _mm256_mullo_epi32(c0[q], m0);
-      c0[q] = n0;
-      c2[q] = n2;
-    }
-    k0 += kPhiloxW0;
-    k1 += kPhiloxW1;
-  }
+  __m256i c[4][kBatches];
+  philox_avx2<kBatches>(group0, offset, seed, c);
   // uniform_open01: ((x >> 9) + 0.5) · 2^-23, exact; x >> 9 < 2^23 converts exactly as a signed int
   const __m256 half = _mm256_set1_ps(0.5f), ulp = _mm256_set1_ps(1.1920928955078125e-07f);
   auto uniform = [&](__m256i x) {
@@ -135,7 +98,7 @@ inline void normals_avx2(uint64_t group0, uint64_t offset, uint64_t seed, float*
   const Vec two_pi(6.283185307179586476925286766559f), minus_two(-2.f), zero(0.f);
   for (int q = 0; q < kBatches; ++q) {
     float z[4][8];
-    const __m256i words[4] = {c0[q], c1[q], c2[q], c3[q]};
+    const __m256i words[4] = {c[0][q], c[1][q], c[2][q], c[3][q]};
     for (int pair = 0; pair < 2; ++pair) {
       const Vec r2 = minus_two * Vec(log_ps(uniform(words[2 * pair])));
       const Vec radius = at::vec::maximum(r2, zero).sqrt();
@@ -157,27 +120,15 @@ template <typename acc_t>
 inline void fill_normals(uint64_t seed, uint64_t offset, int64_t first, int64_t count, acc_t* out) {
 #ifdef DIFFUSION_EXT_AVX2
   if constexpr (std::is_same_v<acc_t, float>) {
-    // Every element comes from normals_avx2, also in a partial block at either end, so the noise does
-    // not depend on where a thread's range starts (log_ps/sincos_ps and libm may differ in the last bit).
-    int64_t k = 0;
-    while (k < count) {
-      const int64_t e = first + k;
-      if ((e & 127) == 0 && count - k >= 128) {
-        normals_avx2<4>(static_cast<uint64_t>(e >> 2), offset, seed, out + k);
-        k += 128;
-        continue;
-      }
-      const int64_t block_start = e & ~int64_t{31};
-      const int64_t take = std::min<int64_t>(count - k, block_start + 32 - e);
-      if (take == 32) {
-        normals_avx2<1>(static_cast<uint64_t>(e >> 2), offset, seed, out + k);
+    // normals_avx2 everywhere, also in a partial block at either end, so the noise does not depend on
+    // where a thread's range starts (log_ps/sincos_ps and libm may differ in the last bit).
+    fill_in_blocks(first, count, out, [&](uint64_t group0, int batches, float* dst) {
+      if (batches == 4) {
+        normals_avx2<4>(group0, offset, seed, dst);
       } else {
-        float z[32];
-        normals_avx2<1>(static_cast<uint64_t>(block_start >> 2), offset, seed, z);
-        std::copy(z + (e - block_start), z + (e - block_start) + take, out + k);
+        normals_avx2<1>(group0, offset, seed, dst);
       }
-      k += take;
-    }
+    });
     return;
   }
 #endif

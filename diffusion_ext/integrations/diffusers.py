@@ -11,7 +11,7 @@ What is fused (each module keeps its class, parameters, buffers, submodules and 
 forwards are bound per instance, as Liger-Kernel's monkey patches do):
 - ResnetBlock2D (every UNet block, mid-block and VAE encoder/decoder block): norm1→act and norm2→act as
   group_norm_act (diffusers_resnet.py); conv_norm_out + conv_act of UNet2DModel, UNet2DConditionModel and
-  the VAE's Encoder/Decoder likewise;
+  the VAE's Encoder/Decoder likewise; its dropout (p > 0) with the mask made in the kernel (ops.dropout);
 - Attention: a processor running the layer's group norm and diffusion_ext's flash attention, self- and
   cross-attention (diffusers_attention.py);
 - DDPMScheduler / DDIMScheduler: add_noise and step on the fused schedule ops (diffusers_schedulers.py).
@@ -33,7 +33,8 @@ from diffusers.models.resnet import ResnetBlock2D, ResnetBlockCondNorm2D
 
 from .diffusers_attention import FusedAttnProcessor, patch_attention, unpatch_attention
 from .diffusers_report import PatchReport
-from .diffusers_resnet import patch_norm_out, patch_resnet, unpatch_norm_out, unpatch_resnet
+from .diffusers_resnet import (patch_dropout, patch_norm_out, patch_resnet, unpatch_dropout, unpatch_norm_out,
+                               unpatch_resnet)
 from .diffusers_schedulers import patch_scheduler, unpatch_scheduler
 
 TESTED_VERSIONS = ("0.42",)
@@ -71,13 +72,16 @@ def _enclosing_block(names: dict[str, torch.nn.Module], path: str) -> str:
     return type(names[""]).__name__ if path else ""
 
 
-def _patch_module(model: torch.nn.Module, report: PatchReport, group_norm: bool, attention: bool) -> None:
+def _patch_module(model: torch.nn.Module, report: PatchReport, group_norm: bool, attention: bool,
+                  dropout: bool) -> None:
     names = dict(model.named_modules())
     for path, m in names.items():
         where = _enclosing_block(names, path) if path else ""
         if type(m) is ResnetBlock2D:
             if group_norm:
                 patch_resnet(m, path, where, report)
+            if dropout:
+                patch_dropout(m, path, where, report)
         elif isinstance(m, ResnetBlockCondNorm2D) and group_norm:
             norm = type(m.norm1).__name__
             report.add_kept(path, "ResnetBlockCondNorm2D", f"{norm} (ada/spatial group norm) has no fused kernel",
@@ -93,13 +97,16 @@ def _patch_module(model: torch.nn.Module, report: PatchReport, group_norm: bool,
         report.note("Attention calls with an attention_mask (the fused kernel has no mask)")
 
 
-def patch(obj, group_norm: bool = True, attention: bool = True, scheduler: bool = True) -> PatchReport:
-    """Runs obj's ResnetBlock2D norms, Attention layers and DDPM/DDIM scheduler steps on diffusion_ext's
-    fused kernels (see the module docstring); returns the report. Patching twice changes nothing more.
+def patch(obj, group_norm: bool = True, attention: bool = True, scheduler: bool = True,
+          dropout: bool = True) -> PatchReport:
+    """Runs obj's ResnetBlock2D norms and dropout, Attention layers and DDPM/DDIM scheduler steps on
+    diffusion_ext's fused kernels (see the module docstring); returns the report. Patching twice changes
+    nothing more.
 
-    group_norm, attention, scheduler: False leaves that part to diffusers."""
+    group_norm, attention, scheduler, dropout: False leaves that part to diffusers (dropout=False keeps
+    torch's generator drawing the dropout masks, e.g. to reproduce an unpatched training run's masks)."""
     flags = {n: _check_flag(n, v) for n, v in (("group_norm", group_norm), ("attention", attention),
-                                                 ("scheduler", scheduler))}
+                                                 ("scheduler", scheduler), ("dropout", dropout))}
     report = PatchReport(type(obj).__name__, _diffusers.__version__)
     for name, comp in _components(obj):
         part = PatchReport(type(comp).__name__, report.diffusers_version)
@@ -107,7 +114,7 @@ def patch(obj, group_norm: bool = True, attention: bool = True, scheduler: bool 
             if flags["scheduler"]:
                 patch_scheduler(comp, part)
         else:
-            _patch_module(comp, part, flags["group_norm"], flags["attention"])
+            _patch_module(comp, part, flags["group_norm"], flags["attention"], flags["dropout"])
         if name:
             report.merge(part, name)
         else:
@@ -124,7 +131,7 @@ def unpatch(obj) -> int:
             continue
         for m in comp.modules():
             if type(m) is ResnetBlock2D:
-                restored += unpatch_resnet(m)
+                restored += unpatch_resnet(m) + unpatch_dropout(m)
             elif isinstance(m, Attention):
                 restored += unpatch_attention(m)
             if type(m).__name__ in _NORM_OUT_PARENTS:

@@ -7,19 +7,23 @@ App. B; the block of every UNet2DModel, UNet2DConditionModel and AutoencoderKL e
 
 and for "scale_shift" (Dhariwal & Nichol 2021, "AdaGN"): act(GN2(h)·(1 + scale) + shift) with
 (scale, shift) = chunk(Linear(act(temb)), 2). Both GN→act pairs become one group_norm_act call each (the
-scale_shift pair through the op's FiLM scale and shift). Everything else (convolutions, up/down-sampling, FIR kernels included, dropout, the
-skip) is the block's own modules, called as diffusers calls them.
+scale_shift pair through the op's FiLM scale and shift). The block's nn.Dropout gets a forward on
+ops.dropout (its mask made in the kernel: nn/dropout.py), patched on its own (`patch(..., dropout=False)`
+leaves it to torch). Everything else (convolutions, up/down-sampling, FIR kernels included, the skip) is
+the block's own modules, called as diffusers calls them.
 """
 from __future__ import annotations
 
 import torch
 
 from .binding import bind, patch_function, taken_by_someone_else, unbind
+from ..nn.dropout import dropout as fused_dropout
 from .fused_norm import fused_activation, group_norm_act, runs_fused
 
 RESNET_KIND = "ResnetBlock2D: norm1→act, norm2→act as group_norm_act"
 FILM_KIND = "ResnetBlock2D scale_shift: act(GN(h)·(1 + scale) + shift) as group_norm_act"
 NORM_OUT_KIND = "conv_norm_out + conv_act as group_norm_act"
+DROPOUT_KIND = "ResnetBlock2D dropout: the mask made in the kernel (ops.dropout)"
 
 
 @patch_function
@@ -90,6 +94,35 @@ def patch_resnet(block, path: str, where: str, report) -> None:
 
 def unpatch_resnet(block) -> bool:
     return unbind(block, "forward")
+
+
+# ----------------------------------------------------------------------------------------------------
+# the ResnetBlock2D's dropout: torch's CPU generator draws the Bernoulli mask at ~7 ms per million elements
+# here, ~5% of a training step at dropout 0.1; ops.dropout makes it in the kernel (nn/dropout.py).
+# ----------------------------------------------------------------------------------------------------
+@patch_function
+def dropout_forward(self, x: torch.Tensor) -> torch.Tensor:
+    """nn.Dropout.forward with the mask made in the kernel (torch's dropout while compiling, and for tensors
+    the kernels do not take)."""
+    return fused_dropout(x, self.p, self.training)
+
+
+def patch_dropout(block, path: str, where: str, report) -> None:
+    """Binds dropout_forward on a ResnetBlock2D's nn.Dropout when it drops anything (p > 0)."""
+    drop = getattr(block, "dropout", None)
+    if type(drop) is not torch.nn.Dropout or drop.p == 0:
+        return
+    if taken_by_someone_else(drop, "forward"):
+        report.add_kept(f"{path}.dropout", "ResnetBlock2D dropout", "its forward was already replaced by another "
+                                                                    "library", where)
+        return
+    bind(drop, "forward", dropout_forward)
+    report.add_fused(f"{path}.dropout", DROPOUT_KIND, where)
+
+
+def unpatch_dropout(block) -> bool:
+    drop = getattr(block, "dropout", None)
+    return drop is not None and unbind(drop, "forward")
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..nn import GroupNormAct, SpatialSelfAttention
+from ..nn import Dropout, GroupNormAct, SpatialSelfAttention
 from ._config import one_of
 
 # How a ResBlock takes the time embedding: "default" adds it before the second norm (Ho et al. 2020);
@@ -36,7 +36,7 @@ class ResBlock(torch.nn.Module):
         scale_shift = time_embedding_norm == "scale_shift"
         self.emb_proj = torch.nn.Linear(emb_dim, 2 * out_channels if scale_shift else out_channels)
         self.norm2 = GroupNormAct(num_groups, out_channels, activation="silu", fused=fused)
-        self.dropout = torch.nn.Dropout(dropout)
+        self.dropout = (Dropout if fused else torch.nn.Dropout)(dropout)  # fused: the mask made in the kernel
         self.conv2 = torch.nn.Conv2d(out_channels, out_channels, 3, padding=1)
         torch.nn.init.zeros_(self.conv2.weight)
         torch.nn.init.zeros_(self.conv2.bias)

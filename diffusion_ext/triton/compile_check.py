@@ -23,6 +23,8 @@ What "every specialisation" means here, per op (the cases below say which call r
   group_norm_act: dtype × layout (channels-first, channels-last with G = 1 and G > 1) × activation × affine
     or not × FiLM scale/shift or not, at the project's model shapes (UNet and VAE levels, 1×1 and odd
     spatial sizes, latents) so that every tile geometry and the split/combine paths occur, forward and backward.
+  dropout: dtype × aligned or misaligned pointers × seed/offset words and thresholds (p = 0, 0.1, 0.5)
+    that must all reuse one compiled kernel per dtype.
   attention: dtype × head-dim bucket (16 … 256) at the GPU tile table entry of each kernel (fwd, Δ, dK/dV,
     dQ), head dims that are not powers of two, L = 1 and short L (capped tiles), few heads (the SM-filling
     shrink of the parallel block).
@@ -286,8 +288,20 @@ def _attention_cases(reduced: bool = False) -> Iterator[Case]:
                 yield case(dtype, D, 1024, 1024, BH, "few heads")
 
 
+def _dropout_cases(reduced: bool = False) -> Iterator[Case]:
+    dr = _mod("dropout")
+    for dtype in (torch.bfloat16, torch.float64) if reduced else DTYPES:
+        for shape, misalign in (((4, 3, 8, 8), False), ((5, 7), True)):
+            x = _empty(shape, dtype, misalign=misalign)
+            sname = "x".join(map(str, shape)) + (" misaligned" if misalign else "")
+            for p in (0.0, 0.1, 0.5):
+                for seed, offset in SEEDS[:1] if reduced else SEEDS:
+                    yield Case("dropout", f"{_name(dtype)} x {sname}, p {p}, seed {seed}, offset {offset}",
+                               lambda x=x, p=p, seed=seed, offset=offset: dr.launch_dropout(x, p, seed, offset))
+
+
 CASES = {"q_sample": _schedule_cases, "dpmpp_2m_step": _dpm_solver_cases, "group_norm_act": _group_norm_cases,
-         "attention": _attention_cases}
+         "attention": _attention_cases, "dropout": _dropout_cases}
 
 
 # ------------------------------------------------------------------------------------------------------
