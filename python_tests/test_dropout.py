@@ -157,3 +157,27 @@ def test_module_under_compile_uses_torchs_dropout():
     out = torch.compile(m, fullgraph=True, backend="aot_eager")(x)
     dropped = (out == 0).double().mean().item()
     assert 0.3 < dropped < 0.7
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_module_under_activation_checkpointing_recomputes_the_same_mask(reentrant):
+    """Checkpointed, the gradients equal the plain run's: non-reentrant, the op's autograd node keeps its key
+    (it saves no tensor, so nothing of it is recomputed); reentrant, the forward runs again in the backward
+    and draws its key again, from torch's generator, which checkpoint restores first (preserve_rng_state:
+    without it the masks differ, which makes this test fail)."""
+    lin = torch.nn.Linear(12, 12).double()
+    drop = Dropout(0.5).train()
+    x = torch.randn(32, 12, dtype=torch.float64, requires_grad=True)
+
+    def f(x):
+        return drop(torch.tanh(lin(x))).sum(dim=1)
+
+    grads = []
+    for checkpointed in (False, True):
+        lin.zero_grad()
+        with torch.random.fork_rng():
+            torch.manual_seed(4)
+            out = torch.utils.checkpoint.checkpoint(f, x, use_reentrant=reentrant) if checkpointed else f(x)
+            out.square().sum().backward()
+        grads.append(lin.weight.grad.clone())
+    torch.testing.assert_close(grads[1], grads[0], rtol=0, atol=0)
