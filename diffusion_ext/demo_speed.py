@@ -22,8 +22,8 @@ def _pair(fused, eager, reps: int) -> tuple[float, float]:
 
 
 def op_rows(device, batch: int, size: int, channels: int, reps: int = 15) -> list[tuple[str, str, float, float]]:
-    """(what, against, eager s, fused s) for the noise op, the sampler step, GN+SiLU and attention at the
-    demo model's shapes: images (batch, 3, size, size), its widest maps (batch, channels, size/2, size/2)
+    """(what, against, eager s, fused s) for the noise op, the sampler step, GN+SiLU, dropout and attention at
+    the demo model's shapes: images (batch, 3, size, size), its widest maps (batch, channels, size/2, size/2)
     and attention over such a map, (size/2)² tokens of `channels` in heads of 32."""
     g = torch.Generator().manual_seed(0)
     x0 = (torch.rand(batch, 3, size, size, generator=g) * 2 - 1).to(device)
@@ -41,6 +41,11 @@ def op_rows(device, batch: int, size: int, channels: int, reps: int = 15) -> lis
     w, b = torch.ones(channels, device=device), torch.zeros(channels, device=device)
     e, f = _pair(lambda: ops.group_norm_act(h, 8, w, b), lambda: F.silu(F.group_norm(h, 8, w, b)), reps)
     rows.append((f"GroupNorm + SiLU {tuple(h.shape)}", "F.group_norm + F.silu", e, f))
+    # dropout as a training step runs it (forward and backward); the demo's own model trains without
+    hd, gh = h.clone().requires_grad_(), torch.randn(h.shape, generator=g).to(device)
+    e, f = _pair(lambda: ops.dropout(hd, 0.1, 1).backward(gh),
+                 lambda: F.dropout(hd, 0.1, training=True).backward(gh), reps)
+    rows.append((f"dropout 0.1, forward + backward {tuple(h.shape)}", "F.dropout (torch's Bernoulli mask)", e, f))
     L, heads = (size // 2) ** 2, max(1, channels // 32)
     q, k, v = (torch.randn(batch, heads, L, 32, generator=g).to(device) for _ in range(3))
     e, f = _pair(lambda: ops.attention(q, k, v), lambda: reference.attention(q, k, v), reps)

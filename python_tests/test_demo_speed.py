@@ -9,9 +9,9 @@ def test_op_rows_name_each_comparison_and_time_both_sides():
     rows = demo_speed.op_rows("cpu", batch=2, size=16, channels=64, reps=1)
     against = [vs for _, vs, _, _ in rows]
     assert against == ["randn_like + eager q_sample", "diffusers-style eager", "F.group_norm + F.silu",
-                       "naive softmax(q·kᵀ)·v", "F.scaled_dot_product_attention"]
+                       "F.dropout (torch's Bernoulli mask)", "naive softmax(q·kᵀ)·v", "F.scaled_dot_product_attention"]
     assert all(e > 0 and f > 0 for _, _, e, f in rows)
-    assert "(2, 64, 8, 8)" in rows[2][0] and "(2, 2, 64, 32)" in rows[3][0]
+    assert "(2, 64, 8, 8)" in rows[2][0] and "(2, 64, 8, 8)" in rows[3][0] and "(2, 2, 64, 32)" in rows[4][0]
 
 
 def test_conv_share_reflects_the_profiled_step():
