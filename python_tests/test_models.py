@@ -51,8 +51,12 @@ pytestmark = pytest.mark.usefixtures("one_intra_op_thread")  # tiny models: see 
 
 
 def _pair(cls, cfg, seed=0):
-    """(fused, eager) with the same parameters: the eager model loads the fused one's state_dict strictly."""
-    fused = _randomize(cls(**cfg, fused=True), seed)
+    """(fused, eager) with the same parameters: the eager model loads the fused one's state_dict strictly.
+    Built under a seeded generator: randomize perturbs the biases from their random init, so without it the
+    parameters, and how close a bf16 case comes to its bound, would depend on the tests that ran before."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        fused = _randomize(cls(**cfg, fused=True), seed)
     eager = cls(**cfg, fused=False)
     eager.load_state_dict(fused.state_dict(), strict=True)
     return fused, eager
@@ -136,9 +140,12 @@ def test_unet_channels_last_matches_contiguous(which, cfg):
     fused, eager = _pair(UNet, cfg)
     x, t, y = _unet_inputs()
     model = fused if which == "fused" else eager
-    # the model under test, channels_last in fp32, against the eager model (contiguous fp32, and fp64)
+    # the model under test, channels_last in fp32, against the eager model (contiguous fp32, and fp64).
+    # "eager" is the control: PyTorch's own kernels in the other layout, whose error against fp64 can exceed
+    # twice its contiguous error (seed 0, scale_shift: a bias gradient at 9.3e-6 against 2 × 3.0e-6 + the 2e-6 floor;
+    # 1 of 12 seeds), so the control gets 3×; our kernels are held to the rule's 2×.
     _assert_fused_matches_eager(model, eager, _unet_fn(t, y), x, "cpu", torch.float32,
-                                memory_format=torch.channels_last)
+                                memory_format=torch.channels_last, factor=2.0 if which == "fused" else 3.0)
 
 
 @pytest.mark.parametrize("kind,cfg", MODEL_CASES)
