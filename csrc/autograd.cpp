@@ -5,9 +5,10 @@
 // schema's defaults filled, every argument converted twice): as much as the kernel itself for the U-Nets'
 // small maps (measured with torch.profiler on bench_unet's training step, 51 group norms per step).
 //
-// Both ops dispatch to whichever backend kernel is registered for the tensors' device (CPU or CUDA); the
-// Triton kernels are separate Python ops with their own registration (diffusion_ext/ops.py). Double
-// backward is refused with a clear error, as before.
+// The ops dispatch to whichever backend kernel is registered for the tensors' device (CPU or CUDA); the
+// Triton kernels are separate Python ops with their own registration (diffusion_ext/_autograd.py). Double
+// backward of group_norm_act and attention is refused with a clear error; dropout's backward is dropout
+// itself, called through the dispatcher, so it differentiates again.
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/autograd.h>
 #include <torch/library.h>

@@ -32,6 +32,45 @@ def test_dropout_matches_reference(backend_device, shape, layout, dtype, p):
             assert out.stride() == x.stride(), "a dense layout is kept, not copied"
 
 
+def test_dropout_propagates_nan_and_inf_like_torch(backend_device):
+    """A multiply by the mask, as torch's dropout: NaN stays NaN, inf stays inf where kept and is NaN where
+    dropped (inf·0) — a GPU must not hide a non-finite value from AMP's inf check by dropping it to 0."""
+    _, device = backend_device
+    x = torch.randn(4, 64, device=device)
+    x[:, ::5] = float("nan")
+    x[:, 1::5] = float("inf")
+    for dtype in (torch.float32, torch.bfloat16, torch.float64):
+        xd = x.to(dtype)
+        out, ref = ops.dropout(xd, 0.5, 3, 1), reference.dropout(xd, 0.5, 3, 1)
+        assert torch.equal(out.isnan(), ref.isnan()) and torch.equal(out.isinf(), ref.isinf())
+        keep = reference.dropout_keep(xd, 0.5, 3, 1)
+        assert bool(out[:, ::5].isnan().all()) and bool(out[:, 1::5][~keep[:, 1::5]].isnan().all())
+        finite = ref.isfinite()
+        torch.testing.assert_close(out[finite], ref[finite])
+
+
+@pytest.mark.gpu
+def test_module_in_a_cuda_graph_draws_a_new_mask_per_replay():
+    """Captured in a CUDA graph, the module runs torch's graph-safe dropout: a host seed would be frozen into
+    the graph and every replay would drop the same elements."""
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    drop = Dropout(0.5).train()
+    x = torch.ones(4096, device="cuda")
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        drop(x)  # warm-up outside the capture
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y = drop(x)
+    graph.replay()
+    a = y.clone()
+    graph.replay()
+    assert not torch.equal(a, y)
+
+
 @pytest.mark.parametrize("p", [0.1, 0.5, 0.9])
 def test_dropout_keeps_one_minus_p_and_streams_are_independent(backend_device, p):
     backend, device = backend_device
@@ -161,10 +200,11 @@ def test_module_under_compile_uses_torchs_dropout():
 
 @pytest.mark.parametrize("reentrant", [False, True])
 def test_module_under_activation_checkpointing_recomputes_the_same_mask(reentrant):
-    """Checkpointed, the gradients equal the plain run's: non-reentrant, the op's autograd node keeps its key
-    (it saves no tensor, so nothing of it is recomputed); reentrant, the forward runs again in the backward
+    """Checkpointed, the gradients equal the plain run's. Reentrant, the forward runs again in the backward
     and draws its key again, from torch's generator, which checkpoint restores first (preserve_rng_state:
-    without it the masks differ, which makes this test fail)."""
+    without it the masks differ, which makes this test fail). Non-reentrant, this graph needs nothing of the
+    op recomputed (its node keeps its key and saves no tensor); in a block whose next layer saves the
+    dropout's output, that output is recomputed, and gets the same mask for the reentrant case's reason."""
     lin = torch.nn.Linear(12, 12).double()
     drop = Dropout(0.5).train()
     x = torch.randn(32, 12, dtype=torch.float64, requires_grad=True)

@@ -36,7 +36,9 @@ __global__ void dropout_kernel(scalar_t* __restrict__ y,        // [numel] in x'
     load4(x, e, n, v, a);
     const Philox4 r = philox4x32_10(static_cast<uint64_t>(g), offset, seed);  // word j: element 4g + j
 #pragma unroll
-    for (int j = 0; j < 4; ++j) a[j] = dropout_keeps(r.x[j], threshold) ? a[j] * scale : acc_t(0);
+    for (int j = 0; j < 4; ++j) {  // a multiply, not a select: NaN and inf stay NaN where dropped, as on the CPU
+      a[j] *= dropout_keeps(r.x[j], threshold) ? scale : acc_t(0);
+    }
     store4(y, e, n, v, a);
   }
 }

@@ -1,7 +1,7 @@
 #pragma once
-// Launch helpers of the element-wise schedule kernels (q_sample.cu, reverse_step.cu).
+// Launch helpers of the element-wise kernels (q_sample.cu, reverse_step.cu, dropout.cu).
 //
-// Both walk the flat range [0, numel) of tensors that share one batch-outermost layout (schedule_args.h),
+// They walk the flat range [0, numel) of tensors that share one batch-outermost layout (schedule_args.h),
 // one thread per group of 4 consecutive elements: element e is lane e % 4 of Philox block e / 4
 // (common/philox.h), so one Philox call gives a whole group its noise, the same noise the CPU's
 // fill_normals gives element e. Groups start at multiples of 4, so they are also the unit of the optional
@@ -36,7 +36,7 @@ inline dim3 grid_for(int64_t numel) {
 
 // fn(index_t{}) with index_t = int32_t when numel fits it, else int64_t: tensors may exceed 2^31
 // elements, but 64-bit division and multiplication cost several instructions each. With int32_t no
-// intermediate overflows: every index the kernels form is at most numel (see their sample_end).
+// intermediate overflows: every index the kernels form is at most numel (see the schedule kernels' sample_end).
 template <typename Fn>
 void dispatch_index_type(int64_t numel, const Fn& fn) {
   if (numel <= std::numeric_limits<int32_t>::max()) {

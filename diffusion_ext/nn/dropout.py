@@ -8,8 +8,11 @@ regenerates the mask rather than storing it.
 
 Each call draws its 63-bit seed from torch's default (CPU) generator, so torch.manual_seed governs it,
 the trainer's checkpoints (which keep that generator's state) resume it exactly, and drawing it costs no
-device synchronisation. While torch.compile traces, and for dtypes or devices the kernels do not take,
-torch's own dropout runs (inductor generates its own fused mask).
+device synchronisation. It also advances that generator, so other CPU draws that use it without a
+generator of their own (a DataLoader's shuffle or base seed) come out differently than with torch's
+dropout on a GPU, which draws from the CUDA generator. While torch.compile traces, while a CUDA graph is
+being captured (a host seed would be frozen into the graph: every replay the same mask; torch's dropout
+is graph-safe), and for dtypes or devices the kernels do not take, torch's own dropout runs.
 """
 from __future__ import annotations
 
@@ -32,7 +35,8 @@ def dropout(x: torch.Tensor, p: float, training: bool = True) -> torch.Tensor:
     distribution, a different random stream."""
     if not training or p == 0:
         return x
-    if p >= 1 or torch.compiler.is_compiling() or x.dtype not in _DTYPES or x.device.type not in _DEVICES:
+    if p >= 1 or torch.compiler.is_compiling() or x.dtype not in _DTYPES or x.device.type not in _DEVICES or \
+            (x.is_cuda and torch.cuda.is_current_stream_capturing()):
         return F.dropout(x, p, training)
     return ops.dropout(x, p, new_seed())
 

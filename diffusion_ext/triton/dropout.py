@@ -39,7 +39,8 @@ def _dropout_kernel(
     e = start + tl.arange(0, BLOCK)
     mask = e < numel
     x = tl.load(x_ptr + e, mask=mask, other=0).to(ACC)
-    y = tl.where(keep, x * join_float(scale_hi, scale_lo, ACC), 0.0)
+    # a multiply, not a select: NaN and inf inputs stay NaN where dropped, as on the CPU and in torch
+    y = x * tl.where(keep, join_float(scale_hi, scale_lo, ACC), 0.0)
     tl.store(y_ptr + e, y.to(y_ptr.dtype.element_ty), mask=mask)
 
 

@@ -81,6 +81,14 @@ def launch(kernel, grid, *args, **kwargs) -> None:
     """kernel[grid](*args, **kwargs), the one way the launchers start a kernel; under compile_only, compile
     that specialisation for the profile's GPU instead and record it."""
     if _compiled is None:
+        # Triton launches on the current CUDA device and its stream, whatever device the pointers are on:
+        # a tensor on cuda:1 while cuda:0 is current (DDP without set_device, a model split over GPUs) would
+        # be read from the wrong GPU. The C++ kernels take a CUDAGuard; this is the Triton side of it.
+        dev = next((a.device for a in args if isinstance(a, torch.Tensor) and a.is_cuda), None)
+        if dev is not None and dev.index is not None and dev.index != torch.cuda.current_device():
+            with torch.cuda.device(dev):
+                kernel[grid](*args, **kwargs)
+            return
         kernel[grid](*args, **kwargs)
         return
     from triton import knobs
