@@ -22,7 +22,7 @@
 #           benchmarks/cuda_smoke.py, every
 #           CUDA kernel once (~1, limit 2)                                  files: 1-*.log, 1-summary.md
 #   call 2  build again only if the machine is a fresh one (the lease keeps a machine 30 s after a call:
-#           issue call 2 at once) · schedule ops at 16.8M elements with the copy bandwidth (~0.5) ·
+#           issue call 2 at once) · schedule ops and dropout at 16.8M elements with the copy bandwidth (~0.5) ·
 #           group norm 64×256×32×32 NCHW/NHWC (~1) · attention (16,8,1024,64), (64,4,256,32) (~1) ·
 #           UNet train/sampling step, batch 64, bf16 (~2) · 250-step sampling loop, batch 16 (~1.5) ·
 #           diffusers UNet2DModel patched vs unpatched, batch 64, bf16, no compile (~0.5)
