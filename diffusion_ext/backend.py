@@ -21,6 +21,10 @@ import os
 import torch
 
 BACKENDS = ("auto", "cpu", "cuda", "triton", "torch")
+# What the kernels take, on every backend: callers that must not fail (the nn modules' fallbacks, the
+# diffusers patch) route any other dtype or device type to PyTorch's own code.
+KERNEL_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+KERNEL_DEVICES = ("cpu", "cuda")
 
 # "auto" on a CUDA tensor: the faster backend per op, from benchmarks/results/ (see README), only for
 # kernels whose GPU tests passed. Empty until a GPU has measured them: ops not listed take UNMEASURED_CUDA.

@@ -10,11 +10,12 @@ from __future__ import annotations
 import torch
 
 from .. import ops
+from ..backend import KERNEL_DEVICES, KERNEL_DTYPES
 from ..nn.group_norm_act import match_autocast
 
-# the dtypes and device types the kernels take; anything else runs the library's own code
-FUSED_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
-FUSED_DEVICES = ("cpu", "cuda")
+# the dtypes and device types the kernels take (backend.py); anything else runs the library's own code
+FUSED_DTYPES = KERNEL_DTYPES
+FUSED_DEVICES = KERNEL_DEVICES
 
 # The activation modules the kernel fuses, by class, and the op's name for each.
 ACTIVATIONS = {torch.nn.SiLU: "silu", torch.nn.ReLU: "relu"}

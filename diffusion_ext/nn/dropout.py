@@ -20,9 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import ops
-
-_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
-_DEVICES = ("cpu", "cuda")
+from ..backend import KERNEL_DEVICES, KERNEL_DTYPES
 
 
 def new_seed() -> int:
@@ -35,8 +33,8 @@ def dropout(x: torch.Tensor, p: float, training: bool = True) -> torch.Tensor:
     distribution, a different random stream."""
     if not training or p == 0:
         return x
-    if p >= 1 or torch.compiler.is_compiling() or x.dtype not in _DTYPES or x.device.type not in _DEVICES or \
-            (x.is_cuda and torch.cuda.is_current_stream_capturing()):
+    if p >= 1 or torch.compiler.is_compiling() or x.dtype not in KERNEL_DTYPES or \
+            x.device.type not in KERNEL_DEVICES or (x.is_cuda and torch.cuda.is_current_stream_capturing()):
         return F.dropout(x, p, training)
     return ops.dropout(x, p, new_seed())
 
