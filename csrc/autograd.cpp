@@ -171,6 +171,15 @@ at::Tensor call_dropout(const at::Tensor& x, double p, int64_t seed, int64_t off
   return op.call(x, p, seed, offset);
 }
 
+// Whether g's elements lie in memory in the order of a dense tensor with these strides: the strides agree on every
+// dim of size > 1 (a size-1 dim's stride never moves an element, and autograd may hand one over with any stride).
+bool same_memory_order(const at::Tensor& g, const std::vector<int64_t>& strides) {
+  for (int64_t d = 0; d < g.dim(); ++d) {
+    if (g.size(d) > 1 && g.stride(d) != strides[d]) return false;
+  }
+  return true;
+}
+
 // dropout is linear in x with a mask regenerated from (seed, offset): its backward is the same op on the
 // gradient, arranged in the output's layout first because the mask follows memory order
 // (csrc/dropout_args.h). Called through the dispatcher, so it is differentiable in turn.
@@ -189,7 +198,7 @@ class DropoutFunction : public torch::autograd::Function<DropoutFunction> {
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     at::Tensor g = grads[0];
     const auto strides = ctx->saved_data["strides"].toIntVector();
-    if (g.strides() != c10::IntArrayRef(strides)) {
+    if (!same_memory_order(g, strides)) {
       g = at::empty_strided(g.sizes(), strides, g.options()).copy_(g);
     }
     return {call_dropout(g, ctx->saved_data["p"].toDouble(), ctx->saved_data["seed"].toInt(),

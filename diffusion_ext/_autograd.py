@@ -69,7 +69,9 @@ def register_dropout_autograd(op):
         ctx.strides = output.stride()
 
     def backward(ctx, grad_y):
-        if grad_y.stride() != ctx.strides:
+        # the mask follows memory order: copy unless the strides agree on every dim of size > 1 (a size-1
+        # dim's stride never moves an element)
+        if any(n > 1 and s != t for n, s, t in zip(grad_y.shape, grad_y.stride(), ctx.strides)):
             grad_y = torch.empty_strided(grad_y.shape, ctx.strides, dtype=grad_y.dtype,
                                          device=grad_y.device).copy_(grad_y)
         return op(grad_y, ctx.p, ctx.seed, ctx.offset), None, None, None

@@ -103,6 +103,20 @@ def test_dropout_backward_applies_the_forward_mask(backend_device, layout, grad_
     assert torch.equal(y != 0, keep & (x != 0))
 
 
+def test_dropout_backward_takes_a_gradient_that_differs_only_in_size_one_strides(backend_device):
+    """A size-1 dim's stride never moves an element, so such a gradient is used as it is (no copy into the
+    output's strides), and the mask still lands on the right elements."""
+    _, device = backend_device
+    x = torch.randn(2, 5, 1, 4, generator=torch.Generator().manual_seed(4)).to(device).requires_grad_()
+    g0 = torch.randn(2, 5, 1, 4, generator=torch.Generator().manual_seed(5)).to(device)
+    g = g0.as_strided(g0.shape, (20, 4, 7, 1))
+    y = ops.dropout(x, 0.3, 77, 2)
+    assert g.stride() != y.stride() and torch.equal(g, g0)
+    y.backward(g)
+    keep = reference.dropout_keep(y, 0.3, 77, 2)
+    torch.testing.assert_close(x.grad, g0 * keep / 0.7, rtol=1e-6, atol=0)
+
+
 def test_dropout_gradcheck_cpu():
     x = torch.randn(3, 4, 5, dtype=torch.float64, requires_grad=True)
     with dx.use_backend("cpu"):

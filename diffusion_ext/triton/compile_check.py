@@ -35,8 +35,11 @@ import argparse
 import dataclasses
 import importlib
 import json
+import os
 import re
+import subprocess
 import sys
+import tempfile
 import time
 import traceback
 from typing import Callable, Iterator
@@ -302,6 +305,8 @@ def _dropout_cases(reduced: bool = False) -> Iterator[Case]:
 
 CASES = {"q_sample": _schedule_cases, "dpmpp_2m_step": _dpm_solver_cases, "group_norm_act": _group_norm_cases,
          "attention": _attention_cases, "dropout": _dropout_cases}
+# seconds each op's full check took alone (Triton 3.9, sm_90, the project's CPU, one core): how --jobs splits
+OP_SECONDS = {"attention": 151, "group_norm_act": 101, "q_sample": 45, "dpmpp_2m_step": 38, "dropout": 3}
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -388,9 +393,54 @@ def check(device: target.DeviceProfile, ops=None, log=None, reduced: bool = Fals
                 if log is not None and len(compiled) > n0:
                     print(f"{time.time() - t0:6.1f} s  {case.op}: {case.name}", file=log, flush=True)
     if not ops and not reduced and not match:
-        missing = jit_kernels() - {r.kernel for r in rows}
-        for name in sorted(missing):
-            rows.append(Row("?", "no case compiles it", name, error="kernel never compiled by the cases"))
+        rows += _missing_kernel_rows(rows)
+    return rows
+
+
+def _missing_kernel_rows(rows: list[Row]) -> list[Row]:
+    missing = jit_kernels() - {r.kernel for r in rows}
+    return [Row("?", "no case compiles it", name, error="kernel never compiled by the cases") for name in sorted(missing)]
+
+
+def split_ops(ops: list[str], jobs: int) -> list[list[str]]:
+    """ops in at most `jobs` groups of about equal compile time (longest first, each to the lightest group)."""
+    groups: list[list[str]] = [[] for _ in range(min(jobs, len(ops)))]
+    load = [0.0] * len(groups)
+    for op in sorted(ops, key=lambda o: -OP_SECONDS.get(o, 60)):
+        i = load.index(min(load))
+        groups[i].append(op)
+        load[i] += OP_SECONDS.get(op, 60)
+    return [sorted(g, key=list(CASES).index) for g in groups]
+
+
+def check_in_parallel(device_key: str, jobs: int, ops=None, reduced: bool = False, match: str = "") -> list[Row]:
+    """check() with the ops split over `jobs` processes: Triton compiles on one core, and a GPU target's full set
+    is minutes of it. The rows are one process's rows, grouped by process: a kernel that two groups compile (a
+    shared pre-pass) is listed once, and the missing-kernel rows are added over all of them."""
+    selected = [op for op in CASES if not ops or op in ops]
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # compile-only needs the real kernels
+    with tempfile.TemporaryDirectory() as tmp:
+        procs = []
+        for i, group in enumerate(split_ops(selected, jobs)):
+            out = os.path.join(tmp, f"{i}.json")
+            cmd = [sys.executable, "-m", "diffusion_ext.triton.compile_check", "--device", device_key, "--quiet",
+                   "--json", out, "--ops", *group, *(["--reduced"] if reduced else []), *(["--match", match] if match else [])]
+            procs.append((group, out, subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                                       text=True)))
+        rows: list[Row] = []
+        seen: set[str] = set()
+        for group, out, p in procs:
+            log = p.communicate()[0]
+            if not os.path.exists(out):
+                raise RuntimeError(f"compile_check --ops {' '.join(group)} wrote no results (exit {p.returncode}):\n"
+                                   f"{log[-3000:]}")
+            with open(out) as f:
+                for row in (Row(**r) for r in json.load(f)):
+                    if not (row.hash and row.hash in seen):
+                        seen.add(row.hash)
+                        rows.append(row)
+    if not ops and not reduced and not match:
+        rows += _missing_kernel_rows(rows)
     return rows
 
 
@@ -427,10 +477,17 @@ def main(argv=None) -> int:
     p.add_argument("--reduced", action="store_true",
                    help="a second target's check: every kernel at its tile-table entries and flags, each dtype once "
                         "(not every geometry, odd head dim and seed value)")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="split the ops over this many processes (one core each; no per-case progress lines)")
     args = p.parse_args(argv)
+    if args.jobs < 1:
+        p.error(f"--jobs {args.jobs}: expected a positive number of processes")
     device = target.PROFILES[args.device]
     t0 = time.time()
-    rows = check(device, args.ops, log=None if args.quiet else sys.stderr, reduced=args.reduced, match=args.match)
+    if args.jobs > 1:
+        rows = check_in_parallel(args.device, args.jobs, args.ops, reduced=args.reduced, match=args.match)
+    else:
+        rows = check(device, args.ops, log=None if args.quiet else sys.stderr, reduced=args.reduced, match=args.match)
     seconds = time.time() - t0
     if args.json:
         with open(args.json, "w") as f:
