@@ -7,10 +7,13 @@ torch.compile(eager), measured in one run.
                                     [--precision fp32|bf16|fp16]                            # one table
     python benchmarks/bench_unet.py cpu --grid      # fp32 and bf16 autocast × NCHW and channels_last
     python benchmarks/bench_unet.py cpu --torch-dropout   # + the fused model with torch's nn.Dropout
+    python benchmarks/bench_unet.py cpu --compile --compile-fused   # + torch.compile of the fused model
 
 "fused" is UNet(fused=True) (GroupNormAct + flash attention kernels), "eager" is UNet(fused=False) with
 the same weights (nn.GroupNorm-equivalent F.group_norm + SiLU, softmax(q·kᵀ)·v with the scores stored,
-torch's nn.Dropout), "compile" is torch.compile of the eager model, and "fused, torch dropout"
+torch's nn.Dropout), "compile" is torch.compile of the eager model, "compile, fused" (--compile-fused)
+torch.compile of the fused model (what a user who compiles whatever model they have gets; the custom ops are
+opaque to inductor, and nn.Dropout runs torch's dropout while traced), and "fused, torch dropout"
 (--torch-dropout) the fused model with torch's nn.Dropout in place of ops.dropout: what the in-kernel
 dropout mask alone buys. On CPU the batch is 8, in fp32 unless --precision says
 otherwise; on GPU 64 under bf16 autocast. The table's providers are timed interleaved (timing.interleaved:
@@ -34,6 +37,7 @@ SMOKE_CONFIG = dict(CONFIG, base_channels=32, channel_mults=(1, 2), image_size=3
 MODES = ["train step", "sampling step"]
 PROVIDERS = ["eager", "fused", "compile"]
 TORCH_DROPOUT = "fused, torch dropout"
+COMPILE_FUSED = "compile, fused"
 
 
 def batch_for(device):
@@ -52,12 +56,12 @@ def make_fn(mode, provider, device, batch, channels_last=False, config=CONFIG, p
     fp32 on CPU, bf16 on GPU) other than fp32 runs the model under autocast to that dtype."""
     torch.manual_seed(0)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
-    model = UNet(**config, fused=provider in ("fused", TORCH_DROPOUT)).to(device).to(memory_format=fmt)
+    model = UNet(**config, fused=provider in ("fused", TORCH_DROPOUT, COMPILE_FUSED)).to(device).to(memory_format=fmt)
     if provider == TORCH_DROPOUT:
         for m in model.modules():
             if isinstance(getattr(m, "dropout", None), dx.nn.Dropout):
                 m.dropout = torch.nn.Dropout(m.dropout.p)
-    net = bench.compiled(model) if provider == "compile" else model
+    net = bench.compiled(model) if provider in ("compile", COMPILE_FUSED) else model
     diffusion = Diffusion(dx.NoiseSchedule(1000, "linear").to(device))
     g = torch.Generator().manual_seed(1)
     size = config["image_size"]
@@ -88,10 +92,10 @@ def make_fn(mode, provider, device, batch, channels_last=False, config=CONFIG, p
     return fn
 
 
-def _providers(device, compile_cpu=False, torch_dropout=False, mode="train step"):
+def _providers(device, compile_cpu=False, torch_dropout=False, mode="train step", compile_fused=False):
     # dropout acts only in training: the sampling step has no "fused, torch dropout" row
     return [p for p in PROVIDERS if p != "compile" or device.type == "cuda" or compile_cpu] + \
-        ([TORCH_DROPOUT] if torch_dropout and mode == "train step" else [])
+        ([COMPILE_FUSED] if compile_fused else []) + ([TORCH_DROPOUT] if torch_dropout and mode == "train step" else [])
 
 
 @pytest.mark.parametrize("provider", PROVIDERS)
@@ -114,7 +118,7 @@ def test_unet(benchmark, device, mode, provider):
 
 
 def table(device, compile_cpu=False, channels_last=False, batch=None, reps=5, config=CONFIG, precision=None,
-          header=True, torch_dropout=False) -> str:
+          header=True, torch_dropout=False, compile_fused=False) -> str:
     """Markdown rows (mode, provider, median and min ms, median vs eager) of the UNet's steps, the providers
     of each mode timed interleaved, `reps` repetitions each after two warm-ups (the first compiles)."""
     from diffusion_ext import timing
@@ -130,7 +134,8 @@ def table(device, compile_cpu=False, channels_last=False, batch=None, reps=5, co
              "|---|---|---|---|---:|---:|---:|"] if header else []
     for mode in MODES:
         fns, failed = {}, {}
-        for p in _providers(device, compile_cpu, torch_dropout, mode):
+        providers = _providers(device, compile_cpu, torch_dropout, mode, compile_fused)
+        for p in providers:
             try:  # a provider that cannot build or run its first step gets a row saying why, not the table's end
                 fns[p] = bench.synced(make_fn(mode, p, device, batch, channels_last, config, precision), device)
                 fns[p]()
@@ -139,7 +144,7 @@ def table(device, compile_cpu=False, channels_last=False, batch=None, reps=5, co
                 failed[p] = f"{type(e).__name__}: {str(e).splitlines()[0][:120]}" if str(e) else type(e).__name__
         t = timing.interleaved(fns, reps, warmup=2)
         med = {p: sorted(v)[len(v) // 2] for p, v in t.times.items()}
-        for p in _providers(device, compile_cpu, torch_dropout, mode):
+        for p in providers:
             if p in failed:
                 lines.append(f"| {label} | {layout} | {mode} | {p} | failed: {failed[p]} | – | – |")
             else:
@@ -162,6 +167,7 @@ def _options(p):
                    help="fp32, or autocast to bf16 / fp16 (default: fp32 on CPU, bf16 on GPU)")
     p.add_argument("--grid", action="store_true", help="fp32 and bf16 autocast, each contiguous and channels_last")
     p.add_argument("--reps", type=int, default=5, help="timed repetitions of each provider (default 5)")
+    p.add_argument("--compile-fused", action="store_true", help="also torch.compile of the fused model (slow on CPU)")
     p.add_argument("--torch-dropout", action="store_true",
                    help="also the fused model with torch's nn.Dropout (what ops.dropout alone buys)")
 
@@ -171,7 +177,7 @@ if __name__ == "__main__":
     # --quick keeps the device's batch (64 on a GPU) with fewer repetitions; --smoke runs batch 2 once
     reps = 3 if args.quick else 1 if args.smoke else args.reps
     kw = dict(batch=2 if args.smoke else None, reps=reps, config=SMOKE_CONFIG if args.smoke else CONFIG,
-              torch_dropout=args.torch_dropout)
+              torch_dropout=args.torch_dropout, compile_fused=args.compile_fused)
     if args.grid:
         cells = [(prec, cl) for prec in ("fp32", "bf16") for cl in (False, True)]
         parts = [table(args.device, args.compile, cl, precision=prec, header=i == 0, **kw)
