@@ -8,6 +8,7 @@ torch.compile(eager), measured in one run.
     python benchmarks/bench_unet.py cpu --grid      # fp32 and bf16 autocast × NCHW and channels_last
     python benchmarks/bench_unet.py cpu --torch-dropout   # + the fused model with torch's nn.Dropout
     python benchmarks/bench_unet.py cpu --compile --compile-fused   # + torch.compile of the fused model
+    python benchmarks/bench_unet.py cpu --both-layouts [--mode sample]   # each provider in both layouts, one run
 
 "fused" is UNet(fused=True) (GroupNormAct + flash attention kernels), "eager" is UNet(fused=False) with
 the same weights (nn.GroupNorm-equivalent F.group_norm + SiLU, softmax(q·kᵀ)·v with the scores stored,
@@ -118,9 +119,11 @@ def test_unet(benchmark, device, mode, provider):
 
 
 def table(device, compile_cpu=False, channels_last=False, batch=None, reps=5, config=CONFIG, precision=None,
-          header=True, torch_dropout=False, compile_fused=False) -> str:
+          header=True, torch_dropout=False, compile_fused=False, both_layouts=False, modes=MODES) -> str:
     """Markdown rows (mode, provider, median and min ms, median vs eager) of the UNet's steps, the providers
-    of each mode timed interleaved, `reps` repetitions each after two warm-ups (the first compiles)."""
+    of each mode timed interleaved, `reps` repetitions each after two warm-ups (the first compiles).
+    both_layouts: every provider in contiguous and in channels_last, all interleaved in one run, each row's
+    ratio against the contiguous eager model (a user who picks a layout and a provider against the default)."""
     from diffusion_ext import timing
 
     device = torch.device(device)
@@ -128,41 +131,58 @@ def table(device, compile_cpu=False, channels_last=False, batch=None, reps=5, co
         bench.steady_cpu_allocator()
     batch = batch or batch_for(device)
     precision = precision or default_precision(device)
-    layout = "channels_last" if channels_last else "contiguous"
+    layouts = (False, True) if both_layouts else (channels_last,)
     label = "fp32" if precision == "fp32" else f"{precision} autocast"
     lines = ["| precision | layout | mode | provider | median (ms) | min (ms) | vs eager (median) |",
              "|---|---|---|---|---:|---:|---:|"] if header else []
-    for mode in MODES:
+
+    def layout_name(cl):
+        return "channels_last" if cl else "contiguous"
+
+    def key(p, cl):  # the timing name: the provider, and its layout when the run has two
+        return f"{p}, {layout_name(cl)}" if both_layouts else p
+
+    baseline = key("eager", layouts[0])
+    for mode in modes:
         fns, failed = {}, {}
-        providers = _providers(device, compile_cpu, torch_dropout, mode, compile_fused)
-        for p in providers:
+        cases = [(p, cl) for cl in layouts for p in _providers(device, compile_cpu, torch_dropout, mode, compile_fused)]
+        for p, cl in cases:
+            k = key(p, cl)
             try:  # a provider that cannot build or run its first step gets a row saying why, not the table's end
-                fns[p] = bench.synced(make_fn(mode, p, device, batch, channels_last, config, precision), device)
-                fns[p]()
+                fns[k] = bench.synced(make_fn(mode, p, device, batch, cl, config, precision), device)
+                fns[k]()
             except Exception as e:
-                fns.pop(p, None)
-                failed[p] = f"{type(e).__name__}: {str(e).splitlines()[0][:120]}" if str(e) else type(e).__name__
+                fns.pop(k, None)
+                failed[k] = f"{type(e).__name__}: {str(e).splitlines()[0][:120]}" if str(e) else type(e).__name__
         t = timing.interleaved(fns, reps, warmup=2)
-        med = {p: sorted(v)[len(v) // 2] for p, v in t.times.items()}
-        for p in providers:
-            if p in failed:
-                lines.append(f"| {label} | {layout} | {mode} | {p} | failed: {failed[p]} | – | – |")
+        med = {k: sorted(v)[len(v) // 2] for k, v in t.times.items()}
+        for p, cl in cases:
+            k, layout = key(p, cl), layout_name(cl)
+            if k in failed:
+                lines.append(f"| {label} | {layout} | {mode} | {p} | failed: {failed[k]} | – | – |")
             else:
-                ratio = f"{med['eager'] / med[p]:.2f}×" if "eager" in med else "–"
-                lines.append(f"| {label} | {layout} | {mode} | {p} | {med[p] * 1e3:.1f} | {t.min(p) * 1e3:.1f} | {ratio} |")
+                ratio = f"{med[baseline] / med[k]:.2f}×" if baseline in med else "–"
+                lines.append(f"| {label} | {layout} | {mode} | {p} | {med[k] * 1e3:.1f} | {t.min(k) * 1e3:.1f} | {ratio} |")
             print(lines[-1], file=sys.stderr)
         if fns:
-            lines.append(f"<!-- {mode}, {label}, {layout}: {t.describe()} -->")
+            lines.append(f"<!-- {mode}, {label}, {'both layouts' if both_layouts else layout_name(channels_last)}: "
+                         f"{t.describe()} -->")
     if not header:
         return "\n".join(lines)
     size = config["image_size"]
+    against = " (every ratio against eager, contiguous)" if both_layouts else ""
     return (f"UNet {config}, batch {batch}, {size}×{size}, torch {torch.__version__}, torch threads "
-            f"{torch.get_num_threads()}, {bench.describe_device(device)}\n\n" + "\n".join(lines))
+            f"{torch.get_num_threads()}, {bench.describe_device(device)}{against}\n\n" + "\n".join(lines))
 
 
 def _options(p):
     p.add_argument("--compile", action="store_true", help="on CPU, also torch.compile of the eager model (slow)")
     p.add_argument("--channels-last", action="store_true", help="model and inputs in channels_last")
+    p.add_argument("--mode", choices=("train", "sample", "both"), default="both",
+                   help="time the training step, the sampling step, or both (default)")
+    p.add_argument("--both-layouts", action="store_true",
+                   help="every provider contiguous and channels_last in one interleaved run, ratios against "
+                        "contiguous eager")
     p.add_argument("--precision", choices=tuple(PRECISIONS), default=None,
                    help="fp32, or autocast to bf16 / fp16 (default: fp32 on CPU, bf16 on GPU)")
     p.add_argument("--grid", action="store_true", help="fp32 and bf16 autocast, each contiguous and channels_last")
@@ -177,10 +197,11 @@ if __name__ == "__main__":
     # --quick keeps the device's batch (64 on a GPU) with fewer repetitions; --smoke runs batch 2 once
     reps = 3 if args.quick else 1 if args.smoke else args.reps
     kw = dict(batch=2 if args.smoke else None, reps=reps, config=SMOKE_CONFIG if args.smoke else CONFIG,
-              torch_dropout=args.torch_dropout, compile_fused=args.compile_fused)
+              torch_dropout=args.torch_dropout, compile_fused=args.compile_fused, both_layouts=args.both_layouts,
+              modes={"train": MODES[:1], "sample": MODES[1:], "both": MODES}[args.mode])
     if args.grid:
         cells = [(prec, cl) for prec in ("fp32", "bf16") for cl in (False, True)]
-        parts = [table(args.device, args.compile, cl, precision=prec, header=i == 0, **kw)
+        parts = [table(args.device, args.compile, cl, precision=prec, header=i == 0, **dict(kw, both_layouts=False))
                  for i, (prec, cl) in enumerate(cells)]
         print("\n".join(parts))
     else:

@@ -12,6 +12,19 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import diffusion_ext  # noqa: E402
+
+
+def _split_cores_between_xdist_workers() -> None:
+    """Under pytest-xdist, each worker gets its share of the cores for torch's intra-op threads. By default
+    every worker would start as many threads as the machine has cores, and W workers × all cores oversubscribe
+    it: an op of tens of microseconds then waits a scheduler slice at each fork/join (see one_intra_op_thread;
+    measured there: 8 s for test_models.py alone, 100 s beside another process)."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1") or 1)
+    if workers > 1:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
+
+
+_split_cores_between_xdist_workers()
 from diffusion_ext.backend import available_backends  # noqa: E402
 
 # (backend, device); GPU pairs carry the gpu marker and skip cleanly without a GPU.
