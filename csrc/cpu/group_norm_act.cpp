@@ -16,6 +16,7 @@
 #include <torch/library.h>
 
 #include <cmath>
+#include <type_traits>
 #include <vector>
 
 #include "../common/film.h"
@@ -258,6 +259,12 @@ void backward(const GroupNormBackwardArgs& a) {
       }
     }
     std::vector<double> pds(N * chunks * C, 0.0), pdb(N * chunks * C, 0.0);
+    // fp32, fp64: grad_x holds each element's dz exactly between the two passes (then dz is overwritten by
+    // grad_x in place), so the second pass does not evaluate the activation's derivative again (fp32, SiLU:
+    // the backward 1.3-2x faster at 1×512×32×32 and 8×320×32×32). Half precision would round dz there, so
+    // it evaluates it again.
+    acc_t* dz_cache = nullptr;
+    if constexpr (std::is_same_v<scalar_t, acc_t>) dz_cache = gx;
     auto rows_pass = [&](bool write_grad_x) {
       at::parallel_for(0, N * chunks, 1, [&](int64_t begin, int64_t end) {
         std::vector<acc_t> tmp(2 * C);
@@ -267,8 +274,10 @@ void backward(const GroupNormBackwardArgs& a) {
                                       a_c.data() + n * C, b_c.data() + n * C};
           for (int64_t r = first; r < last; ++r) {
             const int64_t off = (n * HW + r) * C;
+            acc_t* dz = dz_cache != nullptr ? dz_cache + off : nullptr;
             backward_row<kAct>(dy + off, x + off, C, k, pds.data() + nk * C, pdb.data() + nk * C,
-                               write_grad_x ? gx + off : static_cast<scalar_t*>(nullptr), tmp.data());
+                               write_grad_x ? gx + off : static_cast<scalar_t*>(nullptr), tmp.data(),
+                               write_grad_x ? nullptr : dz, write_grad_x ? dz : nullptr);
           }
         }
       });

@@ -16,6 +16,7 @@
 #include <ATen/OpMathType.h>
 #include <ATen/cpu/vec/functional.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <tuple>
 #include <type_traits>
@@ -321,14 +322,32 @@ struct ChannelCoefs {
 
 // The backward along one spatial position: with grad_x == nullptr, ds[c] += dz, db[c] += dz·x̂;
 // else grad_x[c] = rstd·(dz·γ − a − x̂·b). tmp holds 2·C acc_t.
+// dz_store (summing pass, or nullptr): the row's dz is also written there. dz_load (grad_x pass, or nullptr;
+// only where scalar_t is acc_t): dz is read from there instead of evaluated again — the activation's
+// derivative costs an exp and a division per element, the load one read. dz_load may be grad_x itself.
 template <Activation kAct, typename scalar_t, typename acc_t>
 inline void backward_row(const scalar_t* dy, const scalar_t* x, int64_t C, const ChannelCoefs<acc_t>& k,
-                         double* ds, double* db, scalar_t* grad_x, acc_t* tmp) {
+                         double* ds, double* db, scalar_t* grad_x, acc_t* tmp, acc_t* dz_store = nullptr,
+                         const acc_t* dz_load = nullptr) {
   using L = AccLanes<scalar_t>;
   using Vec = typename L::Vec;
   constexpr int64_t W = Vec::size();
-  // 1. x̂ into tmp[0, C), dz = dy·act'(x̂·γ + β) into tmp[C, 2C)
   int64_t c = 0;
+  if constexpr (std::is_same_v<scalar_t, acc_t>) {
+    if (grad_x != nullptr && dz_load != nullptr) {  // grad_x = rstd·(dz·γ − a − x̂·b) with the stored dz
+      for (; c + W <= C; c += W) {
+        const Vec r = Vec::loadu(k.rstd + c), xh = (Vec::loadu(x + c) - Vec::loadu(k.mu + c)) * r;
+        const Vec dz = Vec::loadu(dz_load + c);  // read before grad_x[c..] is written: they may be one row
+        (r * (dz * Vec::loadu(k.gamma + c) - Vec::loadu(k.a + c) - xh * Vec::loadu(k.b + c))).store(grad_x + c);
+      }
+      for (; c < C; ++c) {
+        const acc_t xh = (x[c] - k.mu[c]) * k.rstd[c], dz = dz_load[c];
+        grad_x[c] = k.rstd[c] * (dz * k.gamma[c] - k.a[c] - xh * k.b[c]);
+      }
+      return;
+    }
+  }
+  // 1. x̂ into tmp[0, C), dz = dy·act'(x̂·γ + β) into tmp[C, 2C)
   for (; c + L::kStep <= C; c += L::kStep) {
     const auto xv = L::load(x + c), dv = L::load(dy + c);
     for (int j = 0; j < L::kParts; ++j) {
@@ -345,6 +364,7 @@ inline void backward_row(const scalar_t* dy, const scalar_t* x, int64_t C, const
     tmp[C + c] = static_cast<acc_t>(dy[c]) * activate_grad<kAct>(xh * k.gamma[c] + k.beta[c]);
   }
   if (grad_x == nullptr) {  // 2a. the sums, in double (independent lanes: the compiler vectorises this)
+    if (dz_store != nullptr) std::copy(tmp + C, tmp + 2 * C, dz_store);
     for (int64_t j = 0; j < C; ++j) {
       ds[j] += tmp[C + j];
       db[j] += static_cast<double>(tmp[C + j]) * tmp[j];
