@@ -12,6 +12,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import diffusion_ext  # noqa: E402
+from diffusion_ext.backend import available_backends  # noqa: E402
 
 
 def _split_cores_between_xdist_workers() -> None:
@@ -25,7 +26,6 @@ def _split_cores_between_xdist_workers() -> None:
 
 
 _split_cores_between_xdist_workers()
-from diffusion_ext.backend import available_backends  # noqa: E402
 
 # (backend, device); GPU pairs carry the gpu marker and skip cleanly without a GPU.
 BACKEND_DEVICES = [

@@ -261,8 +261,9 @@ void backward(const GroupNormBackwardArgs& a) {
     std::vector<double> pds(N * chunks * C, 0.0), pdb(N * chunks * C, 0.0);
     // fp32, fp64: grad_x holds each element's dz exactly between the two passes (then dz is overwritten by
     // grad_x in place), so the second pass does not evaluate the activation's derivative again (fp32, SiLU:
-    // the backward 1.3-2x faster at 1×512×32×32 and 8×320×32×32). Half precision would round dz there, so
-    // it evaluates it again.
+    // the backward 1.36-1.41x faster at 1×512×32×32, 8×320×32×32 and 8×128×64×64 in an A/B of the two builds,
+    // benchmarks/results/cpu-2026-12-01-group_norm_act.md). Half precision would round dz there, so it
+    // evaluates it again.
     acc_t* dz_cache = nullptr;
     if constexpr (std::is_same_v<scalar_t, acc_t>) dz_cache = gx;
     auto rows_pass = [&](bool write_grad_x) {
