@@ -70,6 +70,34 @@ std::pair<int64_t, int64_t> query_chunks(const AttentionShape& s, int64_t row_by
   return {rows, ceil_div(s.Lq, rows)};
 }
 
+// The forward's tensors: pointers and strides, and the last step of a task.
+template <typename scalar_t>
+struct ForwardIo {
+  using acc_t = at::opmath_type<scalar_t>;
+  AttentionStrides sq, sk, sv, so;
+  const scalar_t *q, *k, *v;
+  scalar_t* out;
+  acc_t* lse;
+  explicit ForwardIo(const AttentionArgs& a)
+      : sq(AttentionStrides::of(a.q)), sk(AttentionStrides::of(a.k)), sv(AttentionStrides::of(a.v)),
+        so(AttentionStrides::of(a.out)), q(a.q.const_data_ptr<scalar_t>()), k(a.k.const_data_ptr<scalar_t>()),
+        v(a.v.const_data_ptr<scalar_t>()), out(a.out.mutable_data_ptr<scalar_t>()),
+        lse(a.lse.mutable_data_ptr<acc_t>()) {}
+
+  // Query rows [r0, r0 + nr) of head (b, h): out = O / l (O's rows ldo apart), lse = m + log l (natural log:
+  // m includes the scale).
+  void write_rows(const AttentionShape& s, int64_t b, int64_t h, int64_t r0, int64_t nr, const acc_t* O, int64_t ldo,
+                  const acc_t* m, const acc_t* l) const {
+    acc_t* lse_h = lse + (b * s.H + h) * s.Lq + r0;
+    scalar_t* out_h = out + b * so.b + h * so.h + r0 * so.l;
+    for (int64_t r = 0; r < nr; ++r) {
+      const acc_t inv = acc_t(1) / l[r];
+      for (int64_t d = 0; d < s.D; ++d) out_h[r * so.l + d] = static_cast<scalar_t>(O[r * ldo + d] * inv);
+      lse_h[r] = m[r] + std::log(l[r]);
+    }
+  }
+};
+
 template <typename acc_t>
 at::Tensor scratch(int64_t n) {
   return at::empty({n}, at::TensorOptions().dtype(c10::CppTypeToScalarType<acc_t>::value));
@@ -89,13 +117,9 @@ void forward(const AttentionArgs& a) {
 
   const auto [rows, chunks] = query_chunks(s, 2 * Dp * int64_t(sizeof(acc_t)));
 
-  const AttentionStrides sq = AttentionStrides::of(a.q), sk = AttentionStrides::of(a.k),
-                         sv = AttentionStrides::of(a.v), so = AttentionStrides::of(a.out);
-  const scalar_t* q = a.q.const_data_ptr<scalar_t>();
-  const scalar_t* k = a.k.const_data_ptr<scalar_t>();
-  const scalar_t* v = a.v.const_data_ptr<scalar_t>();
-  scalar_t* out = a.out.mutable_data_ptr<scalar_t>();
-  acc_t* lse = a.lse.mutable_data_ptr<acc_t>();
+  const ForwardIo<scalar_t> io(a);
+  const AttentionStrides &sq = io.sq, &sk = io.sk, &sv = io.sv;
+  const scalar_t *q = io.q, *k = io.k, *v = io.v;
 
   // per-thread buffer: Qs, O (rows × Dp) | m, l, alpha (rows) | Kᵀ (D × Bkp) | V (Bk × Dp) | S
   const int64_t n_scratch = 2 * rows * Dp + 3 * rows + D * Bkp + Bk * Dp + kBlockQ * Bkp;
@@ -137,16 +161,7 @@ void forward(const AttentionArgs& a) {
         }
       }
 
-      // out = O / l; lse = m + log l (natural log: S already includes the scale).
-      acc_t* lse_h = lse + bh * s.Lq + r0;
-      scalar_t* out_h = out + b * so.b + h * so.h + r0 * so.l;
-      for (int64_t r = 0; r < nr; ++r) {
-        const acc_t inv = acc_t(1) / l[r];
-        const acc_t* o = O + r * Dp;
-        scalar_t* dst = out_h + r * so.l;
-        for (int64_t d = 0; d < D; ++d) dst[d] = static_cast<scalar_t>(o[d] * inv);
-        lse_h[r] = m[r] + std::log(l[r]);
-      }
+      io.write_rows(s, b, h, r0, nr, O, Dp, m, l);
     }
   });
 }
@@ -273,13 +288,9 @@ void forward_brgemm(const AttentionArgs& a) {
   const int64_t D = s.D, heads = s.B * s.H;
   const acc_t scale = static_cast<acc_t>(a.scale);
   const auto [rows, chunks] = query_chunks(s, D * int64_t(sizeof(acc_t)));
-  const AttentionStrides sq = AttentionStrides::of(a.q), sk = AttentionStrides::of(a.k),
-                         sv = AttentionStrides::of(a.v), so = AttentionStrides::of(a.out);
-  const scalar_t* q = a.q.const_data_ptr<scalar_t>();
-  const scalar_t* k = a.k.const_data_ptr<scalar_t>();
-  const scalar_t* v = a.v.const_data_ptr<scalar_t>();
-  scalar_t* out = a.out.mutable_data_ptr<scalar_t>();
-  acc_t* lse = a.lse.mutable_data_ptr<acc_t>();
+  const ForwardIo<scalar_t> io(a);
+  const AttentionStrides &sq = io.sq, &sk = io.sk, &sv = io.sv;
+  const scalar_t *q = io.q, *k = io.k, *v = io.v;
 
   at::parallel_for(0, heads * chunks, 1, [&](int64_t begin, int64_t end) {
     // O (rows × D) | m, l (rows) | S (kBrgemmRows × kBlockKeys), fp32; P (kBrgemmRows × kBlockKeys), Kᵀ and V
@@ -323,14 +334,7 @@ void forward_brgemm(const AttentionArgs& a) {
         }
       }
 
-      // out = O / l; lse = m + log l (natural log: m includes the scale).
-      acc_t* lse_h = lse + bh * s.Lq + r0;
-      scalar_t* out_h = out + b * so.b + h * so.h + r0 * so.l;
-      for (int64_t r = 0; r < nr; ++r) {
-        const acc_t inv = acc_t(1) / l[r];
-        for (int64_t d = 0; d < D; ++d) out_h[r * so.l + d] = static_cast<scalar_t>(O[r * D + d] * inv);
-        lse_h[r] = m[r] + std::log(l[r]);
-      }
+      io.write_rows(s, b, h, r0, nr, O, D, m, l);
     }
     at::native::cpublas::brgemm_release();
   });
