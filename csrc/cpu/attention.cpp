@@ -17,7 +17,9 @@
 // pays one extra Lq×D buffer per split instead of recomputing S and dP.
 //
 // Precision: tiles are packed to the accumulation dtype (fp32; fp64 for fp64 inputs), so fp16/bf16 inputs
-// are computed in fp32. The scale is folded into the packed q: S = (scale·q)·kᵀ, and then
+// are computed in fp32 — except the bf16/fp16 forward where oneDNN's brgemm can take it (forward_brgemm
+// below: inputs as they are, fp32 accumulation, P rounded once). The scale is folded into the packed q:
+// S = (scale·q)·kᵀ, and then
 // dK = scale·dSᵀ·Q = dSᵀ·(scale·Q) uses the same packed tile; dQ = scale·dS·K is scaled when written.
 #include "attention_kernels.h"  // first: it selects at::vec's capability
 
@@ -175,18 +177,16 @@ void forward(const AttentionArgs& a) {
 // reference rounds P too, and S as well), both accumulated in fp32. The register-blocked fp32 products above
 // run at ~90 GFLOP/s per core; brgemm at 0.9-1.4 TFLOP/s on this project's AMX VM (64×32·32×64 and 64×128·128×32
 // tiles), which left the softmax as the forward's main cost: bf16 (64, 4, 256, 32) forward 12.0 ms, 0.65× SDPA's
-// CPU flash kernel (which uses the same micro-kernels), before. The scale multiplies S in fp32 (folding it into
-// q would round scale·q to bf16). brgemm's B operand is packed in its VNNI layout: pairs along the reduction
-// dim, element (k, n) at [(k/2·N + n)·2 + k mod 2] (checked against cpublas::pack).
+// CPU flash kernel (which uses the same micro-kernels), before. The scale is applied in fp32 inside the
+// softmax's exponent, e^{scale·s − m} as one FMA (folding it into q would round scale·q to bf16). brgemm's B
+// operand is packed in its VNNI layout: pairs along the reduction dim, element (k, n) at [(k/2·N + n)·2 + k mod 2]
+// (checked against cpublas::pack).
 // Tiles of up to kBrgemmRows queries × kBlockKeys keys, each tile product one brgemm call: cpublas::brgemm
 // looks its kernel up in a cache on every call, and with 64 × 64 tiles (20 calls per (64, 4, 256, 32) head)
 // the two threads lost a third of their speed to it (1 thread: 3.2 ms per 64 heads; 2: 4.3 ms per 128).
 // 256 keys per tile also bring a row's softmax bookkeeping (two reductions, e^{m − m_new}, the rescale of
 // the accumulator) down to once per 256 keys.
-#ifndef DIFFUSION_EXT_BRGEMM_ROWS
-#define DIFFUSION_EXT_BRGEMM_ROWS 256
-#endif
-constexpr int64_t kBrgemmRows = DIFFUSION_EXT_BRGEMM_ROWS;
+constexpr int64_t kBrgemmRows = 256;
 constexpr int64_t kBlockKeys = 256;
 
 // Whether forward_brgemm takes this problem: a packable dtype and a head dim brgemm's N and VNNI accept.

@@ -150,6 +150,12 @@ inline __m256 load8_as_float(const scalar_t* p) {
 }
 #endif
 
+// Elements ahead of the current step that the streaming passes (the statistics, the backward's sums) ask the
+// cache for: the hardware prefetcher alone left those passes waiting on their loads (perf: the loads' first use
+// took a fifth of the backward), and 256 elements ahead made the bf16 summing pass 1.3× and the fp32 one 1.44×
+// faster at 16×128×32×32, one thread (128: 1.28×, 1.34×; 512 and 1024 no better).
+constexpr int64_t kPrefetchAhead = 256;
+
 // Σ(x − K) and Σ(x − K)² in double: the shift K (an element of the same channel) keeps the variance
 // free of cancellation when |mean| ≫ std, and double lanes keep long sums exact enough for fp32 data.
 struct ShiftedSums {
@@ -164,6 +170,7 @@ inline void add_shifted_sums(const scalar_t* p, int64_t n, double K, ShiftedSums
     __m256d a1 = _mm256_setzero_pd(), a2 = _mm256_setzero_pd(), b1 = _mm256_setzero_pd(), b2 = _mm256_setzero_pd();
     const __m256d k = _mm256_set1_pd(K);
     for (; i + 8 <= n; i += 8) {
+      if (i % 32 == 0) __builtin_prefetch(p + i + kPrefetchAhead);
       const __m256 v = load8_as_float(p + i);
       const __m256d lo = _mm256_sub_pd(_mm256_cvtps_pd(_mm256_castps256_ps128(v)), k);
       const __m256d hi = _mm256_sub_pd(_mm256_cvtps_pd(_mm256_extractf128_ps(v, 1)), k);
@@ -280,6 +287,10 @@ inline void backward_run(const scalar_t* dy, const scalar_t* x, int64_t n, acc_t
   auto step = [&](int64_t o, int64_t count) __attribute__((always_inline)) {
     const bool whole = count == L::kStep;
     const int parts = L::parts_of(count);  // the vectors past them hold only padding: skipped
+    if (grad_x == nullptr) {  // the summing pass streams x and dy from memory (the grad_x pass finds them cached)
+      __builtin_prefetch(x + o + kPrefetchAhead);
+      __builtin_prefetch(dy + o + kPrefetchAhead);
+    }
     auto xh = whole ? L::load(x + o) : L::load(x + o, count);  // x̂ = (x − μ)·rstd, for both uses below
     for (int j = 0; j < parts; ++j) xh.v[j] = (xh.v[j] - vmu) * vr;
     typename L::Parts dz;
