@@ -22,6 +22,7 @@
 // S = (scale·q)·kᵀ, and then
 // dK = scale·dSᵀ·Q = dSᵀ·(scale·Q) uses the same packed tile; dQ = scale·dS·K is scaled when written.
 #include "attention_kernels.h"  // first: it selects at::vec's capability
+#include "store_rounded.h"
 
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -225,27 +226,6 @@ void pack_values_vnni(const T* v, int64_t ld, int64_t nc, int64_t ncp, int64_t D
   for (int64_t r = 0; r < ncp; ++r) {
     for (int64_t d = 0; d < D; ++d) out[((r / 2) * D + d) * 2 + r % 2] = r < nc ? v[r * ld + d] : T(0);
   }
-}
-
-// Two fp32 vectors rounded to the input dtype and stored: the first `count` of their 2·W elements. bf16 with
-// AVX512-BF16: one vcvtne2ps2bf16 (round to nearest even, as at::vec's conversion, which takes ~8 integer
-// instructions per vector instead: perf put it at a sixth of the forward). It flushes inputs below 2^-126 to
-// zero: probabilities that small are zero against the row's largest term, 1, either way.
-template <typename T>
-inline void store_rounded(const at::vec::Vectorized<float>& lo, const at::vec::Vectorized<float>& hi, T* dst,
-                          int64_t count) {
-#if defined(__AVX512BF16__) && defined(CPU_CAPABILITY_AVX512)
-  if constexpr (std::is_same_v<T, c10::BFloat16>) {
-    const __m512i r = reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(hi, lo));
-    if (count == 32) {
-      _mm512_storeu_si512(dst, r);
-    } else {
-      _mm512_mask_storeu_epi16(dst, static_cast<__mmask32>((uint64_t(1) << count) - 1), r);
-    }
-    return;
-  }
-#endif
-  at::vec::convert_from_float<T>(lo, hi).store(dst, static_cast<int>(count));
 }
 
 // One row of the online softmax (Dao 2023, Alg. 1 lines 8-10) on unscaled scores s[0, ncp) (−inf past the

@@ -12,6 +12,7 @@
 #define CPU_CAPABILITY_AVX512
 #endif
 #include "vec_capability.h"
+#include "store_rounded.h"
 
 #include <ATen/OpMathType.h>
 #include <ATen/cpu/vec/functional.h>
@@ -52,25 +53,12 @@ struct AccLanes {
     return out;
   }
   static void store(scalar_t* p, const Parts& in) {
-#if defined(__AVX512BF16__) && defined(CPU_CAPABILITY_AVX512)
-    if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {  // one vcvtne2ps2bf16, see round_bf16
-      _mm512_storeu_si512(p, round_bf16(in.v[0], in.v[1]));
-      return;
-    }
-#endif
     if constexpr (kWiden) {
-      at::vec::convert_from_float<scalar_t>(in.v[0], in.v[1]).store(p);
+      store_rounded(in.v[0], in.v[1], p, kStep);
     } else {
       in.v[0].store(p);
     }
   }
-#if defined(__AVX512BF16__) && defined(CPU_CAPABILITY_AVX512)
-  // 32 fp32 lanes rounded to bf16 (to nearest even, as at::vec's conversion) by one AVX512-BF16 instruction
-  // instead of at::vec's ~8 integer instructions per vector. It flushes inputs below 2^-126 to zero.
-  static __m512i round_bf16(const Vec& lo, const Vec& hi) {
-    return reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(hi, lo));
-  }
-#endif
   // The last count < kStep elements of a run as one step: the lanes past them load as zeros (at::vec's
   // partial load) and are not stored. A scalar tail would evaluate std::exp element by element; with bf16's
   // 32-element steps that was every element of a 4×4 channel (the demo's UNet: 3× slower than eager there).
@@ -85,14 +73,8 @@ struct AccLanes {
     return out;
   }
   static void store(scalar_t* p, const Parts& in, int64_t count) {
-#if defined(__AVX512BF16__) && defined(CPU_CAPABILITY_AVX512)
-    if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
-      _mm512_mask_storeu_epi16(p, static_cast<__mmask32>((uint64_t(1) << count) - 1), round_bf16(in.v[0], in.v[1]));
-      return;
-    }
-#endif
     if constexpr (kWiden) {
-      at::vec::convert_from_float<scalar_t>(in.v[0], in.v[1]).store(p, static_cast<int>(count));
+      store_rounded(in.v[0], in.v[1], p, count);
     } else {
       in.v[0].store(p, static_cast<int>(count));
     }
@@ -256,7 +238,8 @@ inline void backward_run(const scalar_t* dy, const scalar_t* x, int64_t n, acc_t
   double s_dz = 0, s_dzx = 0;
   const Vec vmu(mu), vr(rstd), vg(gamma), vb(beta), va(a), vbb(b);
   Vec acc_dz(acc_t(0)), acc_dzx(acc_t(0));
-  // Vector lanes sum at most kLaneRun elements before they are added into the double totals.
+  // Vector lanes sum about kLaneRun elements (at most kLaneRun plus one step) before they are added into the
+  // double totals.
   constexpr int64_t kLaneRun = 64 * W;
   int64_t run_end = kLaneRun;
   // Add the vector lanes into the double totals and restart them: widened to double and summed pairwise, a
