@@ -10,7 +10,7 @@ and in the mid-block). CPU: batch 8, fp32 and bf16 autocast. CUDA: batch 64, bf1
 
     python benchmarks/bench_diffusers.py cpu|cuda [--quick] [--no-compile] [--batch N] [--steps N]
                                          [--precisions fp32,bf16] [--reps N] [--modes train,pipeline]
-                                         [--channels-last]
+                                         [--channels-last] [--compile-patched]
 
 prints a markdown table (median and minimum of interleaved repetitions) with the ratio to the unpatched
 model measured in the same run; a case that fails
@@ -32,7 +32,8 @@ import torch
 from diffusion_ext import bench
 
 MODES = ("train step", "DDIM pipeline")
-PROVIDERS = ("unpatched", "patched", "compile(unpatched)")
+PROVIDERS = ("unpatched", "patched", "compile(unpatched)", "compile(patched)")
+DEFAULT_PROVIDERS = PROVIDERS[:3]  # compile(patched) on request (--compile-patched): one more compilation
 
 
 def settings(device: torch.device, quick: bool) -> dict:
@@ -59,7 +60,7 @@ def make_fn(mode: str, provider: str, precision: str, device: torch.device, batc
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     unet = UNet2DModel(**REPORT_64).to(device, memory_format=fmt)
     scheduler = DDPMScheduler(num_train_timesteps=1000) if mode == "train step" else DDIMScheduler(1000)
-    if provider == "patched":
+    if provider in ("patched", "compile(patched)"):
         dxd.patch(unet)
         dxd.patch(scheduler)
     net = torch.compile(unet) if provider.startswith("compile") else unet
@@ -99,8 +100,8 @@ def _why(e: BaseException) -> str:
 
 
 def table(device, quick: bool = False, compile_models: bool = True, **overrides) -> str:
-    """The markdown table; overrides: batch, steps, precisions, reps, modes, channels_last (None: the
-    defaults of settings())."""
+    """The markdown table; overrides: batch, steps, precisions, reps, modes, channels_last, providers (None:
+    the defaults of settings(), DEFAULT_PROVIDERS)."""
     device = torch.device(device)
     s = settings(device, quick)
     s.update({k: v for k, v in overrides.items() if v is not None})
@@ -121,7 +122,8 @@ def table(device, quick: bool = False, compile_models: bool = True, **overrides)
     for mode in modes:
         for precision in s["precisions"]:
             fns, rows = {}, {}
-            for provider in PROVIDERS:
+            providers = [p for p in PROVIDERS if p in (s.get("providers") or DEFAULT_PROVIDERS)]
+            for provider in providers:
                 if provider.startswith("compile") and not compile_models:
                     rows[provider] = f"| {mode} | {precision} | {provider} | skipped (--no-compile) | — | — |"
                     continue
@@ -135,7 +137,7 @@ def table(device, quick: bool = False, compile_models: bool = True, **overrides)
             # the providers alternate (A B, B A, ...): the same disturbances for all, the ratio from one run
             t = timing.interleaved(fns, reps, warmup=0 if quick else 1)
             med = {p: sorted(v)[len(v) // 2] for p, v in t.times.items()}
-            for provider in PROVIDERS:
+            for provider in providers:
                 if provider in med:
                     ratio = f"{med['unpatched'] / med[provider]:.2f}×" if "unpatched" in med else "— (no unpatched time)"
                     rows[provider] = (f"| {mode} | {precision} | {provider} | {med[provider] * 1e3:.1f} | "
@@ -184,6 +186,7 @@ def _parser():
     p.add_argument("--reps", type=positive, help="timed repetitions of each provider, interleaved (default 5)")
     p.add_argument("--modes", type=modes, help="train,pipeline (default both)")
     p.add_argument("--channels-last", action="store_true", help="models and inputs in channels_last")
+    p.add_argument("--compile-patched", action="store_true", help="add a row for torch.compile of the patched model")
     return p
 
 
@@ -194,7 +197,8 @@ def main(argv: list[str]) -> int:
         return 2
     print(table(args.device, args.quick, args.compile, batch=args.batch, steps=args.steps,
                 precisions=args.precisions, reps=args.reps, modes=args.modes,
-                channels_last=args.channels_last or None))
+                channels_last=args.channels_last or None,
+                providers=PROVIDERS if args.compile_patched else None))
     return 0
 
 

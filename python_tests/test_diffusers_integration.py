@@ -36,7 +36,8 @@ from tolerances import assert_matches_oracle  # noqa: E402
 
 from diffusion_ext.integrations import diffusers as dxd  # noqa: E402
 from diffusion_ext.nn.dropout import new_seed  # noqa: E402
-from diffusion_ext.integrations import diffusers_attention, diffusers_resnet, diffusers_schedulers, fused_norm  # noqa: E402
+from diffusion_ext.integrations import (diffusers_attention, diffusers_layout, diffusers_resnet,  # noqa: E402
+                                        diffusers_schedulers, fused_norm)
 
 ZERO_GRADS = ("to_k.bias",)  # softmax is blind to a key bias (network_check.rel_errs)
 # network_check's rule with 4× instead of 2× the unpatched model's worst error: these networks have more
@@ -225,6 +226,84 @@ def test_report_counts_of_the_conditional_unet_and_the_vae():
 
 
 # ----------------------------------------------------------------------------------------------------
+# sampling on a CPU: the convolutions on channels_last activations (diffusers_layout.py)
+# ----------------------------------------------------------------------------------------------------
+def _conv_in_layouts(model):
+    """Records, per call, whether each conv_in (the UNet's, or the VAE encoder's and decoder's) saw a
+    channels_last input."""
+    seen = []
+    for n, m in model.named_modules():
+        if n.endswith("conv_in"):
+            m.register_forward_pre_hook(lambda _, a: seen.append(a[0].is_contiguous(memory_format=torch.channels_last)))
+    return seen
+
+
+@pytest.mark.parametrize("name", ["unet_a", "unet_c", "vae"])
+def test_sampling_on_a_cpu_runs_the_convolutions_on_channels_last_activations(name):
+    model, twin, report, fn, x = _patched_pair(name)
+    x = x.float()
+    assert report.counts()[diffusers_layout.CHANNELS_LAST_KIND] == (2 if name == "vae" else 1)  # VAE: Encoder, Decoder
+    seen = _conv_in_layouts(model)
+    with torch.no_grad():
+        out, ref = fn(model, x), fn(twin, x)
+    assert seen and all(seen), seen
+    assert out.is_contiguous() and out.shape == ref.shape  # the layout the unpatched model returns
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
+    seen.clear()
+    seen_twin = _conv_in_layouts(twin)
+    fn(model, x), fn(twin, x)  # gradients on (training): the layouts the unpatched model has
+    assert seen == seen_twin and not seen[0], (seen, seen_twin)
+    seen.clear(), seen_twin.clear()
+    model.double(), twin.double()  # a dtype whose layouts were not measured: left as it is
+    with torch.no_grad():
+        fn(model, x.double()), fn(twin, x.double())
+    assert seen == seen_twin and not seen[0], (seen, seen_twin)
+
+
+def test_channels_last_sampling_keeps_the_forward_signature_and_output_types():
+    model, twin, _, _, x = _patched_pair("unet_a")
+    x, t = x.float(), torch.tensor([3, 900])
+    seen = _conv_in_layouts(model)
+    with torch.inference_mode():
+        ref = twin(x, t).sample
+        by_name = model(sample=x, timestep=t)
+        as_tuple = model(x, t, return_dict=False)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            autocast = model(x, t).sample
+        in_bf16 = copy.deepcopy(model).bfloat16()(x.bfloat16(), t).sample  # (the copy keeps the hook)
+    assert seen == [True] * 4
+    assert autocast.is_contiguous()
+    assert type(by_name) is type(twin(x, t)) and isinstance(as_tuple, tuple) and len(as_tuple) == 1
+    for out in (by_name.sample, as_tuple[0]):
+        assert out.is_contiguous()
+        torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
+    assert in_bf16.dtype == torch.bfloat16 and in_bf16.is_contiguous()
+    off = copy.deepcopy(twin)
+    dxd.patch(off, channels_last=False)
+    seen_off = _conv_in_layouts(off)
+    with torch.no_grad():
+        off(x, t)
+    assert seen_off == [False] and "forward" not in vars(off)
+
+
+def test_torch_compile_fullgraph_traces_channels_last_sampling():
+    model, twin, _, fn, x = _patched_pair("unet_a")
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend=backend, fullgraph=True)
+    with torch.no_grad():
+        out, ref = compiled(x.float(), torch.tensor([3, 900])).sample, fn(twin, x.float())
+    assert len(graphs) == 1 and out.is_contiguous()
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
+    torch._dynamo.reset()
+
+
+# ----------------------------------------------------------------------------------------------------
 # scale_shift (FiLM)
 # ----------------------------------------------------------------------------------------------------
 def test_scale_shift_blocks_call_the_film_op(monkeypatch):
@@ -314,8 +393,9 @@ def test_patching_twice_is_patching_once():
 def test_options_turn_parts_off():
     cls, cfg, _, _ = _case("unet_a")
     counts = dxd.patch(cls(**cfg), group_norm=False).counts()
-    assert set(counts) == {diffusers_attention.ATTENTION_KIND, diffusers_attention.ATTENTION_NORM_KIND}
-    counts = dxd.patch(cls(**cfg), attention=False).counts()
+    assert set(counts) == {diffusers_attention.ATTENTION_KIND, diffusers_attention.ATTENTION_NORM_KIND,
+                           diffusers_layout.CHANNELS_LAST_KIND}
+    counts = dxd.patch(cls(**cfg), attention=False, channels_last=False).counts()
     assert set(counts) == {diffusers_resnet.RESNET_KIND, diffusers_resnet.NORM_OUT_KIND}
     sched = DDIMScheduler()
     assert not dxd.patch(sched, scheduler=False).fused and "step" not in vars(sched)
@@ -342,6 +422,7 @@ def test_importing_without_diffusers_is_a_clear_import_error(monkeypatch):
 def test_inputs_the_kernels_do_not_take_run_diffusers_code(monkeypatch):
     model, twin, _, fn, x = _patched_pair("unet_a")
     monkeypatch.setattr(fused_norm, "FUSED_DEVICES", ())  # as if the tensors were on another device
+    monkeypatch.setattr(diffusers_layout, "LAYOUT_DTYPES", ())  # (and the layout part off: tested on its own)
     calls = _spy(monkeypatch, "group_norm_act", "attention")
     with torch.no_grad():
         assert torch.equal(fn(model, x.float()), fn(twin, x.float()))

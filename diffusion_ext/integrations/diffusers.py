@@ -14,7 +14,10 @@ forwards are bound per instance, as Liger-Kernel's monkey patches do):
   the VAE's Encoder/Decoder likewise; its dropout (p > 0) with the mask made in the kernel (ops.dropout);
 - Attention: a processor running the layer's group norm and diffusion_ext's flash attention, self- and
   cross-attention (diffusers_attention.py);
-- DDPMScheduler / DDIMScheduler: add_noise and step on the fused schedule ops (diffusers_schedulers.py).
+- DDPMScheduler / DDIMScheduler: add_noise and step on the fused schedule ops (diffusers_schedulers.py);
+- UNet2DModel, UNet2DConditionModel and the VAE's Encoder/Decoder, when sampling on a CPU (gradients
+  off): the convolutions on channels_last activations, converted on entry and back on exit
+  (diffusers_layout.py).
 Tested with diffusers 0.42.
 """
 from __future__ import annotations
@@ -32,6 +35,7 @@ from diffusers.models.attention_processor import Attention
 from diffusers.models.resnet import ResnetBlock2D, ResnetBlockCondNorm2D
 
 from .diffusers_attention import FusedAttnProcessor, patch_attention, unpatch_attention
+from .diffusers_layout import LAYOUT_MODELS, patch_layout, unpatch_layout
 from .diffusers_report import PatchReport
 from .diffusers_resnet import (patch_dropout, patch_norm_out, patch_resnet, unpatch_dropout, unpatch_norm_out,
                                unpatch_resnet)
@@ -73,7 +77,7 @@ def _enclosing_block(names: dict[str, torch.nn.Module], path: str) -> str:
 
 
 def _patch_module(model: torch.nn.Module, report: PatchReport, group_norm: bool, attention: bool,
-                  dropout: bool) -> None:
+                  dropout: bool, channels_last: bool) -> None:
     names = dict(model.named_modules())
     for path, m in names.items():
         where = _enclosing_block(names, path) if path else ""
@@ -90,6 +94,8 @@ def _patch_module(model: torch.nn.Module, report: PatchReport, group_norm: bool,
             patch_attention(m, path, where, report)
         if group_norm and type(m).__name__ in _NORM_OUT_PARENTS:
             patch_norm_out(m, path, report)
+        if channels_last and type(m).__name__ in LAYOUT_MODELS:
+            patch_layout(m, path, report)
     if group_norm:
         report.note("tensors of a dtype or on a device the kernels do not take (they take float32/64, float16, "
                     "bfloat16 on CPU and CUDA)")
@@ -98,15 +104,17 @@ def _patch_module(model: torch.nn.Module, report: PatchReport, group_norm: bool,
 
 
 def patch(obj, group_norm: bool = True, attention: bool = True, scheduler: bool = True,
-          dropout: bool = True) -> PatchReport:
+          dropout: bool = True, channels_last: bool = True) -> PatchReport:
     """Runs obj's ResnetBlock2D norms and dropout, Attention layers and DDPM/DDIM scheduler steps on
     diffusion_ext's fused kernels (see the module docstring); returns the report. Patching twice changes
     nothing more.
 
-    group_norm, attention, scheduler, dropout: False leaves that part to diffusers (dropout=False keeps
-    torch's generator drawing the dropout masks, e.g. to reproduce an unpatched training run's masks)."""
+    group_norm, attention, scheduler, dropout, channels_last: False leaves that part to diffusers
+    (dropout=False keeps torch's generator drawing the dropout masks, e.g. to reproduce an unpatched
+    training run's masks; channels_last=False keeps the caller's layout when sampling on a CPU)."""
     flags = {n: _check_flag(n, v) for n, v in (("group_norm", group_norm), ("attention", attention),
-                                                 ("scheduler", scheduler), ("dropout", dropout))}
+                                                 ("scheduler", scheduler), ("dropout", dropout),
+                                                 ("channels_last", channels_last))}
     report = PatchReport(type(obj).__name__, _diffusers.__version__)
     for name, comp in _components(obj):
         part = PatchReport(type(comp).__name__, report.diffusers_version)
@@ -114,7 +122,8 @@ def patch(obj, group_norm: bool = True, attention: bool = True, scheduler: bool 
             if flags["scheduler"]:
                 patch_scheduler(comp, part)
         else:
-            _patch_module(comp, part, flags["group_norm"], flags["attention"], flags["dropout"])
+            _patch_module(comp, part, flags["group_norm"], flags["attention"], flags["dropout"],
+                          flags["channels_last"])
         if name:
             report.merge(part, name)
         else:
@@ -136,4 +145,6 @@ def unpatch(obj) -> int:
                 restored += unpatch_attention(m)
             if type(m).__name__ in _NORM_OUT_PARENTS:
                 restored += unpatch_norm_out(m)
+            if type(m).__name__ in LAYOUT_MODELS:
+                restored += unpatch_layout(m)
     return restored
