@@ -422,7 +422,7 @@ def test_importing_without_diffusers_is_a_clear_import_error(monkeypatch):
 def test_inputs_the_kernels_do_not_take_run_diffusers_code(monkeypatch):
     model, twin, _, fn, x = _patched_pair("unet_a")
     monkeypatch.setattr(fused_norm, "FUSED_DEVICES", ())  # as if the tensors were on another device
-    monkeypatch.setattr(diffusers_layout, "LAYOUT_DTYPES", ())  # (and the layout part off: tested on its own)
+    monkeypatch.setattr(diffusion_ext.nn.layout, "LAYOUT_DTYPES", ())  # (and the layout part off: tested on its own)
     calls = _spy(monkeypatch, "group_norm_act", "attention")
     with torch.no_grad():
         assert torch.equal(fn(model, x.float()), fn(twin, x.float()))

@@ -148,6 +148,29 @@ def test_unet_channels_last_matches_contiguous(which, cfg):
                                 memory_format=torch.channels_last, factor=2.0 if which == "fused" else 3.0)
 
 
+@pytest.mark.parametrize("which", ["fused", "eager"])
+def test_unet_samples_on_channels_last_activations_on_a_cpu_when_fused(which):
+    """fused, gradients off, fp32/bf16 CPU input (nn/layout.py): conv_in sees channels_last and the output comes
+    back contiguous; with gradients on, or for the eager model, the caller's layout stays."""
+    fused, eager = _pair(UNet, TINY_UNET)
+    model = fused if which == "fused" else eager
+    x, t, y = _unet_inputs()
+    x = x.float()
+    with torch.no_grad():
+        ref = eager(x, t, y)
+    seen = []
+    model.conv_in.register_forward_pre_hook(lambda _, a: seen.append(a[0].is_contiguous(memory_format=torch.channels_last)))
+    with torch.no_grad():
+        out = model(x, t, y)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            model(x, t, y)
+    model(x, t, y)  # gradients on: training keeps the caller's layout
+    converts = which == "fused"
+    assert seen == [converts, converts, False], seen
+    assert out.is_contiguous()
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize("kind,cfg", MODEL_CASES)
 def test_fused_model_runs_under_bf16_autocast_like_the_eager_one(kind, cfg):
     """Mixed precision as the trainer runs it: fp32 parameters, bf16 activations from autocast's convs.

@@ -1,26 +1,13 @@
-"""Inference on a CPU with a diffusers model's convolutions on channels_last (NHWC) activations.
+"""Sampling on a CPU with a diffusers model's convolutions on channels_last (NHWC) activations.
 
-oneDNN, which runs torch's CPU convolutions, computes in a channels-last blocked layout: given NCHW
-activations it reorders them in and the result back out on every convolution, given channels_last ones it
-reads them as they are. torch.compile's inductor makes the same choice for CPU convolutions (its layout
-optimisation), and that was most of its lead over the patched model on a bf16 pipeline: on the 2-core AMX
-Xeon (benchmarks/results/cpu-2026-12-02-diffusers-channels-last.md) a forward of the report's 64×64
-UNet2DModel under bf16 autocast took 358 ms on NCHW input and 267 ms on channels_last input (batch 8;
-fp32 637 → 610 ms; batch 1 113 → 84 ms bf16, 114 → 104 ms fp32), with the weights left as they are.
-
-So the patched model's forward converts its `sample` to channels_last on entry and its output back to
-contiguous on exit (both a few hundred KB at 64×64×3): everything between follows the convolutions'
-output layout (group_norm_act and the attention processor read it natively). Only when it helps and
-nothing can notice:
-- a CPU tensor, float32 or bfloat16 (fp16 and fp64 convolutions were not measured), 4-D, not already
-  channels_last;
-- gradients off (torch.no_grad / inference_mode: sampling, pipelines, evaluation). Training keeps the
-  caller's layout: oneDNN's channels_last convolution backward made a training step 15-35 % slower on an
-  AVX2 EPYC and faster on the AMX Xeon (README), so that choice depends on the CPU and stays the user's
-  (`model.to(memory_format=torch.channels_last)`).
-The parameters keep their layout; the output has the values and layout the unpatched model gives (to
-oneDNN's rounding, which differs between its layouts as it does between thread counts). CUDA tensors keep
-their layout: no GPU has measured cuDNN's layouts for these models yet.
+The patched forward of UNet2DModel, UNet2DConditionModel and the VAE's Encoder/Decoder converts its `sample` to
+channels_last on entry and its output back to contiguous on exit (both a few hundred KB at 64×64×3) when
+nn.layout.runs_channels_last says so (a CPU, gradients off, fp32/bf16; that module has why and the
+measurements): everything between follows the convolutions' output layout (group_norm_act and the attention
+processor read it natively). That layout was most of torch.compile's lead over the patched model on a bf16
+pipeline (benchmarks/results/cpu-2026-12-02-diffusers-channels-last.md). The parameters keep their layout;
+the output has the values the unpatched model gives to oneDNN's rounding, which differs between its layouts
+as it does between thread counts.
 """
 from __future__ import annotations
 
@@ -29,18 +16,11 @@ import dataclasses
 import torch
 
 from .binding import bind, patch_function, taken_by_someone_else, unbind
+from ..nn.layout import runs_channels_last
 
 CHANNELS_LAST_KIND = "inference on a CPU: convolutions on channels_last activations"
 # the models whose forward takes the image (or latent) `sample` first and returns one of the same shape
 LAYOUT_MODELS = ("UNet2DModel", "UNet2DConditionModel", "Encoder", "Decoder")
-LAYOUT_DTYPES = (torch.float32, torch.bfloat16)
-
-
-def runs_channels_last(sample) -> bool:
-    """Whether this call converts `sample` (decided per call; traced as guards under torch.compile)."""
-    return (isinstance(sample, torch.Tensor) and sample.dim() == 4 and sample.device.type == "cpu" and
-            sample.dtype in LAYOUT_DTYPES and not torch.is_grad_enabled() and
-            not sample.is_contiguous(memory_format=torch.channels_last))
 
 
 def _contiguous(out):

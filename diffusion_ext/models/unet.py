@@ -9,6 +9,7 @@ from ._config import divisible_by_groups, int_list, one_of, positive_int
 from .blocks import TIME_EMBEDDING_NORMS, AttentionBlock, Downsample, ResBlock, TimestepSequential, Upsample
 from .embeddings import TimestepEmbedding
 from ..nn import GroupNormAct
+from ..nn.layout import runs_channels_last
 
 # The head dims diffusion_ext.attention accepts: multiples of 8 from 8 to this (kAttentionMaxHeadDim in
 # csrc/attention_args.h).
@@ -170,6 +171,13 @@ class UNet(torch.nn.Module):
 
     def forward(self, x: torch.Tensor, t, y: torch.Tensor | None = None) -> torch.Tensor:
         t = self._check(x, t, y)
+        if self.fused and runs_channels_last(x):
+            # sampling on a CPU: every convolution on channels_last activations, the output in x's layout
+            # (nn/layout.py: oneDNN reorders NCHW activations in and out per convolution)
+            return self._forward(x.contiguous(memory_format=torch.channels_last), t, y).contiguous()
+        return self._forward(x, t, y)
+
+    def _forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
         # 1. emb = MLP(sinusoidal(t)) (Ho et al. 2020, App. B) + the class embedding (the null class when y is
         #    None), so that one network gives ε(x_t, y) and ε(x_t, ∅) (Ho & Salimans 2022, Alg. 1)
         emb = self.time_embed(t)
