@@ -303,6 +303,18 @@ def test_torch_compile_fullgraph_traces_channels_last_sampling():
     torch._dynamo.reset()
 
 
+def test_resnet_output_scale_factor_divides_unless_it_is_one():
+    """(skip(x) + h) / output_scale_factor: the patched block skips the division only where it is exact (1)."""
+    model, twin, _, fn, x = _patched_pair("unet_a")
+    with torch.no_grad():
+        for m in (model, twin):
+            for block in m.modules():
+                if isinstance(block, ResnetBlock2D):
+                    block.output_scale_factor = 2.0
+        out, ref = fn(model, x.float()), fn(twin, x.float())
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
+
+
 # ----------------------------------------------------------------------------------------------------
 # scale_shift (FiLM)
 # ----------------------------------------------------------------------------------------------------

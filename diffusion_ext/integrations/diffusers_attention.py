@@ -74,7 +74,8 @@ class FusedAttnProcessor:
             hidden_states = hidden_states.transpose(-1, -2).reshape(batch, channel, height, width)
         if attn.residual_connection:
             hidden_states = hidden_states + residual
-        return hidden_states / attn.rescale_output_factor
+        # (x / 1 is x exactly: no pass over the activations for the usual factor)
+        return hidden_states if attn.rescale_output_factor == 1 else hidden_states / attn.rescale_output_factor
 
 
 def _why_not(attn: Attention) -> str | None:
