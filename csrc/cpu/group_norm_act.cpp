@@ -140,6 +140,24 @@ void forward(const GroupNormArgs& a) {
     for (int64_t c = 0; c < C; ++c) K[n * C + c] = static_cast<double>(x[n * HW * C + c]);
   }
   at::parallel_for(0, s.N * chunks, 1, [&](int64_t begin, int64_t end) {  // 1. per-channel partial sums
+    if constexpr (AccLanes<scalar_t>::kWiden) {  // bf16/fp16: fp32 lanes, into double every kRowRun rows
+      std::vector<float> kf(C), f1(C, 0.f), f2(C, 0.f);
+      for (int64_t nk = begin; nk < end; ++nk) {
+        const int64_t n = nk / chunks, first = nk % chunks * rows, last = std::min(HW, first + rows);
+        for (int64_t c = 0; c < C; ++c) kf[c] = static_cast<float>(K[n * C + c]);
+        for (int64_t r0 = first; r0 < last; r0 += kRowRun) {
+          for (int64_t r = r0; r < std::min(last, r0 + kRowRun); ++r) {
+            add_row_sums_lanes(x + (n * HW + r) * C, C, kf.data(), f1.data(), f2.data());
+          }
+          for (int64_t c = 0; c < C; ++c) {
+            s1[nk * C + c] += f1[c];
+            s2[nk * C + c] += f2[c];
+            f1[c] = f2[c] = 0.f;
+          }
+        }
+      }
+      return;
+    }
     for (int64_t nk = begin; nk < end; ++nk) {
       const int64_t n = nk / chunks, first = nk % chunks * rows, last = std::min(HW, first + rows);
       for (int64_t r = first; r < last; ++r) {
