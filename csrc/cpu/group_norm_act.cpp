@@ -3,7 +3,8 @@
 //
 // channels_first: one task per (n, g); the group's rows are contiguous and stay in cache between the
 // statistics and the output pass. channels_last: tasks over (n, chunk of spatial rows), per-channel
-// partial sums in double, combined per group (Chan et al.), then a second pass over the rows.
+// partial sums in double (bf16/fp16: fp32 lanes over 64 rows at a time, then added into them), combined per
+// group (Chan et al.), then a second pass over the rows.
 // Backward (per group, M = C/G·HW elements): dz = dy·act'(z), x̂ = (x − μ)·rstd,
 //   dβ_c = Σ dz, dγ_c = Σ dz·x̂, dx = rstd·(dz·γ − mean(dz·γ) − x̂·mean(dz·γ·x̂)).
 // FiLM (scale, shift) only changes the per-channel coefficients: γ', β' per (n, c) (common/film.h, F1-F3),
