@@ -337,9 +337,10 @@ inline void add_row_sums(const scalar_t* x, int64_t C, const double* K, double* 
 }
 
 // bf16/fp16 rows: f1[c] += x[c] − K[c], f2[c] += (x[c] − K[c])² in fp32 lanes (K in fp32), which the caller adds
-// into its double sums every kRowRun rows. Both are exact for bf16 (the difference of two bf16 values of nearby
-// exponents fits fp32's 24 bits, and its square 16 bits), so only the sum of kRowRun terms rounds; the double
-// lanes of add_row_sums moved 4× the bytes through L1 per element (the channels_last forward was 4× a copy's time).
+// into its double sums every kRowRun rows. The difference is exact in fp32 for values within 2^16 of each other's
+// magnitude (8- and 11-bit significands); the square and the sum of at most kRowRun terms round at fp32's 2^-24,
+// far below the input's own 2^-8 (bf16) or 2^-11 (fp16). The double lanes of add_row_sums moved 4× the bytes
+// through L1 per element (the channels_last forward was 4× a copy's time; fp32/fp64 rows keep them).
 constexpr int64_t kRowRun = 64;
 
 template <typename scalar_t>

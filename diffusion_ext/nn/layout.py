@@ -15,7 +15,7 @@ Only when it helps and nothing can notice:
 - gradients off (torch.no_grad / inference_mode: sampling, pipelines, evaluation). Training keeps the
   caller's layout: oneDNN's channels_last convolution backward made a training step 15-35 % slower on the
   AVX2 EPYC and faster on the AMX Xeon (README), so there the choice depends on the CPU and stays the user's.
-The caller converts the output back to contiguous, so it gets the layout it would get otherwise. CUDA
+The caller converts the output back to contiguous, the layout of the input it converted. CUDA
 tensors keep their layout: no GPU has measured cuDNN's layouts for these models yet.
 """
 from __future__ import annotations
