@@ -29,11 +29,27 @@ void check_dtype_and_device(const char* op, const char* name, const at::Tensor& 
               "; expected the same device");
 }
 
-void check_affine(const char* op, const char* name, const std::optional<at::Tensor>& p, const at::Tensor& x) {
-  if (!given(p)) return;
-  TORCH_CHECK(p->dim() == 1 && p->size(0) == x.size(1), op, ": ", name, " has shape ", p->sizes(),
-              "; expected [", x.size(1), "], one value per channel");
-  check_dtype_and_device(op, name, *p, x);
+// γ and β: x's dtype, or float32 with a float16/bfloat16 x (mixed precision: an autocast model's fp32
+// parameters on its half activations, read without a cast per call; their gradients come back in float32,
+// summed without rounding to the activations' dtype). Both in one dtype when both are given.
+void check_affine(const char* op, const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
+                  const at::Tensor& x) {
+  const bool half = x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16;
+  for (const auto* p : {&weight, &bias}) {
+    if (!given(*p)) continue;
+    const char* name = p == &weight ? "weight" : "bias";
+    TORCH_CHECK((*p)->dim() == 1 && (*p)->size(0) == x.size(1), op, ": ", name, " has shape ", (*p)->sizes(),
+                "; expected [", x.size(1), "], one value per channel");
+    const auto st = (*p)->scalar_type();
+    TORCH_CHECK_TYPE(st == x.scalar_type() || (half && st == at::kFloat), op, ": ", name, " has dtype ", st,
+                     " but x has dtype ", x.scalar_type(), "; expected x's dtype",
+                     half ? " or float32" : "");
+    TORCH_CHECK((*p)->device() == x.device(), op, ": ", name, " is on ", (*p)->device(), " but x is on ",
+                x.device(), "; expected the same device");
+  }
+  TORCH_CHECK_TYPE(!given(weight) || !given(bias) || weight->scalar_type() == bias->scalar_type(), op,
+                   ": weight has dtype ", weight->scalar_type(), " but bias has dtype ",
+                   bias->scalar_type(), "; expected the same dtype");
 }
 
 // scale or shift of FiLM (common/film.h): (N, C), one value per sample and channel.
@@ -84,8 +100,7 @@ GroupNormArgs prepare_group_norm_act(const at::Tensor& x, int64_t num_groups, co
                                      bool allocate) {
   GroupNormArgs a;
   a.shape = shape_of(kOp, x, num_groups);
-  check_affine(kOp, "weight", weight, x);
-  check_affine(kOp, "bias", bias, x);
+  check_affine(kOp, weight, bias, x);
   check_film(kOp, "scale", scale, x);
   check_film(kOp, "shift", shift, x);
   TORCH_CHECK_VALUE(std::isfinite(eps) && eps > 0, kOp, ": eps = ", eps, "; expected a finite eps > 0");
@@ -117,8 +132,7 @@ GroupNormBackwardArgs prepare_group_norm_act_backward(const at::Tensor& grad_y, 
   GroupNormBackwardArgs a;
   a.shape = shape_of(kBackward, x, num_groups);
   check_like(kBackward, "grad_y", grad_y, "x", x);
-  check_affine(kBackward, "weight", weight, x);
-  check_affine(kBackward, "bias", bias, x);
+  check_affine(kBackward, weight, bias, x);
   check_film(kBackward, "scale", scale, x);
   check_film(kBackward, "shift", shift, x);
   const auto acc = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
@@ -141,8 +155,8 @@ GroupNormBackwardArgs prepare_group_norm_act_backward(const at::Tensor& grad_y, 
   if (given(weight)) a.weight = weight->contiguous();
   if (given(bias)) a.bias = bias->contiguous();
   if (output_mask[0]) a.grad_x = at::empty_like(a.x);
-  if (a.weight.defined() && output_mask[1]) a.grad_weight = at::empty({a.shape.C}, x.options());
-  if (a.bias.defined() && output_mask[2]) a.grad_bias = at::empty({a.shape.C}, x.options());
+  if (a.weight.defined() && output_mask[1]) a.grad_weight = at::empty({a.shape.C}, a.weight.options());
+  if (a.bias.defined() && output_mask[2]) a.grad_bias = at::empty({a.shape.C}, a.bias.options());
   a.scale = film_operand(scale);
   a.shift = film_operand(shift);
   if (a.scale.defined() && scale_shift_mask[0]) a.grad_scale = at::empty({a.shape.N, a.shape.C}, x.options());

@@ -27,7 +27,8 @@ struct GroupNormShape {
 };
 
 struct GroupNormArgs {
-  at::Tensor x, weight, bias;  // weight, bias: (C) or undefined (affine = false: γ = 1, β = 0)
+  at::Tensor x, weight, bias;  // weight, bias: (C) or undefined (affine = false: γ = 1, β = 0); x's dtype,
+                               // or float32 with a half x (group_norm_args.cpp check_affine)
   at::Tensor scale, shift;     // (N, C) or undefined (s = 0, t = 0)
   at::Tensor y, mean, rstd;
   GroupNormShape shape;
@@ -38,7 +39,8 @@ struct GroupNormArgs {
 
 struct GroupNormBackwardArgs {
   at::Tensor grad_y, x, mean, rstd, weight, bias, scale, shift;
-  at::Tensor grad_x, grad_weight, grad_bias;  // undefined where output_mask is false or weight is absent
+  at::Tensor grad_x, grad_weight, grad_bias;  // undefined where output_mask is false or weight is absent;
+                                              // grad_weight, grad_bias in the parameters' dtype
   at::Tensor grad_scale, grad_shift;          // (N, C) contiguous; undefined where scale_shift_mask is false
                                               // or the input is absent
   std::array<bool, 3> output_mask{true, true, true};

@@ -197,6 +197,8 @@ def group_norm_act(x: torch.Tensor, num_groups: int, weight: torch.Tensor | None
                    scale: torch.Tensor | None = None, shift: torch.Tensor | None = None) -> torch.Tensor:
     """act(GroupNorm(x)) in one fused pass, differentiable in x, weight and bias. x is (N, C, *);
     activation is "silu" (the U-Net's), "relu" (the VAE's) or "none" (plain GroupNorm).
+    weight, bias: (C,) in x's dtype, or float32 with a float16/bfloat16 x (mixed precision: an autocast
+    model's parameters read as they are, their gradients returned in float32).
     scale, shift: optional (N, C) FiLM in x's dtype, act(GroupNorm(x)·(1 + scale) + shift) — the
     "scale_shift" time-embedding norm of Nichol & Dhariwal 2021 and diffusers' ResnetBlock2D; either may be
     given alone, and both are differentiable."""

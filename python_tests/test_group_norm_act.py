@@ -125,6 +125,53 @@ def test_film_matches_group_norm_scale_shift_then_activation(backend_device, sha
         assert out[0].stride() == x.stride(), "channels_last output keeps the layout, no copy"
 
 
+MIXED_SHAPES = [((2, 6, 5, 7), 3), ((2, 40, 6, 6), 8), ((1, 32, 9, 9), 4)]
+
+
+@pytest.mark.parametrize("film", [None, "both"])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("shape,num_groups", MIXED_SHAPES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_mixed_precision_fp32_params_on_half_activations(backend_device, shape, num_groups, layout, film, dtype):
+    """fp32 γ, β with a bf16/fp16 x (an autocast model's parameters, read without a cast): y and grad_x in x's
+    dtype, grad_weight and grad_bias in fp32, against the reference's mixed precision (autocast's fp32
+    F.group_norm, the result in x's dtype) and the fp64 oracle."""
+    backend, device = backend_device
+    if backend == "triton" and device == "cpu" and shape != MIXED_SHAPES[0]:
+        pytest.skip("the interpreter is slow: one shape suffices there")
+    g = torch.Generator().manual_seed(sum(shape) + 7)
+    x = _make(shape, layout, dtype, device, g, offset=0.5)
+    w = (torch.randn(shape[1], generator=g, dtype=torch.float64) * 0.5 + 1).to(device, torch.float32)
+    b = (torch.randn(shape[1], generator=g, dtype=torch.float64) * 0.5).to(device, torch.float32)
+    scale, shift = _film_inputs(film, shape[0], shape[1], dtype, device, g) if film else (None, None)
+    gy = _make(shape, "contiguous", dtype, device, g)
+    args = (x, w, b, gy, num_groups, 1e-5, "silu", scale, shift)
+    out = _run(ops.group_norm_act, *args)
+    with dx.use_backend("torch"):
+        ref = _run(ops.group_norm_act, *args)
+    oracle = _oracle(x, w, b, gy, num_groups, "silu", scale, shift)
+    names = ["y", "grad_x", "grad_weight", "grad_bias"] + ["grad_scale", "grad_shift"] * (film is not None)
+    assert [t.dtype for t in out] == [dtype, dtype, torch.float32, torch.float32] + [dtype, dtype] * (film is not None)
+    _assert_all_match(names, out, ref, oracle)
+
+
+def test_mixed_precision_dtype_errors():
+    """The parameters' dtype: x's, or float32 with a half x, weight and bias alike; anything else names the op,
+    the argument and what was expected."""
+    x = torch.randn(2, 4, 3, 3)
+    w32 = torch.ones(4)
+    cases = [
+        (x, w32.half(), None, "weight has dtype Half but x has dtype Float; expected x's dtype$"),
+        (x.bfloat16(), w32.double(), None, "weight has dtype Double .* expected x's dtype or float32"),
+        (x.half(), w32.bfloat16(), None, "weight has dtype BFloat16 .* expected x's dtype or float32"),
+        (x.bfloat16(), w32, w32.bfloat16(), "weight has dtype Float but bias has dtype BFloat16; expected the same"),
+        (x.double(), None, w32, "bias has dtype Float but x has dtype Double"),
+    ]
+    for xx, w, b, msg in cases:
+        with pytest.raises(TypeError, match="diffusion_ext.group_norm_act: " + msg):
+            ops.group_norm_act(xx, 2, w, b)
+
+
 def test_film_of_zero_is_the_plain_op(backend_device):
     """scale = shift = 0 gives γ' = γ·1 and β' = β·1 + 0 exactly: the output equals the plain op's bit for bit."""
     _, device = backend_device
@@ -202,6 +249,8 @@ def _opcheck_args(device):
     scale, shift = torch.randn(2, 12, device=device).chunk(2, dim=1)  # strided views, read in place
     cl = x.contiguous(memory_format=torch.channels_last)
     y, mean, rstd = torch.ops.diffusion_ext.group_norm_act(x, 3, w, b, 1e-5, "silu")
+    xb = x.bfloat16().contiguous(memory_format=torch.channels_last)
+    _, mean_b, rstd_b = torch.ops.diffusion_ext.group_norm_act(xb, 3, w, b, 1e-5, "silu")
     fwd, bwd = torch.ops.diffusion_ext.group_norm_act.default, torch.ops.diffusion_ext.group_norm_act_backward.default
     return [
         (fwd, (x, 3, w, b, 1e-5, "silu")),
@@ -213,6 +262,9 @@ def _opcheck_args(device):
         (bwd, (torch.randn_like(x), x, mean, rstd, w, b, 3, "silu", [True, True, True], scale, shift)),
         (bwd, (torch.randn_like(cl), cl, mean, rstd, None, b, 3, "relu", [False, False, True], scale, None,
                [True, False])),
+        # mixed precision: fp32 γ, β with bf16 x; their gradients in fp32
+        (fwd, (xb, 3, w, b, 1e-5, "silu", scale.bfloat16(), None)),
+        (bwd, (torch.randn_like(xb), xb, mean_b, rstd_b, w, b, 3, "silu", [True, True, True])),
     ]
 
 

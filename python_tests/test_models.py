@@ -174,8 +174,8 @@ def test_unet_samples_on_channels_last_activations_on_a_cpu_when_fused(which):
 @pytest.mark.parametrize("kind,cfg", MODEL_CASES)
 def test_fused_model_runs_under_bf16_autocast_like_the_eager_one(kind, cfg):
     """Mixed precision as the trainer runs it: fp32 parameters, bf16 activations from autocast's convs.
-    The fused GroupNormAct takes the bf16 activations with γ, β cast to them (autocast runs the eager
-    F.group_norm in fp32 instead). Against the eager model in fp64, the fused model's worst relative error
+    The fused GroupNormAct takes the bf16 activations with the fp32 γ, β as they are (the op's mixed
+    precision; autocast runs the eager F.group_norm in fp32 instead). Against the eager model in fp64, the fused model's worst relative error
     over the output and every gradient is held to the network rule of _assert_fused_matches_eager: at
     most twice the eager model's under the same autocast, plus FLOOR[bf16]."""
     cls = UNet if kind == "unet" else VAE
@@ -190,26 +190,40 @@ def test_fused_model_runs_under_bf16_autocast_like_the_eager_one(kind, cfg):
 
 
 def test_group_norm_act_dtype_rules_outside_and_inside_autocast():
-    """A dtype mismatch outside autocast stays an error (as the eager F.group_norm path raises); under fp16
-    autocast the activations go to fp32 (autocast's rule for group_norm), under bf16 γ, β go to bf16."""
+    """A dtype mismatch outside autocast stays an error (as the eager F.group_norm path raises); under fp16 and
+    bf16 autocast the half activations and the fp32 γ, β go to the op as they are: the output in the
+    activations' dtype, ∂γ and ∂β in fp32 without a rounding to the half dtype on the way (they match the fp64
+    gradient of the same half inputs to fp32 accuracy, where a round trip through bf16 would err by ~2⁻⁹)."""
     gn = GroupNormAct(4, 8, fused=True)
-    x = torch.randn(2, 8, 4, 4, generator=torch.Generator().manual_seed(0))
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        gn.weight.normal_(1.0, 0.5, generator=g)
+        gn.bias.normal_(0.0, 0.5, generator=g)
+    x = torch.randn(2, 8, 4, 4, generator=g)
     with pytest.raises(TypeError, match="diffusion_ext.group_norm_act: weight has dtype"):
         gn(x.double())
-    ref = torch.nn.functional.silu(torch.nn.functional.group_norm(x, 4, gn.weight, gn.bias, gn.eps))
-    with torch.autocast("cpu", dtype=torch.float16):
-        out16 = gn(x.half())
-    assert out16.dtype == torch.float32
-    torch.testing.assert_close(out16, ref, atol=2e-3, rtol=2e-3)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        out_bf = gn(x.bfloat16())
-    assert out_bf.dtype == torch.bfloat16
-    torch.testing.assert_close(out_bf.float(), ref, atol=3e-2, rtol=3e-2)
+    for dtype, tol in ((torch.float16, 2e-3), (torch.bfloat16, 3e-2)):
+        xh = x.to(dtype)
+        ref = torch.nn.functional.silu(torch.nn.functional.group_norm(xh.double(), 4, gn.weight.double(),
+                                                                      gn.bias.double(), gn.eps))
+        gn.zero_grad()
+        with torch.autocast("cpu", dtype=dtype):
+            out = gn(xh)
+        assert out.dtype == dtype
+        torch.testing.assert_close(out.double(), ref, atol=tol, rtol=tol)
+        gy = torch.randn(out.shape, generator=g, dtype=torch.float64)
+        out.backward(gy.to(dtype))
+        w64, b64 = gn.weight.detach().double().requires_grad_(), gn.bias.detach().double().requires_grad_()
+        y64 = torch.nn.functional.silu(torch.nn.functional.group_norm(xh.double(), 4, w64, b64, gn.eps))
+        gw64, gb64 = torch.autograd.grad(y64, (w64, b64), gy.to(dtype).double())
+        for p, g64 in ((gn.weight, gw64), (gn.bias, gb64)):
+            assert p.grad.dtype == torch.float32
+            torch.testing.assert_close(p.grad.double(), g64, atol=1e-5, rtol=1e-5)
 
 
 def test_group_norm_act_film_dtype_rules_outside_and_inside_autocast():
-    """scale and shift follow x as γ and β do: a mismatch outside autocast is an error; under fp16 autocast they
-    go to fp32 with the activations, under bf16 to bf16 (from fp32, or as an autocast Linear gives them)."""
+    """scale and shift follow x: a mismatch outside autocast is an error; under fp16 and bf16 autocast they go
+    to the activations' dtype (from fp32, or as an autocast Linear gives them)."""
     gn = GroupNormAct(4, 8, fused=True)
     g = torch.Generator().manual_seed(1)
     x = torch.randn(2, 8, 4, 4, generator=g)
@@ -220,8 +234,8 @@ def test_group_norm_act_film_dtype_rules_outside_and_inside_autocast():
     ref = torch.nn.functional.silu(gn_ * (1 + scale[:, :, None, None]) + shift[:, :, None, None])
     with torch.autocast("cpu", dtype=torch.float16):
         out16 = gn(x.half(), scale.half(), shift.half())
-    assert out16.dtype == torch.float32
-    torch.testing.assert_close(out16, ref, atol=4e-3, rtol=4e-3)
+    assert out16.dtype == torch.float16
+    torch.testing.assert_close(out16.float(), ref, atol=4e-3, rtol=4e-3)
     for s, t in ((scale, shift), (scale.bfloat16(), shift.bfloat16())):
         with torch.autocast("cpu", dtype=torch.bfloat16):
             out_bf = gn(x.bfloat16(), s, t)

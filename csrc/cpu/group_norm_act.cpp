@@ -327,11 +327,18 @@ void backward(const GroupNormBackwardArgs& a) {
   // dγ_c = Σ_n Σdz·x̂, dβ_c = Σ_n Σdz (with FiLM, the sums now carry (1 + s) of F3)
   auto reduce_over_batch = [&](const at::Tensor& out, const std::vector<double>& sums) {
     if (!out.defined()) return;
-    scalar_t* o = out.mutable_data_ptr<scalar_t>();  // the parameters' dtype is x's (checked)
-    for (int64_t c = 0; c < C; ++c) {
-      double t = 0;
-      for (int64_t n = 0; n < N; ++n) t += sums[n * C + c];
-      o[c] = static_cast<scalar_t>(t);
+    auto write = [&](auto* o) {
+      for (int64_t c = 0; c < C; ++c) {
+        double t = 0;
+        for (int64_t n = 0; n < N; ++n) t += sums[n * C + c];
+        o[c] = static_cast<std::remove_pointer_t<decltype(o)>>(t);
+      }
+    };
+    // the parameters' dtype: x's, or float32 with a half x (mixed precision, group_norm_args.cpp)
+    if (out.scalar_type() == a.x.scalar_type()) {
+      write(out.mutable_data_ptr<scalar_t>());
+    } else {
+      write(out.mutable_data_ptr<float>());
     }
   };
   reduce_over_batch(a.grad_weight, db);

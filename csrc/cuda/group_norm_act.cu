@@ -256,19 +256,48 @@ struct GroupParams {
 // (F1) from the table gn_film_affine_kernel makes once per call (one 2·acc_t load per channel where computing
 // them in place would take four loads and the registers of four pointers). Made once (ParamSrc::sample) where
 // a block or thread stays in one sample, so that the per-pack code indexes by channel alone.
+// γ or β [C] in x's dtype, or in acc_t (float32 parameters of a half x: mixed precision, group_norm_args.cpp
+// check_affine); `wide` is the same for every thread of a call, so the branch does not diverge.
+template <typename scalar_t>
+struct ChannelParam {
+  using acc_t = acc_type<scalar_t>;
+  const void* p;  // nullptr: absent
+  bool wide;      // p holds acc_t
+
+  __device__ __forceinline__ acc_t at(int64_t c, acc_t absent) const {
+    if (p == nullptr) return absent;
+    return wide ? static_cast<const acc_t*>(p)[c] : static_cast<acc_t>(static_cast<const scalar_t*>(p)[c]);
+  }
+};
+
+// ∂γ or ∂β [C] out, in the parameter's dtype (ChannelParam), or nullptr: not wanted.
+template <typename scalar_t>
+struct ChannelGrad {
+  using acc_t = acc_type<scalar_t>;
+  void* p;
+  bool wide;
+
+  __device__ __forceinline__ void store(int64_t c, acc_t v) const {
+    if (wide) {
+      static_cast<acc_t*>(p)[c] = v;
+    } else {
+      static_cast<scalar_t*>(p)[c] = static_cast<scalar_t>(v);
+    }
+  }
+};
+
 template <typename scalar_t, bool kFilm>
 struct SampleAffine {
   using acc_t = acc_type<scalar_t>;
-  const scalar_t* gamma;      // [C] γ, or nullptr: γ = 1 (read without FiLM)
-  const scalar_t* beta;       // [C] β, or nullptr: β = 0 (read without FiLM)
-  const Affine<acc_t>* film;  // [C] this sample's γ', β' (read with FiLM)
+  ChannelParam<scalar_t> gamma;  // [C] γ, or absent: γ = 1 (read without FiLM)
+  ChannelParam<scalar_t> beta;   // [C] β, or absent: β = 0 (read without FiLM)
+  const Affine<acc_t>* film;     // [C] this sample's γ', β' (read with FiLM)
 
   __device__ __forceinline__ Affine<acc_t> operator()(int64_t c) const {
     if constexpr (kFilm) {
       return film[c];
     } else {
-      return {gamma != nullptr ? static_cast<acc_t>(gamma[c]) : acc_t(1),
-              beta != nullptr ? static_cast<acc_t>(beta[c]) : acc_t(0)};
+      return {gamma.at(c, acc_t(1)), beta.at(c, acc_t(0))};
     }
   }
 };
@@ -281,8 +310,8 @@ struct ParamSrc {
   const acc_t* mean;      // [N, G] μ
   const acc_t* rstd;      // [N, G] ρ
   const acc_t* coef;      // [N, G, 2] (a, b) of eq. 5, or nullptr (forward)
-  const scalar_t* gamma;  // [C] γ, or nullptr: γ = 1
-  const scalar_t* beta;   // [C] β, or nullptr: β = 0
+  ChannelParam<scalar_t> gamma;  // [C] γ, or absent: γ = 1
+  ChannelParam<scalar_t> beta;   // [C] β, or absent: β = 0
   int64_t G, Cg;
   const scalar_t* scale;  // [N, C] s, (n, c) at n·scale_sn + c, or nullptr: s = 0
   const scalar_t* shift;  // [N, C] t, (n, c) at n·shift_sn + c, or nullptr: t = 0
@@ -949,8 +978,8 @@ __global__ void __launch_bounds__(kTileThreads) gn_bwd_film_kernel(
 // ∂γ and ∂β of eq. 4: ws summed over its N·R rows. Block: 32 channels × 8 row strides; grid: ceil(C / 32).
 template <typename scalar_t>
 __global__ void __launch_bounds__(kTileThreads) gn_bwd_param_grad_kernel(
-    scalar_t* __restrict__ grad_weight,                  // [C] out, or nullptr
-    scalar_t* __restrict__ grad_bias,                    // [C] out, or nullptr
+    const ChannelGrad<scalar_t> grad_weight,             // [C] out, or nullptr
+    const ChannelGrad<scalar_t> grad_bias,               // [C] out, or nullptr
     const SumPair<acc_type<scalar_t>>* __restrict__ ws,  // [N·R, C] sums of eq. 4
     const int64_t NR, const int64_t C) {
   using acc_t = acc_type<scalar_t>;
@@ -966,8 +995,8 @@ __global__ void __launch_bounds__(kTileThreads) gn_bwd_param_grad_kernel(
   __syncthreads();
   if (ty == 0 && c < C) {
     for (int k = 1; k < kRowsPar; ++k) s = merge(s, sh[k][tx]);
-    if (grad_weight != nullptr) grad_weight[c] = static_cast<scalar_t>(s.dz_xhat);
-    if (grad_bias != nullptr) grad_bias[c] = static_cast<scalar_t>(s.dz);
+    if (grad_weight.p != nullptr) grad_weight.store(c, s.dz_xhat);
+    if (grad_bias.p != nullptr) grad_bias.store(c, s.dz);
   }
 }
 
@@ -1090,7 +1119,10 @@ ParamSrc<scalar_t, kFilm> param_src(const Args& a, const acc_type<scalar_t>* mea
     return t.defined() ? t.const_data_ptr<scalar_t>() : nullptr;
   };
   const auto row_stride = [](const at::Tensor& t) -> int64_t { return t.defined() ? t.stride(0) : 0; };
-  ParamSrc<scalar_t, kFilm> src{mean, rstd, nullptr, ptr(a.weight), ptr(a.bias), a.shape.G,
+  const auto param = [&](const at::Tensor& t) -> ChannelParam<scalar_t> {
+    return {t.defined() ? t.const_data_ptr() : nullptr, t.defined() && t.scalar_type() != a.x.scalar_type()};
+  };
+  ParamSrc<scalar_t, kFilm> src{mean, rstd, nullptr, param(a.weight), param(a.bias), a.shape.G,
                                 a.shape.channels_per_group(), ptr(a.scale), ptr(a.shift), row_stride(a.scale),
                                 row_stride(a.shift), a.shape.C, nullptr};
   if constexpr (kFilm) {
@@ -1188,8 +1220,10 @@ void backward(const GroupNormBackwardArgs& a, cudaStream_t stream) {
   const scalar_t* x = a.x.const_data_ptr<scalar_t>();
   const scalar_t* dy = a.grad_y.const_data_ptr<scalar_t>();
   scalar_t* dx = a.grad_x.defined() ? a.grad_x.mutable_data_ptr<scalar_t>() : nullptr;
-  scalar_t* dw = a.grad_weight.defined() ? a.grad_weight.mutable_data_ptr<scalar_t>() : nullptr;
-  scalar_t* db = a.grad_bias.defined() ? a.grad_bias.mutable_data_ptr<scalar_t>() : nullptr;
+  const auto grad_of = [&](const at::Tensor& t) -> ChannelGrad<scalar_t> {
+    return {t.defined() ? t.mutable_data_ptr() : nullptr, t.defined() && t.scalar_type() != a.x.scalar_type()};
+  };
+  const ChannelGrad<scalar_t> dw = grad_of(a.grad_weight), db = grad_of(a.grad_bias);
   at::Tensor coef_t, film_t, fold_t;
   ParamSrc<scalar_t, kFilm> src =
       param_src<scalar_t, kFilm>(a, a.mean.const_data_ptr<acc_t>(), a.rstd.const_data_ptr<acc_t>(), film_t, stream);
@@ -1209,7 +1243,7 @@ void backward(const GroupNormBackwardArgs& a, cudaStream_t stream) {
       scalar_t* ds = a.grad_scale.defined() ? a.grad_scale.mutable_data_ptr<scalar_t>() : nullptr;
       scalar_t* dt = a.grad_shift.defined() ? a.grad_shift.mutable_data_ptr<scalar_t>() : nullptr;
       SumPair<acc_t>* folded = nullptr;
-      if (a.scale.defined() && (dw != nullptr || db != nullptr)) {
+      if (a.scale.defined() && (dw.p != nullptr || db.p != nullptr)) {
         fold_t = workspace<acc_t>(a.x, N * C * 2);
         folded = reinterpret_cast<SumPair<acc_t>*>(fold_t.mutable_data_ptr<acc_t>());
       }
@@ -1223,7 +1257,7 @@ void backward(const GroupNormBackwardArgs& a, cudaStream_t stream) {
         R = 1;
       }
     }
-    if (dw != nullptr || db != nullptr) {
+    if (dw.p != nullptr || db.p != nullptr) {
       gn_bwd_param_grad_kernel<scalar_t><<<grid_of(kOp, ceil_div(C, kWarp)), kTileThreads, 0, stream>>>(
           dw, db, ws, N * R, C);
       C10_CUDA_KERNEL_LAUNCH_CHECK();

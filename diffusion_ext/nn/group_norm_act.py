@@ -9,18 +9,18 @@ ACTIVATIONS = ("silu", "relu", "none")
 
 
 def match_autocast(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None):
-    """(x, weight, bias) in one dtype for group_norm_act, which takes one (and normalises in fp32 whatever
-    it is). Outside autocast they are returned as given (a mismatch stays the op's error, as for
-    F.group_norm).
+    """(x, weight, bias) as group_norm_act takes them: x's dtype, or fp32 parameters with half activations
+    (the op's mixed precision). Outside autocast they are returned as given (a mismatch stays the op's
+    error, as for F.group_norm).
 
-    Mixed precision: low-precision activations from autocast's convs, fp32 parameters. bf16 has fp32's
-    range: run on the activations as they come with γ, β cast to them, rather than upcast the activations
-    as autocast does for F.group_norm (twice the memory traffic for the same statistics). fp16 does not:
-    dγ, dβ are sums over N·H·W that a GradScaler's 2^16 could overflow, so the activations go to fp32 as
-    autocast would take them."""
+    Mixed precision: low-precision activations from autocast's convs, fp32 parameters. They go to the op as
+    they come: the op normalises in fp32 whatever x is, reads fp32 γ, β and returns their gradients in fp32,
+    so neither a cast of γ, β per call (and of their gradients back) nor autocast's upcast of the
+    activations (twice the memory traffic for the same statistics) is needed. Any other mismatch under
+    autocast (say fp32 activations into a model cast to bf16) takes x to the parameters' dtype."""
     if weight is not None and weight.dtype != x.dtype and torch.is_autocast_enabled(x.device.type):
-        if x.dtype == torch.bfloat16:
-            return x, weight.to(x.dtype), None if bias is None else bias.to(x.dtype)
+        if weight.dtype == torch.float32 and x.dtype in (torch.float16, torch.bfloat16):
+            return x, weight, bias
         return x.to(weight.dtype), weight, bias
     return x, weight, bias
 

@@ -21,7 +21,7 @@ What "every specialisation" means here, per op (the cases below say which call r
   dpmpp_2m_step: DPM-Solver++ × prediction type × guidance × ODE / SDE with noise given or made × first or
     second order (x̂0_last read) × dtype × table dtype, its pre-pass (logarithms in fp64 at second order).
   group_norm_act: dtype × layout (channels-first, channels-last with G = 1 and G > 1) × activation × affine
-    or not × FiLM scale/shift or not, at the project's model shapes (UNet and VAE levels, 1×1 and odd
+    or not × FiLM scale/shift or not × fp32 γ, β with half x (mixed precision), at the project's model shapes (UNet and VAE levels, 1×1 and odd
     spatial sizes, latents) so that every tile geometry and the split/combine paths occur, forward and backward.
   dropout: dtype × aligned or misaligned pointers × seed/offset words and thresholds (p = 0, 0.1, 0.5)
     that must all reuse one compiled kernel per dtype.
@@ -210,11 +210,11 @@ GN_FILM = ((True, True), (True, False), (False, True))
 def _group_norm_cases(reduced: bool = False) -> Iterator[Case]:
     gn = _mod("group_norm_act")
 
-    def case(dtype, layout, shape, G, act="silu", has_w=True, has_b=True, film=(False, False)):
+    def case(dtype, layout, shape, G, act="silu", has_w=True, has_b=True, film=(False, False), param_dtype=None):
         N, C = shape[:2]
         x = _empty(shape, dtype, layout)
-        w = torch.empty(C, dtype=dtype) if has_w else None
-        b = torch.empty(C, dtype=dtype) if has_b else None
+        w = torch.empty(C, dtype=param_dtype or dtype) if has_w else None
+        b = torch.empty(C, dtype=param_dtype or dtype) if has_b else None
         # FiLM as diffusers' ResnetBlock2D makes it: scale and shift halves of one (N, 2C) projection
         st = torch.empty(N, 2 * C, dtype=dtype)
         s, t = (half if on else None for half, on in zip(st.chunk(2, dim=1), film))
@@ -226,8 +226,9 @@ def _group_norm_cases(reduced: bool = False) -> Iterator[Case]:
 
         film_name = {(False, False): "", (True, True): ", FiLM scale+shift", (True, False): ", FiLM scale",
                      (False, True): ", FiLM shift"}[tuple(film)]
+        mixed = f", {_name(param_dtype)} weight, bias" if param_dtype else ""
         return Case("group_norm_act", f"{_name(dtype)} {layout} {'x'.join(map(str, shape))}, G={G}, {act}, "
-                                      f"weight={has_w}, bias={has_b}{film_name}", fwd_bwd)
+                                      f"weight={has_w}, bias={has_b}{film_name}{mixed}", fwd_bwd)
 
     layouts = ("contiguous", "channels_last")
     groups = lambda C: sorted({1, min(32, C)})  # noqa: E731  (one group: a layout branch of its own)
@@ -238,6 +239,8 @@ def _group_norm_cases(reduced: bool = False) -> Iterator[Case]:
         for film in GN_FILM:
             for has_w in (True, False):  # with γ the backward folds (1 + s) into the ∂γ, ∂β sums
                 yield case(dtype, layout, (8, 128, 32, 32), 32, "silu", has_w, has_w, film)
+    # mixed precision: fp32 γ, β (and fp32 ∂γ, ∂β) with half activations, as autocast models hold them
+    yield case(torch.bfloat16, "channels_last", (8, 128, 32, 32), 32, film=(True, True), param_dtype=torch.float32)
     if reduced:
         return
     # every tile geometry, in fp32
@@ -252,6 +255,8 @@ def _group_norm_cases(reduced: bool = False) -> Iterator[Case]:
                 for G in groups(shape[1]):
                     yield case(dtype, layout, shape, G)
                     yield case(dtype, layout, shape, G, film=(True, True))
+                    if dtype != torch.float64:
+                        yield case(dtype, layout, shape, G, param_dtype=torch.float32)
 
 
 # head dims: every bucket at its power of two (tile table entries) and in-bucket values that are not

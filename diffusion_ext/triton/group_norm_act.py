@@ -612,8 +612,9 @@ def launch_group_norm_act_backward(grad_y: torch.Tensor, x: torch.Tensor, mean: 
     target = target_programs if target_programs is not None else _target_programs(x.device)
     geo = _Geometry(x, num_groups, channels_last, tile, target)
     N, C, HW, G, Cg = geo.N, geo.C, geo.HW, geo.G, geo.Cg
-    dw = torch.zeros((C,), dtype=x.dtype, device=x.device) if want_dw else None
-    db = torch.zeros((C,), dtype=x.dtype, device=x.device) if want_db else None
+    # in the parameters' dtype: x's, or float32 with a half x (mixed precision, csrc/group_norm_args.cpp)
+    dw = torch.zeros((C,), dtype=weight.dtype, device=x.device) if want_dw else None
+    db = torch.zeros((C,), dtype=bias.dtype, device=x.device) if want_db else None
     want_ds = scale is not None and bool(scale_shift_mask[0])
     want_dt = shift is not None and bool(scale_shift_mask[1])
     dscale = group_norm_film_grad_empty(x).zero_() if want_ds else None
