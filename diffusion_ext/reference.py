@@ -227,9 +227,11 @@ def group_norm_act(x, num_groups, weight=None, bias=None, eps=1e-5, activation="
     time_embedding_norm="scale_shift": h·(1 + scale) + shift (Nichol & Dhariwal 2021)."""
     if activation not in _ACTIVATIONS:
         raise ValueError(f"reference: unknown activation {activation!r}")
-    if weight is not None and weight.dtype == torch.float32 and x.dtype in (torch.float16, torch.bfloat16):
-        # mixed precision (fp32 γ, β on half activations): as autocast runs F.group_norm, in fp32, then the
-        # result in x's dtype (F.group_norm takes mixed dtypes on a CPU only)
+    if (weight is not None and weight.dtype == torch.float32 and x.dtype in (torch.float16, torch.bfloat16)
+            and not torch.is_autocast_enabled(x.device.type)):
+        # mixed precision (fp32 γ, β on half activations) outside autocast: in fp32, then the result in x's dtype
+        # (F.group_norm itself takes mixed dtypes on a CPU only). Under autocast F.group_norm as it is, what an
+        # eager model's nn.GroupNorm runs there (on a CPU its mixed-dtype kernel, on CUDA an upcast to fp32).
         return group_norm_act(x.float(), num_groups, weight, bias, eps, activation,
                               *(None if t is None else t.float() for t in (scale, shift))).to(x.dtype)
     h = torch.nn.functional.group_norm(x, num_groups, weight, bias, eps)
