@@ -198,7 +198,7 @@ def main(args) -> int:
         from . import demo_speed
 
         train_step = step_fns(m.model.config, m.model.state_dict(), diffusion, device, DEMO_BATCH, True, precision)[0]
-        rows = demo_speed.op_rows(device, DEMO_BATCH, S, 2 * cfg.base_channels)
+        rows = demo_speed.op_rows(device, DEMO_BATCH, S, 2 * cfg.base_channels, precision=precision)
         layout = "channels_last" if sampling_memory_format(SAMPLING_LAYOUT, device) == torch.channels_last else "NCHW"
         print(demo_speed.markdown(rows, {"training step": t["train"], f"sampling step ({layout}, as `sample` loads "
                                                                        f"the model)": t["sample"]},

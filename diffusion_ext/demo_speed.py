@@ -21,10 +21,13 @@ def _pair(fused, eager, reps: int) -> tuple[float, float]:
     return t.min("eager"), t.min("fused")
 
 
-def op_rows(device, batch: int, size: int, channels: int, reps: int = 15) -> list[tuple[str, str, float, float]]:
+def op_rows(device, batch: int, size: int, channels: int, reps: int = 15,
+            precision: str = "fp32") -> list[tuple[str, str, float, float]]:
     """(what, against, eager s, fused s) for the noise op, the sampler step, GN+SiLU, dropout and attention at
     the demo model's shapes: images (batch, 3, size, size), its widest maps (batch, channels, size/2, size/2)
-    and attention over such a map, (size/2)² tokens of `channels` in heads of 32."""
+    and attention over such a map, (size/2)² tokens of `channels` in heads of 32. precision "bf16" times the
+    activation rows (norm, dropout, attention) as the model runs them under bf16 autocast: bf16 activations,
+    fp32 γ and β, both sides under autocast; the noise and the sampler step work on fp32 images either way."""
     g = torch.Generator().manual_seed(0)
     x0 = (torch.rand(batch, 3, size, size, generator=g) * 2 - 1).to(device)
     t = torch.randint(0, 1000, (batch,), generator=g).to(device)
@@ -37,21 +40,33 @@ def op_rows(device, batch: int, size: int, channels: int, reps: int = 15) -> lis
     tp = (t - 20).clamp(min=-1)
     e, f = _pair(lambda: ops.ddim_step(eps, t, tp, x0, ac), lambda: reference.ddim_step(eps, t, tp, x0, ac), reps)
     rows.append(("DDIM update (sampler step)", "diffusers-style eager", e, f))
-    h = torch.randn(batch, channels, size // 2, size // 2, generator=g).to(device)
+    low = precision == "bf16"
+    act = torch.bfloat16 if low else torch.float32
+    suffix = ", bf16" if low else ""
+
+    def autocast(fn):
+        def run():
+            with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=low):
+                return fn()
+        return run
+
+    h = torch.randn(batch, channels, size // 2, size // 2, generator=g).to(device, act)
     w, b = torch.ones(channels, device=device), torch.zeros(channels, device=device)
-    e, f = _pair(lambda: ops.group_norm_act(h, 8, w, b), lambda: F.silu(F.group_norm(h, 8, w, b)), reps)
-    rows.append((f"GroupNorm + SiLU {tuple(h.shape)}", "F.group_norm + F.silu", e, f))
+    e, f = _pair(autocast(lambda: ops.group_norm_act(h, 8, w, b)),
+                 autocast(lambda: F.silu(F.group_norm(h, 8, w, b))), reps)
+    rows.append((f"GroupNorm + SiLU {tuple(h.shape)}{suffix}", "F.group_norm + F.silu", e, f))
     # dropout as a training step runs it (forward and backward); the demo's own model trains without
-    hd, gh = h.clone().requires_grad_(), torch.randn(h.shape, generator=g).to(device)
-    e, f = _pair(lambda: ops.dropout(hd, 0.1, 1).backward(gh),
-                 lambda: F.dropout(hd, 0.1, training=True).backward(gh), reps)
-    rows.append((f"dropout 0.1, forward + backward {tuple(h.shape)}", "F.dropout (torch's Bernoulli mask)", e, f))
+    hd, gh = h.clone().requires_grad_(), torch.randn(h.shape, generator=g).to(device, act)
+    e, f = _pair(autocast(lambda: ops.dropout(hd, 0.1, 1).backward(gh)),
+                 autocast(lambda: F.dropout(hd, 0.1, training=True).backward(gh)), reps)
+    rows.append((f"dropout 0.1, forward + backward {tuple(h.shape)}{suffix}", "F.dropout (torch's Bernoulli mask)", e, f))
     L, heads = (size // 2) ** 2, max(1, channels // 32)
-    q, k, v = (torch.randn(batch, heads, L, 32, generator=g).to(device) for _ in range(3))
-    e, f = _pair(lambda: ops.attention(q, k, v), lambda: reference.attention(q, k, v), reps)
-    rows.append((f"attention {tuple(q.shape)}", "naive softmax(q·kᵀ)·v", e, f))
-    e, f = _pair(lambda: ops.attention(q, k, v), lambda: F.scaled_dot_product_attention(q, k, v), reps)
-    rows.append((f"attention {tuple(q.shape)}", "F.scaled_dot_product_attention", e, f))
+    q, k, v = (torch.randn(batch, heads, L, 32, generator=g).to(device, act) for _ in range(3))
+    e, f = _pair(autocast(lambda: ops.attention(q, k, v)), autocast(lambda: reference.attention(q, k, v)), reps)
+    rows.append((f"attention {tuple(q.shape)}{suffix}", "naive softmax(q·kᵀ)·v", e, f))
+    e, f = _pair(autocast(lambda: ops.attention(q, k, v)),
+                 autocast(lambda: F.scaled_dot_product_attention(q, k, v)), reps)
+    rows.append((f"attention {tuple(q.shape)}{suffix}", "F.scaled_dot_product_attention", e, f))
     return rows
 
 

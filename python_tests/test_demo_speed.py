@@ -14,6 +14,13 @@ def test_op_rows_name_each_comparison_and_time_both_sides():
     assert "(2, 64, 8, 8)" in rows[2][0] and "(2, 64, 8, 8)" in rows[3][0] and "(2, 2, 64, 32)" in rows[4][0]
 
 
+def test_op_rows_in_bf16_time_the_activation_rows_as_the_model_runs_them():
+    """bf16: the norm, dropout and attention rows on bf16 activations (fp32 γ, β) under autocast, and say so."""
+    rows = demo_speed.op_rows("cpu", batch=2, size=16, channels=64, reps=1, precision="bf16")
+    assert [what.endswith(", bf16") for what, _, _, _ in rows] == [False, False, True, True, True, True]
+    assert all(e > 0 and f > 0 for _, _, e, f in rows)
+
+
 def test_conv_share_reflects_the_profiled_step():
     conv = torch.nn.Conv2d(16, 16, 3, padding=1)
     x = torch.randn(4, 16, 32, 32)
