@@ -249,24 +249,27 @@ void backward(const GroupNormBackwardArgs& a) {
     at::parallel_for(0, N * G, 1, [&](int64_t begin, int64_t end) {
       std::vector<acc_t> dz(gx != nullptr ? Cg * HW : 0);  // the group's dz, from pass 1 to pass 2
       for (int64_t ng = begin; ng < end; ++ng) {
-        const int64_t c0 = ng % G * Cg, base = (ng / G * C + c0) * HW;
-        const acc_t* gamma = aff.gamma_of(ng / G);
-        const acc_t* beta = aff.beta_of(ng / G);
+        // (the group's indices once: G, a captured variable, would be reloaded and divided by per channel)
+        const int64_t n = ng / G, c0 = ng % G * Cg, base = (n * C + c0) * HW;
+        const acc_t* gamma = aff.gamma_of(n) + c0;
+        const acc_t* beta = aff.beta_of(n) + c0;
+        double* ds_g = ds.data() + n * C + c0;
+        double* db_g = db.data() + n * C + c0;
+        const acc_t mu = mean[ng], rs = rstd[ng];
         for (int64_t c = 0; c < Cg; ++c) {  // 1. Σdz, Σdz·x̂ of each channel
           ShiftedSums sums;
-          backward_run<kAct>(dy + base + c * HW, x + base + c * HW, HW, mean[ng], rstd[ng], gamma[c0 + c],
-                             beta[c0 + c], &sums, static_cast<scalar_t*>(nullptr), acc_t(0), acc_t(0),
+          backward_run<kAct>(dy + base + c * HW, x + base + c * HW, HW, mu, rs, gamma[c], beta[c],
+                             &sums, static_cast<scalar_t*>(nullptr), acc_t(0), acc_t(0),
                              dz.empty() ? nullptr : dz.data() + c * HW);
-          ds[ng / G * C + c0 + c] = sums.s1;
-          db[ng / G * C + c0 + c] = sums.s2;
+          ds_g[c] = sums.s1;
+          db_g[c] = sums.s2;
         }
         if (gx == nullptr) continue;
         acc_t ga, gb;
         group_terms(ng, &ga, &gb);
         for (int64_t c = 0; c < Cg; ++c) {  // 2. dx, the rows still in cache
-          backward_run<kAct>(dy + base + c * HW, x + base + c * HW, HW, mean[ng], rstd[ng], gamma[c0 + c],
-                             beta[c0 + c], static_cast<ShiftedSums*>(nullptr), gx + base + c * HW, ga, gb,
-                             dz.data() + c * HW);
+          backward_run<kAct>(dy + base + c * HW, x + base + c * HW, HW, mu, rs, gamma[c], beta[c],
+                             static_cast<ShiftedSums*>(nullptr), gx + base + c * HW, ga, gb, dz.data() + c * HW);
         }
       }
     });
