@@ -292,17 +292,25 @@ void backward(const GroupNormBackwardArgs& a) {
     if constexpr (std::is_same_v<scalar_t, acc_t>) dz_cache = gx;
     auto rows_pass = [&](bool write_grad_x) {
       at::parallel_for(0, N * chunks, 1, [&](int64_t begin, int64_t end) {
-        std::vector<acc_t> tmp(2 * C);
+        std::vector<acc_t> tmp(2 * C), ls(C, acc_t(0)), lb(C, acc_t(0));  // tmp: grad_x pass; ls, lb: sums
         for (int64_t nk = begin; nk < end; ++nk) {
           const int64_t n = nk / chunks, first = nk % chunks * rows, last = std::min(HW, first + rows);
           const ChannelCoefs<acc_t> k{mu_c.data() + n * C, rstd_c.data() + n * C, aff.gamma_of(n), aff.beta_of(n),
                                       a_c.data() + n * C, b_c.data() + n * C};
-          for (int64_t r = first; r < last; ++r) {
-            const int64_t off = (n * HW + r) * C;
-            acc_t* dz = dz_cache != nullptr ? dz_cache + off : nullptr;
-            backward_row<kAct>(dy + off, x + off, C, k, pds.data() + nk * C, pdb.data() + nk * C,
-                               write_grad_x ? gx + off : static_cast<scalar_t*>(nullptr), tmp.data(),
-                               write_grad_x ? nullptr : dz, write_grad_x ? dz : nullptr);
+          for (int64_t r0 = first; r0 < last; r0 += kRowRun) {
+            for (int64_t r = r0; r < std::min(last, r0 + kRowRun); ++r) {
+              const int64_t off = (n * HW + r) * C;
+              acc_t* dz = dz_cache != nullptr ? dz_cache + off : nullptr;
+              backward_row<kAct>(dy + off, x + off, C, k, ls.data(), lb.data(),
+                                 write_grad_x ? gx + off : static_cast<scalar_t*>(nullptr), tmp.data(),
+                                 write_grad_x ? nullptr : dz, write_grad_x ? dz : nullptr);
+            }
+            if (write_grad_x) continue;
+            for (int64_t c = 0; c < C; ++c) {  // the lanes into the chunk's double partials
+              pds[nk * C + c] += ls[c];
+              pdb[nk * C + c] += lb[c];
+              ls[c] = lb[c] = acc_t(0);
+            }
           }
         }
       });
