@@ -232,14 +232,15 @@ inline double lanes_sum_as_double(const at::vec::Vectorized<acc_t>& v) {
   if constexpr (std::is_same_v<acc_t, float>) {
 #if defined(CPU_CAPABILITY_AVX512)
     const __m512 x = v;
-    const __m512d s8 = _mm512_add_pd(_mm512_cvtps_pd(_mm512_castps512_ps256(x)),
-                                     _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(x), 1))));
+    const __m256 hi = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(x), 1));
+    const __m512d s8 = _mm512_add_pd(_mm512_cvtps_pd(_mm512_castps512_ps256(x)), _mm512_cvtps_pd(hi));
     const __m256d s4 = _mm256_add_pd(_mm512_castpd512_pd256(s8), _mm512_extractf64x4_pd(s8, 1));
     const __m128d s2 = _mm_add_pd(_mm256_castpd256_pd128(s4), _mm256_extractf128_pd(s4, 1));
     return _mm_cvtsd_f64(_mm_add_sd(s2, _mm_unpackhi_pd(s2, s2)));
 #elif defined(CPU_CAPABILITY_AVX2)
     const __m256 x = v;
-    const __m256d s4 = _mm256_add_pd(_mm256_cvtps_pd(_mm256_castps256_ps128(x)), _mm256_cvtps_pd(_mm256_extractf128_ps(x, 1)));
+    const __m256d s4 =
+        _mm256_add_pd(_mm256_cvtps_pd(_mm256_castps256_ps128(x)), _mm256_cvtps_pd(_mm256_extractf128_ps(x, 1)));
     const __m128d s2 = _mm_add_pd(_mm256_castpd256_pd128(s4), _mm256_extractf128_pd(s4, 1));
     return _mm_cvtsd_f64(_mm_add_sd(s2, _mm_unpackhi_pd(s2, s2)));
 #endif
@@ -260,9 +261,12 @@ inline double lanes_sum_as_double(const at::vec::Vectorized<acc_t>& v) {
 // With grad_x: writes grad_x = rstd·(dz·γ − a − x̂·b) instead of summing.
 // dz_cache (n acc_t, or nullptr): the summing pass stores dz there and the grad_x pass reads it back
 // instead of evaluating the activation's derivative again.
+// Always inlined: a 4×4 channel is two vector steps, and an out-of-line call per channel (its prologue, the
+// broadcasts of μ, rstd, γ, β) cost as much as the steps.
 template <Activation kAct, typename scalar_t, typename acc_t>
-__attribute__((always_inline)) inline void backward_run(const scalar_t* dy, const scalar_t* x, int64_t n, acc_t mu, acc_t rstd, acc_t gamma,
-                         acc_t beta, ShiftedSums* sums, scalar_t* grad_x, acc_t a, acc_t b, acc_t* dz_cache) {
+__attribute__((always_inline)) inline void backward_run(const scalar_t* dy, const scalar_t* x, int64_t n, acc_t mu,
+                                                        acc_t rstd, acc_t gamma, acc_t beta, ShiftedSums* sums,
+                                                        scalar_t* grad_x, acc_t a, acc_t b, acc_t* dz_cache) {
   using L = AccLanes<scalar_t>;
   using Vec = typename L::Vec;
   constexpr int64_t W = Vec::size();
@@ -448,7 +452,8 @@ inline void backward_row(const scalar_t* dy, const scalar_t* x, int64_t C, const
       for (int j = 0; j < L::kParts; ++j) {
         const int64_t o = c + j * W;
         const Vec xh = (xv.v[j] - Vec::loadu(k.mu + o)) * Vec::loadu(k.rstd + o);
-        const Vec dz = activate_grad_vec<kAct>(dv.v[j], at::vec::fmadd(xh, Vec::loadu(k.gamma + o), Vec::loadu(k.beta + o)));
+        const Vec z = at::vec::fmadd(xh, Vec::loadu(k.gamma + o), Vec::loadu(k.beta + o));
+        const Vec dz = activate_grad_vec<kAct>(dv.v[j], z);
         if (dz_store != nullptr) dz.store(dz_store + o);
         (Vec::loadu(ls + o) + dz).store(ls + o);
         at::vec::fmadd(dz, xh, Vec::loadu(lb + o)).store(lb + o);
