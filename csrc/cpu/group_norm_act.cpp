@@ -2,11 +2,12 @@
 // read + write for the output, and its backward, which recomputes the activation from x, mean and rstd.
 //
 // channels_first: one task per (n, g); the group's rows are one contiguous run, summed in one pass, and stay
-// in cache between the statistics and the output pass. channels_last: tasks over (n, chunk of spatial rows), per-channel
-// partial sums in double (bf16/fp16: fp32 lanes over 64 rows at a time, then added into them), combined per
-// group (Chan et al.), then a second pass over the rows.
+// in cache between the statistics and the output pass. channels_last: tasks over (n, chunk of spatial rows),
+// per-channel partial sums in double (bf16/fp16: fp32 lanes over 64 rows at a time, then added into them),
+// combined per group (Chan et al.), then a second pass over the rows.
 // Backward (per group, M = C/G·HW elements): dz = dy·act'(z), x̂ = (x − μ)·rstd,
 //   dβ_c = Σ dz, dγ_c = Σ dz·x̂, dx = rstd·(dz·γ − mean(dz·γ) − x̂·mean(dz·γ·x̂)).
+// Its sums run in acc_t lanes over bounded runs (a channel's vectors, or 64 channels_last rows) added into double.
 // FiLM (scale, shift) only changes the per-channel coefficients: γ', β' per (n, c) (common/film.h, F1-F3),
 // prepared before the loops, which stay the same.
 #include "group_norm_kernels.h"  // first: it selects at::vec's capability
@@ -292,7 +293,8 @@ void backward(const GroupNormBackwardArgs& a) {
     if constexpr (std::is_same_v<scalar_t, acc_t>) dz_cache = gx;
     auto rows_pass = [&](bool write_grad_x) {
       at::parallel_for(0, N * chunks, 1, [&](int64_t begin, int64_t end) {
-        std::vector<acc_t> tmp(2 * C), ls(C, acc_t(0)), lb(C, acc_t(0));  // tmp: grad_x pass; ls, lb: sums
+        // tmp: the grad_x pass's row of x̂ and dz; ls, lb: the summing pass's lanes
+        std::vector<acc_t> tmp(write_grad_x ? 2 * C : 0), ls(write_grad_x ? 0 : C), lb(write_grad_x ? 0 : C);
         for (int64_t nk = begin; nk < end; ++nk) {
           const int64_t n = nk / chunks, first = nk % chunks * rows, last = std::min(HW, first + rows);
           const ChannelCoefs<acc_t> k{mu_c.data() + n * C, rstd_c.data() + n * C, aff.gamma_of(n), aff.beta_of(n),
