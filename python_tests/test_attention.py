@@ -10,7 +10,7 @@ from tolerances import assert_matches_oracle
 import diffusion_ext as dx
 from diffusion_ext import ops, reference
 
-# (B, H, Lq, Lk, D): L = 1, 7, 77, 256, 1000, 4096; head dims 32, 40, 64, 80, 128; Lq ≠ Lk both ways.
+# (B, H, Lq, Lk, D): L = 1, 7, 77, 256, 1000, 4096; head dims 32, 40, 64, 80, 128, 256; Lq ≠ Lk both ways.
 SHAPES = [
     (1, 1, 1, 1, 32),
     (2, 3, 7, 7, 40),
@@ -22,6 +22,7 @@ SHAPES = [
     (1, 1, 77, 1000, 64),
     (1, 1, 1000, 1000, 80),
     (1, 1, 4096, 256, 64),
+    (2, 1, 70, 133, 256),  # single-head D = C, as diffusers' UNet2DModel and VAE mid-blocks; keys past whole tiles
 ]
 # The interpreter runs a Triton program in Python: these are the shapes it can afford.
 INTERPRETER_SHAPES = SHAPES[:6]

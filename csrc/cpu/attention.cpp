@@ -34,6 +34,7 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -325,6 +326,22 @@ void forward_brgemm(const AttentionArgs& a) {
 // backward
 // ---------------------------------------------------------------------------------------------------
 
+// Σ a[d]·b[d] in acc_t: for fp32/fp64 in vector lanes (one serial chain of D scalar FMAs per row was 5% of
+// the fp32 backward at (16, 1, 64, 256) on an AVX2 EPYC), half precision converted element by element.
+template <typename acc_t, typename scalar_t>
+acc_t dot(const scalar_t* a, const scalar_t* b, int64_t n) {
+  acc_t sum = 0;
+  int64_t d = 0;
+  if constexpr (std::is_same_v<scalar_t, acc_t>) {
+    using V = at::vec::Vectorized<acc_t>;
+    V acc(acc_t(0));
+    for (; d + V::size() <= n; d += V::size()) acc = at::vec::fmadd(V::loadu(a + d), V::loadu(b + d), acc);
+    sum = at::vec::vec_reduce_all<acc_t>([](V& x, V& y) { return x + y; }, acc);
+  }
+  for (; d < n; ++d) sum += static_cast<acc_t>(a[d]) * static_cast<acc_t>(b[d]);
+  return sum;
+}
+
 // delta_i = Σ_d dO_id·O_id (Dao 2023, Alg. 2 line 4), in the accumulation dtype, (B, H, Lq) contiguous.
 template <typename scalar_t, typename acc_t>
 at::Tensor row_dot(const AttentionBackwardArgs& a) {
@@ -339,9 +356,7 @@ at::Tensor row_dot(const AttentionBackwardArgs& a) {
       const int64_t r = i % s.Lq, bh = i / s.Lq, b = bh / s.H, h = bh % s.H;
       const scalar_t* gr = g + b * sg.b + h * sg.h + r * sg.l;
       const scalar_t* orow = o + b * so.b + h * so.h + r * so.l;
-      acc_t sum = 0;
-      for (int64_t d = 0; d < s.D; ++d) sum += static_cast<acc_t>(gr[d]) * static_cast<acc_t>(orow[d]);
-      dst[i] = sum;
+      dst[i] = dot<acc_t>(gr, orow, s.D);
     }
   });
   return delta;
