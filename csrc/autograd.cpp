@@ -88,11 +88,13 @@ class GroupNormActFunction : public torch::autograd::Function<GroupNormActFuncti
     ctx->saved_data["num_groups"] = num_groups;
     ctx->saved_data["activation"] = std::string(activation);
     ctx->mark_non_differentiable({mean, rstd});
+    ctx->set_materialize_grads(false);  // mean, rstd's gradients are never used: no zeros made for them
     return {y, mean, rstd};
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     refuse_double_backward("group_norm_act");
+    if (!grads[0].defined()) return variable_list(8);  // nothing flowed back into y: no gradients, as eager
     const auto saved = ctx->get_saved_variables();
     const at::Tensor &x = saved[0], &mean = saved[1], &rstd = saved[2], &weight = saved[3], &bias = saved[4],
                      &scale = saved[5], &shift = saved[6];
@@ -146,11 +148,13 @@ class AttentionFunction : public torch::autograd::Function<AttentionFunction> {
     ctx->save_for_backward({q, k, v, out, lse});
     ctx->saved_data["scale"] = scale;
     ctx->mark_non_differentiable({lse});
+    ctx->set_materialize_grads(false);  // lse's gradient is never used: no zeros made for it
     return {out, lse};
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     refuse_double_backward("attention");
+    if (!grads[0].defined()) return variable_list(4);  // nothing flowed back into out: as eager
     const auto s = ctx->get_saved_variables();
     auto [dq, dk, dv] = call_attention_backward(grads[0], s[0], s[1], s[2], s[3], s[4],
                                                 ctx->saved_data["scale"].toDouble());

@@ -22,10 +22,13 @@ def register_group_norm_autograd(forward_op, backward_op):
         ctx.save_for_backward(x, mean, rstd, weight, bias, scale, shift)
         ctx.num_groups, ctx.activation = num_groups, activation
         ctx.mark_non_differentiable(mean, rstd)
+        ctx.set_materialize_grads(False)  # no zeros made for mean's and rstd's gradients (never used)
 
     def backward(ctx, grad_y, _grad_mean, _grad_rstd):
         if torch.is_grad_enabled():
             raise RuntimeError("diffusion_ext.group_norm_act: double backward (create_graph=True) is not supported")
+        if grad_y is None:  # nothing flowed back into y: no gradients, as eager gives
+            return (None,) * 8
         x, mean, rstd, weight, bias, scale, shift = ctx.saved_tensors
         need = ctx.needs_input_grad
         mask = [need[0], weight is not None and need[2], bias is not None and need[3]]
@@ -48,10 +51,13 @@ def register_attention_autograd(forward_op, backward_op):
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.scale = scale
         ctx.mark_non_differentiable(lse)
+        ctx.set_materialize_grads(False)  # no zeros made for lse's gradient (never used)
 
     def backward(ctx, grad_out, _grad_lse):
         if torch.is_grad_enabled():
             raise RuntimeError("diffusion_ext.attention: double backward (create_graph=True) is not supported")
+        if grad_out is None:  # nothing flowed back into out: no gradients, as eager gives
+            return (None,) * 4
         q, k, v, out, lse = ctx.saved_tensors
         dq, dk, dv = backward_op(grad_out, q, k, v, out, lse, ctx.scale)
         return dq, dk, dv, None

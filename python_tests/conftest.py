@@ -73,3 +73,16 @@ def one_intra_op_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+class SendsNoGradient(torch.autograd.Function):
+    """The identity forward whose backward sends nothing (None) back: the op before it gets no gradient for its
+    output, as when a loss depends on a tensor only through a detached path."""
+
+    @staticmethod
+    def forward(ctx, t):
+        return t.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return None

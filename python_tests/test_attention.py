@@ -4,7 +4,7 @@ import math
 
 import pytest
 import torch
-from conftest import DTYPES
+from conftest import DTYPES, SendsNoGradient
 from tolerances import assert_matches_oracle
 
 import diffusion_ext as dx
@@ -129,6 +129,22 @@ def test_empty_lengths_match_sdpa(backend_device, lengths):
     grads = torch.autograd.grad(out.sum(), (q, k, v), allow_unused=True)
     for gr, t in zip(grads, (q, k, v)):
         assert gr is not None and gr.shape == t.shape and not gr.abs().sum()
+
+
+def test_no_gradient_into_the_output_gives_none_as_sdpa(backend_device):
+    # lse is a non-differentiable output (no zeros made for it); with nothing coming back into out, q, k and v
+    # get no gradient from the op, as from SDPA
+    _, device = backend_device
+    g = torch.Generator().manual_seed(11)
+    q, k, v = (torch.randn(1, 2, 5, 32, generator=g).to(device) for _ in range(3))
+    grads = []
+    for fn in (ops.attention, torch.nn.functional.scaled_dot_product_attention):
+        qr, kr, vr = (t.clone().requires_grad_(True) for t in (q, k, v))
+        (SendsNoGradient.apply(fn(qr, kr, vr)).sum() + (3 * qr).sum()).backward()
+        grads.append((qr.grad, kr.grad, vr.grad))
+    (gq, gk, gv), (gq_sdpa, gk_sdpa, gv_sdpa) = grads
+    assert gk is None and gv is None and gk_sdpa is None and gv_sdpa is None
+    torch.testing.assert_close(gq, gq_sdpa)
 
 
 def test_empty_batch(backend_device):

@@ -4,7 +4,7 @@ gradcheck; opcheck; torch.compile; the module."""
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import DTYPES
+from conftest import DTYPES, SendsNoGradient
 from tolerances import assert_matches_oracle
 
 import diffusion_ext as dx
@@ -226,6 +226,22 @@ def test_no_affine_and_partial_grads(backend_device):
     b = torch.zeros(6, device=device)  # bias needs no grad: only grad_x and grad_weight are made
     gw = torch.autograd.grad(ops.group_norm_act(x.detach(), 3, w, b).sum(), w)[0]
     assert gw.shape == (6,)
+
+
+def test_no_gradient_into_the_output_gives_none_as_eager(backend_device):
+    # mean and rstd are non-differentiable outputs: autograd makes no zeros for them, and when nothing comes
+    # back into y either the op sends nothing on (no backward run on zeros), as F.group_norm + F.silu do
+    _, device = backend_device
+    x = torch.randn(2, 8, 4, 4, device=device)
+    w = torch.randn(8, device=device)
+    grads = []
+    for fn in (lambda x, w: ops.group_norm_act(x, 4, w, None), lambda x, w: F.silu(F.group_norm(x, 4, w))):
+        xr, wr = x.clone().requires_grad_(True), w.clone().requires_grad_(True)
+        (SendsNoGradient.apply(fn(xr, wr)).sum() + (2 * xr).sum()).backward()
+        grads.append((xr.grad, wr.grad))
+    (gx, gw), (gx_eager, gw_eager) = grads
+    assert gw is None and gw_eager is None
+    torch.testing.assert_close(gx, gx_eager)
 
 
 def test_empty_batch(backend_device):
