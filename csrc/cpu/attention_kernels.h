@@ -92,8 +92,8 @@ inline void micro_tile(int64_t K, const T* __restrict__ A, int64_t rsa, int64_t 
       V r = acc[i][j];
       if (update == Update::kAdd) {
         r = r + V::loadu(c + j * W);
-      } else if (update == Update::kScaleAdd) {
-        r = at::vec::fmadd(V::loadu(c + j * W), V(alpha[i]), r);
+      } else if (update == Update::kScaleAdd && alpha != nullptr) {  // (α always comes with kScaleAdd; the
+        r = at::vec::fmadd(V::loadu(c + j * W), V(alpha[i]), r);     // test tells GCC, which warned otherwise)
       }
       r.store(c + j * W);
     }
