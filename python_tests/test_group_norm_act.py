@@ -23,7 +23,9 @@ SHAPES = [
     ((1, 5, 13, 11), 5),
     ((2, 40, 6, 6), 8),  # a whole bf16/fp16 vector step (32 lanes) and a tail, along H·W and along C
     ((2, 8, 5, 5), 4),  # H·W = 25: a bf16/fp16 run shorter than a step that fills one fp32 vector and part of a second
-    ((1, 32, 9, 9), 4),  # channels_last: whole vector steps along C over 81 rows, two 64-row lane runs (the bf16/fp16 forward statistics, every dtype's backward sums)
+    # channels_last: whole vector steps along C over 81 rows, two 64-row lane runs (the bf16/fp16 forward's
+    # statistics, every dtype's backward sums)
+    ((1, 32, 9, 9), 4),
 ]
 LAYOUTS = ["contiguous", "channels_last", "strided"]
 ACTIVATIONS = ["silu", "relu", "none"]
