@@ -153,6 +153,28 @@ def test_empty_batch(backend_device):
     assert ops.attention(q, q, q).shape == q.shape
 
 
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_cpu_split_heads_match_at_any_thread_count(threads):
+    """Few heads of long queries: the CPU forward splits each head into chunks of query rows and the backward
+    splits its keys, both by the thread count (enough tasks for every thread), so each count runs another
+    split and puts another mix of heads and chunks on a thread; every one must match the fp64 oracle."""
+    shape = (1, 3, 256, 200, 64)
+    g = torch.Generator().manual_seed(11)
+    q, k, v = _make_qkv(shape, "blhd", torch.float32, "cpu", g)
+    g_out = torch.randn(1, 3, 256, 64, generator=g)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        with dx.use_backend("cpu"):
+            out = _run(ops.attention, q, k, v, g_out, 0.125)
+    finally:
+        torch.set_num_threads(before)
+    with dx.use_backend("torch"):
+        ref = _run(ops.attention, q, k, v, g_out, 0.125)
+    oracle = _run(reference.attention, *(t.double() for t in (q, k, v, g_out)), 0.125)
+    _check_all(out, ref, oracle)
+
+
 def test_gradcheck_cpu_fp64():
     g = torch.Generator().manual_seed(7)
     with dx.use_backend("cpu"):
