@@ -25,7 +25,8 @@
 #           issue call 2 at once) · schedule ops and dropout at 16.8M elements with the copy bandwidth (~0.5) ·
 #           group norm 64×256×32×32 NCHW/NHWC (~1) · attention (16,8,1024,64), (64,4,256,32) (~1) ·
 #           UNet train/sampling step, batch 64, bf16 (~2) · 250-step sampling loop, batch 16 (~1.5) ·
-#           diffusers UNet2DModel patched vs unpatched, batch 64, bf16, no compile (~0.5)
+#           diffusers UNet2DModel patched vs unpatched, batch 64, bf16, no compile (~0.5) and its scheduler
+#           steps, DDPM, DDIM, DPM-Solver++ (~0.3)
 #                                                                            files: 2-*.md, 2-bench.log
 # What to drop first when a call runs long: in call 1 the sanitizer (SKIP_SANITIZER=1), then the tests'
 # Triton half (GPU_TESTS="-m 'gpu or fuzz' -k 'not triton'"); in call 2 the sampling loop (SKIP=sampling), then the
@@ -232,6 +233,10 @@ call2() {
   [ -n "${DIFFUSERS_ARGS:-}" ] && eval "dargs=($DIFFUSERS_ARGS)"
   LIMIT=240 bench_md diffusers "diffusers UNet2DModel: patched vs unpatched" benchmarks/bench_diffusers.py "$dev" \
     "${dargs[@]}"
+  # the scheduler steps' table goes into the same file (a call brings back at most 8)
+  skipped diffusers || stage "diffusers scheduler steps" 90 "$log" bash -c \
+    '{ echo; echo "## diffusers scheduler steps: patched vs unpatched"; echo; "$@"; } >> "$0"' "$OUT/2-diffusers.md" \
+    "$PY" benchmarks/bench_diffusers_schedulers.py "$dev" --reps 5 $([ "$DRY" = 1 ] && echo --quick)
   stages_section
 }
 

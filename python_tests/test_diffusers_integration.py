@@ -26,7 +26,7 @@ diffusers = pytest.importorskip("diffusers")
 
 import diffusion_ext  # noqa: E402
 from diffusers import (AutoencoderKL, DDIMPipeline, DDIMScheduler, DDPMPipeline, DDPMScheduler,  # noqa: E402
-                       UNet2DConditionModel, UNet2DModel)
+                       DPMSolverMultistepScheduler, UNet2DConditionModel, UNet2DModel)
 from diffusers.models.attention_processor import Attention, AttnAddedKVProcessor, AttnProcessor2_0  # noqa: E402
 from diffusers.models.resnet import ResnetBlock2D, ResnetBlockCondNorm2D  # noqa: E402
 from conftest import skip_unless_available  # noqa: E402
@@ -34,6 +34,7 @@ from network_check import (assert_autocast_matches_eager, assert_fused_matches_e
                            randomize)
 from tolerances import assert_matches_oracle  # noqa: E402
 
+from diffusion_ext import reference  # noqa: E402
 from diffusion_ext.integrations import diffusers as dxd  # noqa: E402
 from diffusion_ext.nn.dropout import new_seed  # noqa: E402
 from diffusion_ext.integrations import (diffusers_attention, diffusers_layout, diffusers_resnet,  # noqa: E402
@@ -843,6 +844,135 @@ def test_add_noise_uses_the_given_noise_and_matches_diffusers(dtype, t_dtype, mo
 
 
 # ----------------------------------------------------------------------------------------------------
+# DPMSolverMultistepScheduler
+# ----------------------------------------------------------------------------------------------------
+DPM_CASES = {
+    "2m-final-zero": (dict(num_train_timesteps=100), 10),
+    "2m-sde-v-trailing": (dict(num_train_timesteps=100, algorithm_type="sde-dpmsolver++",
+                               prediction_type="v_prediction", timestep_spacing="trailing"), 8),
+    "2m-sigma-min-no-lower-final": (dict(num_train_timesteps=100, final_sigmas_type="sigma_min",
+                                         lower_order_final=False), 16),
+    "2m-euler-at-final-cosine-sample": (dict(num_train_timesteps=100, final_sigmas_type="sigma_min",
+                                             euler_at_final=True, beta_schedule="squaredcos_cap_v2",
+                                             prediction_type="sample"), 16),
+    "1st-order-sde-leading": (dict(num_train_timesteps=100, solver_order=1, algorithm_type="sde-dpmsolver++",
+                                   timestep_spacing="leading", steps_offset=1), 6),
+    "2m-custom-timesteps": (dict(num_train_timesteps=100), [90, 61, 40, 22, 7]),
+}
+
+
+@pytest.mark.parametrize("case", list(DPM_CASES))
+def test_dpm_solver_step_matches_diffusers(case, monkeypatch):
+    """Each step from diffusers' own state (its sample, its last x̂0, one noise for both): prev_sample and the
+    x̂0 it keeps for the next step err from the fp64 evaluation of the step at most twice what diffusers' fp32
+    errs, plus one fp32 rounding (the project's precision rule); the step index, the order bookkeeping and the
+    generator's draws as diffusers'; and one fused pass per step."""
+    cfg, steps = DPM_CASES[case]
+    ours, theirs = DPMSolverMultistepScheduler(**cfg), DPMSolverMultistepScheduler(**cfg)
+    assert dxd.patch(ours).counts() == {"DPMSolverMultistepScheduler.step": 1}
+    for sch in (ours, theirs):
+        _set(sch, steps)
+    calls = _spy(monkeypatch, "dpmpp_2m_step")
+    sde = cfg.get("algorithm_type", "").startswith("sde")
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 3, 5, 5, generator=gen)
+    c = torch.randn(x.shape, generator=gen)
+    ga, gb = torch.Generator().manual_seed(7), torch.Generator().manual_seed(7)
+    ulp = torch.finfo(torch.float32).eps
+    ts = theirs.timesteps.tolist()
+    table = theirs.alphas_cumprod.double()
+    for i, t in enumerate(ts):
+        m = 0.6 * torch.tanh(x) + torch.sin(torch.tensor(t / 9.0)) * c
+        last = theirs.model_outputs[-1]
+        ours.model_outputs[-1] = last  # the same state: the steps are compared one by one
+        z = torch.randn(x.shape, generator=torch.Generator().manual_seed(i))
+        monkeypatch.setattr(diffusers_schedulers, "randn_tensor", lambda *a, z=z, **k: z.clone())
+        import diffusers.schedulers.scheduling_dpmsolver_multistep as dpm_mod
+        monkeypatch.setattr(dpm_mod, "randn_tensor", lambda *a, z=z, **k: z.clone())
+        a = ours.step(m, t, x, generator=ga).prev_sample
+        b = theirs.step(m, t, x, generator=gb).prev_sample
+        # the fp64 truth: diffusers' rules for the order and the next σ, the step's formula in fp64
+        n = len(ts)
+        first = i == n - 1 and (theirs.config.euler_at_final or (theirs.config.lower_order_final and n < 15)
+                                or theirs.config.final_sigmas_type == "zero")
+        second = theirs.config.solver_order == 2 and last is not None and not first
+        t_prev = ts[i + 1] if i + 1 < n else (-1 if theirs.config.final_sigmas_type == "zero" else 0)
+        full = torch.full((2,), t)
+        x_exact, x0_exact = reference.dpmpp_2m_step(
+            m.double(), full, torch.full((2,), t_prev), x.double(), table, last.double() if second else None,
+            torch.full((2,), ts[i - 1]) if second else None, sde=sde, noise=z.double(),
+            prediction_type=theirs.config.prediction_type)
+        for name, mine, theirs_v, exact in (("prev_sample", a, b, x_exact),
+                                            ("x0", ours.model_outputs[-1], theirs.model_outputs[-1], x0_exact)):
+            ours_err = (mine.double() - exact).abs().max().item()
+            their_err = (theirs_v.double() - exact).abs().max().item()
+            assert ours_err <= 2 * their_err + ulp * max(1.0, exact.abs().max().item()), (case, i, t, name)
+        assert (ours.step_index, ours.lower_order_nums) == (theirs.step_index, theirs.lower_order_nums)
+        x = b
+    assert torch.equal(ga.get_state(), gb.get_state())
+    assert len(calls["dpmpp_2m_step"]) == len(ts)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float64], ids=str)
+def test_dpm_solver_step_dtypes_as_diffusers(dtype):
+    """diffusers computes the step in fp32 (its sample upcast) and returns it, like the x̂0 it keeps, in the
+    dtype of the model output and sample together: a bf16 model output with an fp32 sample gives fp32; fp64
+    gives fp64 (computed in fp64 here, which diffusers rounds to fp32)."""
+    ours, theirs = (DPMSolverMultistepScheduler(num_train_timesteps=50) for _ in range(2))
+    dxd.patch(ours)
+    for sch in (ours, theirs):
+        sch.set_timesteps(6)
+    x = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(0)).to(
+        torch.float32 if dtype == torch.bfloat16 else dtype)
+    xa = xb = x
+    for t in theirs.timesteps:
+        a = ours.step((0.5 * xa).to(dtype), t, xa).prev_sample
+        b = theirs.step((0.5 * xb).to(dtype), t, xb).prev_sample
+        assert a.dtype == b.dtype == ours.model_outputs[-1].dtype == theirs.model_outputs[-1].dtype == x.dtype
+        tol = 1e-2 if dtype == torch.bfloat16 else 1e-5
+        torch.testing.assert_close(a.double(), b.double(), rtol=tol, atol=tol * max(1.0, b.abs().max().item()))
+        xa, xb = a.to(x.dtype), b.to(x.dtype)
+
+
+@pytest.mark.parametrize("cfg,why", [
+    (dict(use_karras_sigmas=True), "use_karras_sigmas=True"),
+    (dict(algorithm_type="dpmsolver", final_sigmas_type="sigma_min"), "algorithm_type='dpmsolver'"),
+    (dict(solver_order=3), "solver_order=3"),
+    (dict(solver_type="heun"), "solver_type='heun'"),
+    (dict(variance_type="learned_range"), "variance_type='learned_range'"),
+    (dict(thresholding=True), "thresholding=True"),
+])
+def test_dpm_solver_configs_the_kernel_cannot_express_run_diffusers_code(cfg, why, monkeypatch):
+    ours, theirs = DPMSolverMultistepScheduler(num_train_timesteps=60, **cfg), \
+        DPMSolverMultistepScheduler(num_train_timesteps=60, **cfg)
+    report = dxd.patch(ours)
+    assert any(why in reason for (_, reason) in report.kept_counts()), report
+    for sch in (ours, theirs):
+        sch.set_timesteps(5)
+    calls = _spy(monkeypatch, "dpmpp_2m_step")
+    learned = cfg.get("variance_type") == "learned_range"
+    x = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(0))
+    out = torch.cat([0.5 * x, torch.rand_like(x)], 1) if learned else 0.5 * x
+    for t in theirs.timesteps[:3]:
+        assert torch.equal(ours.step(out, t, x).prev_sample, theirs.step(out, t, x).prev_sample)
+    assert not calls["dpmpp_2m_step"]
+
+
+def test_dpm_solver_step_types_errors_and_unpatch():
+    s = DPMSolverMultistepScheduler(num_train_timesteps=20)
+    dxd.patch(s)
+    x = torch.randn(1, 2, 3, 3)
+    with pytest.raises(ValueError, match="set_timesteps"):  # diffusers' own error
+        s.step(x, 10, x)
+    s.set_timesteps(4)
+    out = s.step(x, s.timesteps[0], x)
+    assert type(out) is diffusers_schedulers.SchedulerOutput and out.prev_sample.shape == x.shape
+    (prev,) = s.step(x, s.timesteps[1], x, return_dict=False)
+    assert prev.shape == x.shape and s.step_index == 2
+    assert dxd.unpatch(s) == 1 and "step" not in vars(s)
+
+
+# ----------------------------------------------------------------------------------------------------
 # pipelines
 # ----------------------------------------------------------------------------------------------------
 def _unet_for_pipelines():
@@ -851,11 +981,16 @@ def _unet_for_pipelines():
 
 @pytest.mark.parametrize("pipeline,steps,kw", [
     (DDPMPipeline, 40, {}), (DDPMPipeline, 10, {}), (DDIMPipeline, 10, dict(eta=0.0)), (DDIMPipeline, 10, dict(eta=1.0)),
+    (DDPMPipeline, 10, dict(dpm="dpmsolver++")), (DDPMPipeline, 10, dict(dpm="sde-dpmsolver++")),
 ])
 def test_seeded_pipelines_give_the_same_images_patched_or_not(pipeline, steps, kw):
     unet = _unet_for_pipelines()
-    # the scale of a random network's output is not an ε's: keep the chain in range with clipping
-    sched = DDPMScheduler(num_train_timesteps=40, clip_sample=True)
+    # the scale of a random network's output is not an ε's: keep the chain in range with clipping (DPM-Solver
+    # has no clipping: its model predicts x0 from a sample it scales down, which keeps it in range)
+    kw = dict(kw)
+    dpm = kw.pop("dpm", None)
+    sched = DDPMScheduler(num_train_timesteps=40, clip_sample=True) if dpm is None else \
+        DPMSolverMultistepScheduler(num_train_timesteps=40, algorithm_type=dpm, prediction_type="sample")
     plain = pipeline(unet=copy.deepcopy(unet), scheduler=sched)
     fused = pipeline(unet=unet, scheduler=copy.deepcopy(sched))
     report = dxd.patch(fused)
@@ -911,3 +1046,26 @@ def test_patched_ddim_steps_do_not_synchronise_the_gpu():
     finally:
         torch.cuda.set_sync_debug_mode("default")
     torch.cuda.synchronize()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("algorithm", ["dpmsolver++", "sde-dpmsolver++"])
+def test_patched_dpm_solver_steps_do_not_synchronise_the_gpu(algorithm):
+    """After the first step (the tables' one read of the timesteps, and diffusers' own lookup of the step
+    index), no step reads anything back from the GPU."""
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    s = DPMSolverMultistepScheduler(num_train_timesteps=100, algorithm_type=algorithm)
+    s.set_timesteps(10, device="cuda")
+    dxd.patch(s)
+    x = torch.randn(2, 3, 8, 8, device="cuda")
+    g = torch.Generator("cuda").manual_seed(0)
+    x = s.step(0.1 * x, s.timesteps[0], x, generator=g).prev_sample
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for t in s.timesteps[1:]:
+            x = s.step(0.1 * x, t, x, generator=g).prev_sample
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.synchronize()
+    assert s.step_index == 10 and torch.isfinite(x).all()

@@ -3,7 +3,7 @@
     from diffusion_ext.integrations import diffusers as dxd
     report = dxd.patch(pipe)      # a DiffusionPipeline, or a UNet2DModel / UNet2DConditionModel /
                                   # AutoencoderKL / any nn.Module holding diffusers blocks, or a
-                                  # DDPMScheduler / DDIMScheduler
+                                  # DDPMScheduler / DDIMScheduler / DPMSolverMultistepScheduler
     print(report)                 # what was fused, per kind and count; what runs diffusers' code, and why
     dxd.unpatch(pipe)             # diffusers' own code again
 
@@ -14,7 +14,8 @@ forwards are bound per instance, as Liger-Kernel's monkey patches do):
   the VAE's Encoder/Decoder likewise; its dropout (p > 0) with the mask made in the kernel (ops.dropout);
 - Attention: a processor running the layer's group norm and diffusion_ext's flash attention, self- and
   cross-attention (diffusers_attention.py);
-- DDPMScheduler / DDIMScheduler: add_noise and step on the fused schedule ops (diffusers_schedulers.py);
+- DDPMScheduler / DDIMScheduler: add_noise and step on the fused schedule ops; DPMSolverMultistepScheduler
+  (DPM-Solver++ and its SDE variant, first and second order): step on dpmpp_2m_step (diffusers_schedulers.py);
 - UNet2DModel, UNet2DConditionModel and the VAE's Encoder/Decoder, when sampling on a CPU (gradients
   off): the convolutions on channels_last activations, converted on entry and back on exit
   (diffusers_layout.py).
@@ -105,7 +106,7 @@ def _patch_module(model: torch.nn.Module, report: PatchReport, group_norm: bool,
 
 def patch(obj, group_norm: bool = True, attention: bool = True, scheduler: bool = True,
           dropout: bool = True, channels_last: bool = True) -> PatchReport:
-    """Runs obj's ResnetBlock2D norms and dropout, Attention layers and DDPM/DDIM scheduler steps on
+    """Runs obj's ResnetBlock2D norms and dropout, Attention layers and DDPM/DDIM/DPM-Solver++ scheduler steps on
     diffusion_ext's fused kernels (see the module docstring); returns the report. Patching twice changes
     nothing more.
 

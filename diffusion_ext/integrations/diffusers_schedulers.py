@@ -1,4 +1,5 @@
-"""DDPMScheduler and DDIMScheduler `add_noise` and `step` on the fused ops, with the scheduler's own config.
+"""DDPMScheduler and DDIMScheduler `add_noise` and `step`, and DPMSolverMultistepScheduler `step`, on the fused
+ops, with the scheduler's own config.
 
 - add_noise(x0, ε, t) = √ᾱ_t·x0 + √(1−ᾱ_t)·ε (Ho et al. 2020, eq. 4) is one q_sample pass with the given ε.
 - DDPM step (Ho et al. 2020, eqs. 6-7, 15; diffusers' numbered steps 1-6) is one ddpm_step pass. The kernel
@@ -11,6 +12,14 @@
   computes it, ᾱ_prev = final_alpha_cumprod below 0 (1, or ᾱ_0 when set_alpha_to_one is off).
 - pred_original_sample (x̂0, clipped as configured) is one more ddim_step pass to t_prev = −1 with η = 0,
   where x_prev = √1·x̂0 + √0·ε̂ = x̂0.
+- DPM-Solver++ step (Lu et al. 2022b: first order, §4.1; 2M, Algorithm 2, diffusers' "midpoint" form; the SDE
+  variant "sde-dpmsolver++") is one dpmpp_2m_step pass that also returns this step's x̂0, which goes into the
+  scheduler's model_outputs as diffusers' convert_model_output would put it; its σs are those of the integer
+  timesteps (σ² = (1 − ᾱ)/ᾱ), so the kernel's ᾱ table gives them, and a final σ of 0 (final_sigmas_type
+  "zero") is t_prev = −1, σ_min is t_prev = 0. diffusers' order rules are kept: first order at the first step
+  and where lower_order_final / euler_at_final / a final σ of 0 ask for it. diffusers computes this step in
+  fp32 (its sample upcast, the result cast to the dtype of model output and sample together); the kernel
+  does too (fp64 for fp64 samples).
 
 Noise: `step` draws it with diffusers' randn_tensor, the same call with the same generator under the same
 condition as diffusers (DDPM: t > 0; DDIM: η > 0), so a seeded pipeline gives the same images patched or
@@ -20,23 +29,30 @@ GPU (a DDPM step then always draws its noise, which the kernel zeroes at the las
 advances once more than diffusers' — whose own `if t > 0` on a GPU tensor is a host sync).
 
 Whatever the fused ops do not express runs diffusers' code: dynamic thresholding, learned or log
-variances, use_clipped_model_output with clipping, dtypes and devices the kernels do not take.
+variances, use_clipped_model_output with clipping, dtypes and devices the kernels do not take; for
+DPM-Solver the noise-prediction algorithms ("dpmsolver", "sde-dpmsolver"), third order, the "heun" solver
+type, σ schedules between the training timesteps (Karras, exponential, beta, Lu λ, flow σ) and flow
+prediction.
 """
 from __future__ import annotations
 
 import torch
-from diffusers import DDIMScheduler, DDPMScheduler
+from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
 from diffusers.schedulers.scheduling_ddim import DDIMSchedulerOutput
 from diffusers.schedulers.scheduling_ddpm import DDPMSchedulerOutput
+from diffusers.schedulers.scheduling_utils import SchedulerOutput
 from diffusers.utils.torch_utils import randn_tensor
 
 from .. import ops
 from .binding import bind, patch_function, taken_by_someone_else, unbind
 from .fused_norm import runs_fused
 
-SCHEDULERS = (DDPMScheduler, DDIMScheduler)
+SCHEDULERS = (DDPMScheduler, DDIMScheduler, DPMSolverMultistepScheduler)
 PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
 DDPM_VARIANCES = ("fixed_small", "fixed_large")
+DPM_ALGORITHMS = {"dpmsolver++": False, "sde-dpmsolver++": True}  # algorithm_type -> sde
+DPM_SIGMA_SCHEDULES = ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas", "use_lu_lambdas",
+                       "use_flow_sigmas", "use_dynamic_shifting")
 _CACHE = "_diffusion_ext_tables"
 METHODS = ("add_noise", "step")
 
@@ -61,6 +77,14 @@ class _Tables:
             self.ddpm_index = {t: i + int(lead) for i, t in enumerate(ts)}
         self._host = {"alphas": ac, "chain": chain}
         self._on: dict[tuple, torch.Tensor] = {}
+
+        self._host_timesteps: list[int] | None = None
+
+    def host_timesteps(self) -> list[int]:
+        """The chain's timesteps as ints (one read from their device per set_timesteps)."""
+        if self._host_timesteps is None:
+            self._host_timesteps = [int(t) for t in self.timesteps.detach().cpu().tolist()]
+        return self._host_timesteps
 
     def fresh(self, sched) -> bool:
         return self.alphas is sched.alphas_cumprod and self.timesteps is sched.timesteps and \
@@ -228,26 +252,112 @@ def ddim_step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, 
 
 
 # ----------------------------------------------------------------------------------------------------
+# DPM-Solver++ (multistep)
+# ----------------------------------------------------------------------------------------------------
+def dpm_kept_because(sched) -> str | None:
+    """Why DPMSolverMultistepScheduler.step keeps diffusers' code for this configuration, or None."""
+    cfg = sched.config
+    if cfg.algorithm_type not in DPM_ALGORITHMS:
+        return f"algorithm_type={cfg.algorithm_type!r} (the fused step is DPM-Solver++: {', '.join(DPM_ALGORITHMS)})"
+    if cfg.solver_order > 2:
+        return f"solver_order={cfg.solver_order} (the fused step is of first or second order)"
+    if cfg.solver_type != "midpoint":
+        return f"solver_type={cfg.solver_type!r} (the fused second-order step is the 'midpoint' form)"
+    on = [flag for flag in DPM_SIGMA_SCHEDULES if getattr(cfg, flag, False)]
+    if on:
+        return f"{on[0]}=True (σs between the training timesteps: the fused step reads ᾱ at integer timesteps)"
+    if cfg.variance_type is not None:
+        return f"variance_type={cfg.variance_type!r} (a model output with variance channels)"
+    if cfg.prediction_type not in PREDICTION_TYPES:
+        return f"prediction_type={cfg.prediction_type!r}"
+    if cfg.thresholding:
+        return "thresholding=True (dynamic thresholding's per-sample quantile is not in the fused step)"
+    return None
+
+
+@patch_function
+def dpm_step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, generator=None,
+             variance_noise: torch.Tensor | None = None, return_dict: bool = True):
+    """DPMSolverMultistepScheduler.step as one dpmpp_2m_step pass, with diffusers' state (step_index,
+    model_outputs, lower_order_nums) kept as its own step keeps it."""
+    cfg = self.config
+    if self.num_inference_steps is None or not _step_args_ok(self, model_output, sample) or \
+            dpm_kept_because(self) is not None or \
+            (variance_noise is not None and variance_noise.shape != sample.shape):
+        return type(self).step(self, model_output, timestep, sample, generator, variance_noise, return_dict)
+    tables = _tables(self)
+    ts = tables.host_timesteps()
+    T = tables.get("alphas", sample).numel()
+    if self.step_index is None:
+        self._init_step_index(timestep)  # diffusers' own lookup, as its step does
+    i, n = self.step_index, len(ts)
+    if not (i < n and all(0 <= t < T for t in ts)):  # diffusers' code says what is wrong
+        return type(self).step(self, model_output, timestep, sample, generator, variance_noise, return_dict)
+    # diffusers' order rules: first order at the start, and at the end where the config asks for it
+    first_at_end = i == n - 1 and (cfg.euler_at_final or (cfg.lower_order_final and n < 15)
+                                   or cfg.final_sigmas_type == "zero")
+    second = cfg.solver_order == 2 and self.lower_order_nums >= 1 and not first_at_end and \
+        self.model_outputs[-1] is not None
+    t_prev = ts[i + 1] if i + 1 < n else (-1 if cfg.final_sigmas_type == "zero" else 0)
+    # diffusers' dtypes: x̂0 as convert_model_output gives it (model output and sample promoted together);
+    # the update in fp32 (fp64 stays fp64 here), its noise drawn in fp32; the result in x̂0's dtype (diffusers
+    # casts it to its converted model output's)
+    x0_dtype = torch.promote_types(model_output.dtype, sample.dtype)
+    work = torch.promote_types(x0_dtype, torch.float32)
+    sde = DPM_ALGORITHMS[cfg.algorithm_type]
+    noise = None
+    if sde:
+        noise = variance_noise if variance_noise is not None else \
+            randn_tensor(model_output.shape, generator=generator, device=model_output.device, dtype=torch.float32)
+        noise = noise.to(device=sample.device, dtype=work)
+    x0_last = self.model_outputs[-1].to(work) if second else None
+    prev, x0 = ops.dpmpp_2m_step(model_output.to(work), _batch_t(ts[i], sample), _batch_t(t_prev, sample),
+                                 sample.to(work), tables.get("alphas", sample.to(work)), x0_last,
+                                 _batch_t(ts[i - 1], sample) if second else None, sde=sde, noise=noise,
+                                 prediction_type=cfg.prediction_type)
+    for k in range(cfg.solver_order - 1):
+        self.model_outputs[k] = self.model_outputs[k + 1]
+    self.model_outputs[-1] = x0.to(x0_dtype)
+    if self.lower_order_nums < cfg.solver_order:
+        self.lower_order_nums += 1
+    self._step_index += 1
+    prev = prev.to(x0_dtype)
+    return SchedulerOutput(prev_sample=prev) if return_dict else (prev,)
+
+
+# ----------------------------------------------------------------------------------------------------
 # patch / unpatch
 # ----------------------------------------------------------------------------------------------------
-_STEPS = {DDPMScheduler: ddpm_step, DDIMScheduler: ddim_step}
+# each scheduler class's fused methods
+_FUSED = {DDPMScheduler: {"add_noise": add_noise, "step": ddpm_step},
+          DDIMScheduler: {"add_noise": add_noise, "step": ddim_step},
+          DPMSolverMultistepScheduler: {"step": dpm_step}}
 
 
 def patch_scheduler(sched, report, path: str = "") -> None:
-    """Binds the fused add_noise and step on a DDPMScheduler or DDIMScheduler (its exact class)."""
+    """Binds the fused add_noise and step on a DDPMScheduler or DDIMScheduler, and the fused step on a
+    DPMSolverMultistepScheduler (their exact classes)."""
     name = type(sched).__name__
     prefix = f"{path}." if path else ""
-    step = _STEPS.get(type(sched))
-    if step is None:
-        report.add_kept(path, name, "only DDPMScheduler and DDIMScheduler have fused steps")
+    fused = _FUSED.get(type(sched))
+    if fused is None:
+        report.add_kept(path, name, "only DDPMScheduler, DDIMScheduler and DPMSolverMultistepScheduler have fused "
+                                    "steps")
         return
-    for method, fn in (("add_noise", add_noise), ("step", step)):
+    for method, fn in fused.items():
         if taken_by_someone_else(sched, method):
             report.add_kept(f"{prefix}{method}", f"{name}.{method}", "already replaced by another library")
             continue
         bind(sched, method, fn)
         report.add_fused(f"{prefix}{method}", f"{name}.{method}", name)
     cfg = sched.config
+    if isinstance(sched, DPMSolverMultistepScheduler):
+        why = dpm_kept_because(sched)
+        if why is not None:
+            report.add_kept(f"{prefix}step", f"{name}.step", why)
+        report.add_kept(f"{prefix}add_noise", f"{name}.add_noise", "σ-indexed by the step index: diffusers' own")
+        report.note("scheduler steps whose model_output and sample differ in shape or device")
+        return
     if cfg.thresholding:
         report.add_kept(f"{prefix}step", f"{name}.step", "thresholding=True (dynamic thresholding's per-sample "
                                                          "quantile is not in the fused step)")
