@@ -438,7 +438,8 @@ def launch_attention_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.
     BH = B * H
     # 1. Δ = rowsum(dO∘O)
     delta = torch.empty_like(lse)
-    bm_delta = _p2_cap(64, Lq)
+    # 32 rows for fp64 at head dims over 128: 64 × 256 doubles of O and dO spilled ~1 KB at D = 200 (sm_90)
+    bm_delta = _p2_cap(32 if q.dtype == torch.float64 and bd > 128 else 64, Lq)
     launch(_attn_bwd_delta_kernel, (triton.cdiv(Lq, bm_delta) * BH,),
         out, do, delta, *_bhl(out), *_bhl(do), H, Lq, HEAD_DIM=D, ACC=nm["acc"], BLOCK_M=bm_delta, BLOCK_D=bd,
         num_warps=4 if bm_delta * bd < 4096 else 8)  # 4 warps over a 64×64 fp32 tile spilled 8 bytes

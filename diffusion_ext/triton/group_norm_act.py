@@ -109,7 +109,7 @@ def _gn_fwd_stats_kernel(
     n = ng // G
     g = ng % G
     base = x_ptr + n.to(tl.int64) * stride_n + g.to(tl.int64) * stride_g
-    r_lo = k * rows_per_prog
+    r_lo = k.to(tl.int64) * rows_per_prog  # int64: a channel of 2^31 or more rows would wrap in int32
     r_hi = tl.minimum(r_lo + rows_per_prog, num_rows)
     rr = tl.arange(0, BLOCK_R)
     jj = tl.arange(0, BLOCK_W)
@@ -241,7 +241,7 @@ def _gn_fwd_apply_kernel(
     beta = beta[:, None]
     sample = n.to(tl.int64) * C * HW
     c_off = sample + c.to(tl.int64) * stride_c
-    s_lo = tl.program_id(1) * s_per_prog
+    s_lo = tl.program_id(1).to(tl.int64) * s_per_prog  # int64: HW of 2^31 or more would wrap in int32
     s_hi = tl.minimum(s_lo + s_per_prog, HW)
     x_rows = (x_ptr + c_off)[:, None]
     y_rows = (y_ptr + c_off)[:, None]
@@ -289,7 +289,7 @@ def _gn_bwd_reduce_kernel(
     gamma = gamma[:, None]
     beta = beta[:, None]
     c_off = n.to(tl.int64) * C * HW + c.to(tl.int64) * stride_c
-    s_lo = tl.program_id(1) * s_per_prog
+    s_lo = tl.program_id(1).to(tl.int64) * s_per_prog
     s_hi = tl.minimum(s_lo + s_per_prog, HW)
     acc_ds = tl.zeros([BLOCK_C, BLOCK_S], dtype=ACC)
     acc_db = tl.zeros([BLOCK_C, BLOCK_S], dtype=ACC)
@@ -384,7 +384,7 @@ def _gn_bwd_dx_kernel(
     gamma = gamma[:, None]
     beta = beta[:, None]
     c_off = n.to(tl.int64) * C * HW + c.to(tl.int64) * stride_c
-    s_lo = tl.program_id(1) * s_per_prog
+    s_lo = tl.program_id(1).to(tl.int64) * s_per_prog
     s_hi = tl.minimum(s_lo + s_per_prog, HW)
     for s0 in range(s_lo, s_hi, BLOCK_S):
         s = s0 + tl.arange(0, BLOCK_S)

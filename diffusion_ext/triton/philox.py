@@ -54,6 +54,13 @@ def _uniform(x, ACC: tl.constexpr):
 
 
 @triton.jit
+def _radius(x, ACC: tl.constexpr):
+    # Box-Muller's √(−2 ln u): −2 ln u > 0 for u < 1, but the largest u is 1 − 2^-24, where an approximate log
+    # (a GPU's lg2.approx) may give 0 or above; max(·, 0) keeps that a 0, not a NaN, as csrc/common/philox.h does
+    return tl.sqrt(tl.maximum(-2.0 * tl.log(_uniform(x, ACC)), 0.0))
+
+
+@triton.jit
 def normals_for_block(start, seed_lo, seed_hi, off_lo, off_hi, BLOCK: tl.constexpr, ACC: tl.constexpr):
     """Normals of elements start .. start + BLOCK - 1; start (int64) and BLOCK are multiples of 4."""
     group = start // 4 + tl.arange(0, BLOCK // 4).to(tl.int64)
@@ -64,9 +71,9 @@ def normals_for_block(start, seed_lo, seed_hi, off_lo, off_hi, BLOCK: tl.constex
     k1 = zero + u32(seed_hi)
     r0, r1, r2, r3 = philox4x32_10(c0, c1, zero + u32(off_lo), zero + u32(off_hi), k0, k1)
     two_pi = tl.full([], 6.283185307179586, ACC)  # a bare float literal would be fp32, even for fp64 noise
-    rad_a = tl.sqrt(-2.0 * tl.log(_uniform(r0, ACC)))
+    rad_a = _radius(r0, ACC)
     th_a = two_pi * _uniform(r1, ACC)
-    rad_b = tl.sqrt(-2.0 * tl.log(_uniform(r2, ACC)))
+    rad_b = _radius(r2, ACC)
     th_b = two_pi * _uniform(r3, ACC)
     z0 = rad_a * tl.cos(th_a)
     z1 = rad_a * tl.sin(th_a)
@@ -92,7 +99,7 @@ def normals_per_element(k, stream_lo, stream_hi, seed_lo, seed_hi, ACC: tl.const
     u_rad = tl.where(lane < 2, r0, r2)
     u_th = tl.where(lane < 2, r1, r3)
     two_pi = tl.full([], 6.283185307179586, ACC)
-    radius = tl.sqrt(-2.0 * tl.log(_uniform(u_rad, ACC)))
+    radius = _radius(u_rad, ACC)
     theta = two_pi * _uniform(u_th, ACC)
     return tl.where(lane % 2 == 0, radius * tl.cos(theta), radius * tl.sin(theta))
 
