@@ -979,18 +979,23 @@ def _unet_for_pipelines():
     return randomize(UNet2DModel(**{**UNET_A, "out_channels": 3}), 5).eval()
 
 
+def _scheduler_for_pipelines(dpm: str | None = None):
+    """The scale of a random network's output is not an ε's: DDPM keeps the chain in range by clipping;
+    DPM-Solver (no clipping) by reading the output as x0 from a sample it scales down."""
+    if dpm is None:
+        return DDPMScheduler(num_train_timesteps=40, clip_sample=True)
+    return DPMSolverMultistepScheduler(num_train_timesteps=40, algorithm_type=dpm, prediction_type="sample")
+
+
 @pytest.mark.parametrize("pipeline,steps,kw", [
     (DDPMPipeline, 40, {}), (DDPMPipeline, 10, {}), (DDIMPipeline, 10, dict(eta=0.0)), (DDIMPipeline, 10, dict(eta=1.0)),
     (DDPMPipeline, 10, dict(dpm="dpmsolver++")), (DDPMPipeline, 10, dict(dpm="sde-dpmsolver++")),
 ])
 def test_seeded_pipelines_give_the_same_images_patched_or_not(pipeline, steps, kw):
     unet = _unet_for_pipelines()
-    # the scale of a random network's output is not an ε's: keep the chain in range with clipping (DPM-Solver
-    # has no clipping: its model predicts x0 from a sample it scales down, which keeps it in range)
     kw = dict(kw)
     dpm = kw.pop("dpm", None)
-    sched = DDPMScheduler(num_train_timesteps=40, clip_sample=True) if dpm is None else \
-        DPMSolverMultistepScheduler(num_train_timesteps=40, algorithm_type=dpm, prediction_type="sample")
+    sched = _scheduler_for_pipelines(dpm)
     plain = pipeline(unet=copy.deepcopy(unet), scheduler=sched)
     fused = pipeline(unet=unet, scheduler=copy.deepcopy(sched))
     report = dxd.patch(fused)
@@ -1009,14 +1014,17 @@ def test_seeded_pipelines_give_the_same_images_patched_or_not(pipeline, steps, k
 
 
 @pytest.mark.parametrize("backend", GPU_BACKENDS)
-@pytest.mark.parametrize("pipeline,kw", [(DDPMPipeline, {}), (DDIMPipeline, dict(eta=1.0))])
+@pytest.mark.parametrize("pipeline,kw", [(DDPMPipeline, {}), (DDIMPipeline, dict(eta=1.0)),
+                                         (DDPMPipeline, dict(dpm="sde-dpmsolver++"))])
 def test_seeded_pipelines_on_the_gpu_give_the_same_images_patched_or_not(pipeline, kw, backend, monkeypatch):
     """As on the CPU, with the noise drawn from a CUDA generator. cuDNN's TF32 convolutions off (PyTorch's
     default has them on; matmuls are fp32 by default), so that the two chains round alike."""
     skip_unless_available(backend, "cuda")
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
     unet = _unet_for_pipelines().cuda()
-    sched = DDPMScheduler(num_train_timesteps=40, clip_sample=True)
+    kw = dict(kw)
+    dpm = kw.pop("dpm", None)
+    sched = _scheduler_for_pipelines(dpm)
     plain = pipeline(unet=copy.deepcopy(unet), scheduler=sched)
     fused = pipeline(unet=unet, scheduler=copy.deepcopy(sched))
     dxd.patch(fused)
