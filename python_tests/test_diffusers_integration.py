@@ -972,6 +972,23 @@ def test_dpm_solver_step_types_errors_and_unpatch():
     assert dxd.unpatch(s) == 1 and "step" not in vars(s)
 
 
+def test_dpm_solver_timesteps_outside_the_table_run_diffusers_code(monkeypatch):
+    """Custom timesteps past the training range (diffusers clamps their σ): its own code, the same result."""
+    ours, theirs = (DPMSolverMultistepScheduler(num_train_timesteps=20) for _ in range(2))
+    dxd.patch(ours)
+    for sch in (ours, theirs):
+        sch.set_timesteps(timesteps=[25, 12, 3])
+    calls = _spy(monkeypatch, "dpmpp_2m_step")
+    x = torch.randn(1, 2, 3, 3, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(ours.step(0.5 * x, 25, x).prev_sample, theirs.step(0.5 * x, 25, x).prev_sample)
+    assert not calls["dpmpp_2m_step"]
+    x = theirs.step(0.5 * x, 12, x).prev_sample  # its t_last, 25, is outside: diffusers' code again
+    ours.step(0.5 * x, 12, x)
+    assert not calls["dpmpp_2m_step"]
+    ours.step(0.5 * x, 3, x)  # t = 3, t_last = 12, t_prev = −1: fused
+    assert len(calls["dpmpp_2m_step"]) == 1
+
+
 # ----------------------------------------------------------------------------------------------------
 # pipelines
 # ----------------------------------------------------------------------------------------------------

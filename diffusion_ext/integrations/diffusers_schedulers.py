@@ -291,7 +291,7 @@ def dpm_step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, g
     if self.step_index is None:
         self._init_step_index(timestep)  # diffusers' own lookup, as its step does
     i, n = self.step_index, len(ts)
-    if not (i < n and all(0 <= t < T for t in ts)):  # diffusers' code says what is wrong
+    if i >= n:  # diffusers' code says what is wrong
         return type(self).step(self, model_output, timestep, sample, generator, variance_noise, return_dict)
     # diffusers' order rules: first order at the start, and at the end where the config asks for it
     first_at_end = i == n - 1 and (cfg.euler_at_final or (cfg.lower_order_final and n < 15)
@@ -299,6 +299,9 @@ def dpm_step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, g
     second = cfg.solver_order == 2 and self.lower_order_nums >= 1 and not first_at_end and \
         self.model_outputs[-1] is not None
     t_prev = ts[i + 1] if i + 1 < n else (-1 if cfg.final_sigmas_type == "zero" else 0)
+    # custom timesteps past the ᾱ table (diffusers clamps their σ): its own code
+    if not (0 <= ts[i] < T and t_prev < T and (not second or 0 <= ts[i - 1] < T)):
+        return type(self).step(self, model_output, timestep, sample, generator, variance_noise, return_dict)
     # diffusers' dtypes: x̂0 as convert_model_output gives it (model output and sample promoted together);
     # the update in fp32 (fp64 stays fp64 here), its noise drawn in fp32; the result in x̂0's dtype (diffusers
     # casts it to its converted model output's)
@@ -311,8 +314,9 @@ def dpm_step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, g
             randn_tensor(model_output.shape, generator=generator, device=model_output.device, dtype=torch.float32)
         noise = noise.to(device=sample.device, dtype=work)
     x0_last = self.model_outputs[-1].to(work) if second else None
+    x_t = sample.to(work)
     prev, x0 = ops.dpmpp_2m_step(model_output.to(work), _batch_t(ts[i], sample), _batch_t(t_prev, sample),
-                                 sample.to(work), tables.get("alphas", sample.to(work)), x0_last,
+                                 x_t, tables.get("alphas", x_t), x0_last,
                                  _batch_t(ts[i - 1], sample) if second else None, sde=sde, noise=noise,
                                  prediction_type=cfg.prediction_type)
     for k in range(cfg.solver_order - 1):
