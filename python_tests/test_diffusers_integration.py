@@ -913,12 +913,15 @@ def test_dpm_solver_step_matches_diffusers(case, monkeypatch):
     assert len(calls["dpmpp_2m_step"]) == len(ts)
 
 
+@pytest.mark.parametrize("prediction", ["epsilon", "sample"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float64], ids=str)
-def test_dpm_solver_step_dtypes_as_diffusers(dtype):
+def test_dpm_solver_step_dtypes_as_diffusers(dtype, prediction):
     """diffusers computes the step in fp32 (its sample upcast) and returns it, like the x̂0 it keeps, in the
     dtype of the model output and sample together: a bf16 model output with an fp32 sample gives fp32; fp64
-    gives fp64 (computed in fp64 here, which diffusers rounds to fp32)."""
-    ours, theirs = (DPMSolverMultistepScheduler(num_train_timesteps=50) for _ in range(2))
+    gives fp64 (computed in fp64 here, which diffusers rounds to fp32); for "sample" the x̂0 is the model output
+    itself, and so is its dtype."""
+    ours, theirs = (DPMSolverMultistepScheduler(num_train_timesteps=50, prediction_type=prediction)
+                    for _ in range(2))
     dxd.patch(ours)
     for sch in (ours, theirs):
         sch.set_timesteps(6)
@@ -928,7 +931,8 @@ def test_dpm_solver_step_dtypes_as_diffusers(dtype):
     for t in theirs.timesteps:
         a = ours.step((0.5 * xa).to(dtype), t, xa).prev_sample
         b = theirs.step((0.5 * xb).to(dtype), t, xb).prev_sample
-        assert a.dtype == b.dtype == ours.model_outputs[-1].dtype == theirs.model_outputs[-1].dtype == x.dtype
+        want = dtype if prediction == "sample" else x.dtype
+        assert a.dtype == b.dtype == ours.model_outputs[-1].dtype == theirs.model_outputs[-1].dtype == want
         tol = 1e-2 if dtype == torch.bfloat16 else 1e-5
         torch.testing.assert_close(a.double(), b.double(), rtol=tol, atol=tol * max(1.0, b.abs().max().item()))
         xa, xb = a.to(x.dtype), b.to(x.dtype)
@@ -970,6 +974,25 @@ def test_dpm_solver_step_types_errors_and_unpatch():
     (prev,) = s.step(x, s.timesteps[1], x, return_dict=False)
     assert prev.shape == x.shape and s.step_index == 2
     assert dxd.unpatch(s) == 1 and "step" not in vars(s)
+
+
+@pytest.mark.parametrize("cfg,timesteps,fused", [
+    (dict(final_sigmas_type="sigma_min"), [15, 8, 0], 2),  # the last step, 0 -> σ_min at 0: h = 0
+    (dict(), [15, 8, -1], 1),  # a negative timestep: diffusers clamps its σ to σ_min, it is no σ = 0
+    (dict(), [15, 8, 12, 3], 2),  # an ascending step, and the second-order step after it (t_last < t)
+])
+def test_dpm_solver_timesteps_not_descending_in_the_table_run_diffusers_code(cfg, timesteps, fused, monkeypatch):
+    ours, theirs = (DPMSolverMultistepScheduler(num_train_timesteps=20, **cfg) for _ in range(2))
+    dxd.patch(ours)
+    for sch in (ours, theirs):
+        sch.set_timesteps(timesteps=timesteps)
+    calls = _spy(monkeypatch, "dpmpp_2m_step")
+    x = torch.randn(1, 2, 3, 3, generator=torch.Generator().manual_seed(0))
+    for t in timesteps:
+        a, b = ours.step(0.5 * x, t, x).prev_sample, theirs.step(0.5 * x, t, x).prev_sample
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5 * max(1.0, b.abs().max().item()))
+        x = b
+    assert len(calls["dpmpp_2m_step"]) == fused
 
 
 def test_dpm_solver_timesteps_outside_the_table_run_diffusers_code(monkeypatch):

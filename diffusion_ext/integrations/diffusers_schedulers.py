@@ -299,13 +299,17 @@ def dpm_step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, g
     second = cfg.solver_order == 2 and self.lower_order_nums >= 1 and not first_at_end and \
         self.model_outputs[-1] is not None
     t_prev = ts[i + 1] if i + 1 < n else (-1 if cfg.final_sigmas_type == "zero" else 0)
-    # custom timesteps past the ᾱ table (diffusers clamps their σ): its own code
-    if not (0 <= ts[i] < T and t_prev < T and (not second or 0 <= ts[i - 1] < T)):
+    # The kernel steps down its ᾱ table: t_last > t > t_prev, all in the table (−1 only as the final σ = 0).
+    # Custom timesteps outside it (diffusers clamps their σ), repeated or ascending ones (a step of h = 0,
+    # or a chain ending at t = 0 under sigma_min) run diffusers' code.
+    if not (0 <= ts[i] < T and (t_prev == -1 and i + 1 == n or 0 <= t_prev < ts[i])
+            and (not second or ts[i] < ts[i - 1] < T)):
         return type(self).step(self, model_output, timestep, sample, generator, variance_noise, return_dict)
-    # diffusers' dtypes: x̂0 as convert_model_output gives it (model output and sample promoted together);
-    # the update in fp32 (fp64 stays fp64 here), its noise drawn in fp32; the result in x̂0's dtype (diffusers
-    # casts it to its converted model output's)
-    x0_dtype = torch.promote_types(model_output.dtype, sample.dtype)
+    # diffusers' dtypes: x̂0 as convert_model_output gives it (the model output itself for "sample", else model
+    # output and sample promoted together); the update in fp32 (fp64 stays fp64 here), its noise drawn in
+    # fp32; the result in x̂0's dtype (diffusers casts it to its converted model output's)
+    x0_dtype = model_output.dtype if cfg.prediction_type == "sample" else \
+        torch.promote_types(model_output.dtype, sample.dtype)
     work = torch.promote_types(x0_dtype, torch.float32)
     sde = DPM_ALGORITHMS[cfg.algorithm_type]
     noise = None
@@ -361,6 +365,7 @@ def patch_scheduler(sched, report, path: str = "") -> None:
             report.add_kept(f"{prefix}step", f"{name}.step", why)
         report.add_kept(f"{prefix}add_noise", f"{name}.add_noise", "σ-indexed by the step index: diffusers' own")
         report.note("scheduler steps whose model_output and sample differ in shape or device")
+        report.note("DPMSolverMultistepScheduler steps whose timesteps are not descending within the ᾱ table")
         return
     if cfg.thresholding:
         report.add_kept(f"{prefix}step", f"{name}.step", "thresholding=True (dynamic thresholding's per-sample "
