@@ -53,6 +53,7 @@ DDPM_VARIANCES = ("fixed_small", "fixed_large")
 DPM_ALGORITHMS = {"dpmsolver++": False, "sde-dpmsolver++": True}  # algorithm_type -> sde
 DPM_SIGMA_SCHEDULES = ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas", "use_lu_lambdas",
                        "use_flow_sigmas", "use_dynamic_shifting")
+_THRESHOLDING = "thresholding=True (dynamic thresholding's per-sample quantile is not in the fused step)"
 _CACHE = "_diffusion_ext_tables"
 METHODS = ("add_noise", "step")
 
@@ -77,7 +78,6 @@ class _Tables:
             self.ddpm_index = {t: i + int(lead) for i, t in enumerate(ts)}
         self._host = {"alphas": ac, "chain": chain}
         self._on: dict[tuple, torch.Tensor] = {}
-
         self._host_timesteps: list[int] | None = None
 
     def host_timesteps(self) -> list[int]:
@@ -271,7 +271,7 @@ def dpm_kept_because(sched) -> str | None:
     if cfg.prediction_type not in PREDICTION_TYPES:
         return f"prediction_type={cfg.prediction_type!r}"
     if cfg.thresholding:
-        return "thresholding=True (dynamic thresholding's per-sample quantile is not in the fused step)"
+        return _THRESHOLDING
     return None
 
 
@@ -287,7 +287,7 @@ def dpm_step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, g
         return type(self).step(self, model_output, timestep, sample, generator, variance_noise, return_dict)
     tables = _tables(self)
     ts = tables.host_timesteps()
-    T = tables.get("alphas", sample).numel()
+    T = self.alphas_cumprod.numel()
     if self.step_index is None:
         self._init_step_index(timestep)  # diffusers' own lookup, as its step does
     i, n = self.step_index, len(ts)
@@ -358,18 +358,14 @@ def patch_scheduler(sched, report, path: str = "") -> None:
             continue
         bind(sched, method, fn)
         report.add_fused(f"{prefix}{method}", f"{name}.{method}", name)
-    cfg = sched.config
     if isinstance(sched, DPMSolverMultistepScheduler):
         why = dpm_kept_because(sched)
         if why is not None:
             report.add_kept(f"{prefix}step", f"{name}.step", why)
         report.add_kept(f"{prefix}add_noise", f"{name}.add_noise", "σ-indexed by the step index: diffusers' own")
-        report.note("scheduler steps whose model_output and sample differ in shape or device")
         report.note("DPMSolverMultistepScheduler steps whose timesteps are not descending within the ᾱ table")
-        return
-    if cfg.thresholding:
-        report.add_kept(f"{prefix}step", f"{name}.step", "thresholding=True (dynamic thresholding's per-sample "
-                                                         "quantile is not in the fused step)")
+    elif sched.config.thresholding:
+        report.add_kept(f"{prefix}step", f"{name}.step", _THRESHOLDING)
     if isinstance(sched, DDPMScheduler) and sched.variance_type not in DDPM_VARIANCES:
         report.add_kept(f"{prefix}step", f"{name}.step", f"variance_type={sched.variance_type!r} (the fused step "
                                                          f"has {', '.join(DDPM_VARIANCES)})")
