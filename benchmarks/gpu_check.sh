@@ -4,9 +4,12 @@
 # machine, the results file is assembled from what came back and committed.
 #
 # Before the lease, here: `bash benchmarks/gpu_wheels.sh` puts the diffusers wheel into .whl/ (the lease's
-# image has no diffusers; without it the diffusers tests skip and its table says "not installed").
-# The two device calls, verbatim (the device tool's `run`, with carry [".whl"]; its command line must stay
-# under 2,000 chars):
+# image has no diffusers; without it the diffusers tests skip and its table says "not installed"), and
+# `bash benchmarks/gpu_prebuild.sh` builds the CUDA extension for the lease's python, torch and sm_90 into
+# .prebuilt/ (~12 min on 2 cores here), which the build stage loads instead of building when it was built from these
+# sources and imports there (else it builds: ~3 of the lease's minutes).
+# The two device calls, verbatim (the device tool's `run`, with carry [".whl", ".prebuilt"]; its command line
+# must stay under 2,000 chars):
 #   call 1:  bash benchmarks/gpu_check.sh call1 "$OUT"
 #   call 2:  bash benchmarks/gpu_check.sh call2 "$OUT"
 # and afterwards, here:
@@ -17,10 +20,12 @@
 #
 # Plan (minutes on an H200 host; each stage has a time limit, prints how long it took, and the script
 # always writes its summary, whatever failed):
-#   call 1  env (0.1) · build for the device's arch only, all cores (~3, limit 5) · every gpu-marked test
+#   call 1  env (0.1) · the carried build if it fits (0.1), else build for the device's arch only, all cores
+#           (~3, limit 5) · every gpu-marked test
 #           and the fuzz tests (CUDA draws), pytest-xdist (~2, limit 3) · compute-sanitizer memcheck over
 #           benchmarks/cuda_smoke.py, every
-#           CUDA kernel once (~1, limit 2)                                  files: 1-*.log, 1-summary.md
+#           CUDA kernel once (~1, limit 2) · with the carried build only, racecheck over the same (limit 2)
+#                                                                            files: 1-*.log, 1-summary.md
 #   call 2  build again only if the machine is a fresh one (the lease keeps a machine 30 s after a call:
 #           issue call 2 at once) · schedule ops and dropout at 16.8M elements with the copy bandwidth (~0.5) ·
 #           group norm 64×256×32×32 NCHW/NHWC (~1) · attention (16,8,1024,64), (64,4,256,32) (~1) ·
@@ -28,7 +33,8 @@
 #           diffusers UNet2DModel patched vs unpatched, batch 64, bf16, no compile (~0.5) and its scheduler
 #           steps, DDPM, DDIM, DPM-Solver++ (~0.3)
 #                                                                            files: 2-*.md, 2-bench.log
-# What to drop first when a call runs long: in call 1 the sanitizer (SKIP_SANITIZER=1), then the tests'
+# What to drop first when a call runs long: in call 1 the racecheck (SKIP_RACECHECK=1), the sanitizer
+# (SKIP_SANITIZER=1: both), then the tests'
 # Triton half (GPU_TESTS="-m 'gpu or fuzz' -k 'not triton'"); in call 2 the sampling loop (SKIP=sampling), then the
 # UNet's compile rows (UNET_ARGS=) and the attention table (SKIP="sampling attention"). With time to spare,
 # DIFFUSERS_ARGS="--reps 3" adds the torch.compile rows to the diffusers table (~2-3 min more).
@@ -37,7 +43,7 @@
 # pytest-xdist; nothing is downloaded, and only the carried wheels of .whl/ are installed, into a private
 # folder), TORCH_CUDA_ARCH_LIST (default: the device's own),
 # WORKERS (pytest-xdist workers, default 12), SKIP (stages of call 2 to leave out: schedule gn attention
-# unet sampling diffusers), SKIP_SANITIZER=1, DIFFUSERS_ARGS (bench_diffusers.py's options after the device,
+# unet sampling diffusers), SKIP_SANITIZER=1, SKIP_RACECHECK=1, DIFFUSERS_ARGS (bench_diffusers.py's options after the device,
 # default "--reps 3 --no-compile").
 set -uo pipefail
 
@@ -48,7 +54,7 @@ DRY=0
 if [ "${1:-}" = "--dry-run" ]; then DRY=1; shift; fi
 WHAT="${1:-}"
 OUT="${2:-}"
-usage() { echo "usage: bash benchmarks/gpu_check.sh [--dry-run] call1|call2|all OUTDIR | assemble DIR1 DIR2" >&2; exit 2; }
+usage() { echo "usage: bash benchmarks/gpu_check.sh [--dry-run] call1|call2|all OUTDIR | assemble DIR1 DIR2 | prebuilt-key ARCH" >&2; exit 2; }
 [ -n "$WHAT" ] && [ -n "$OUT" ] || usage
 
 # ---------------------------------------------------------------------------------------------------
@@ -109,6 +115,7 @@ PY
 # The wheels benchmarks/gpu_wheels.sh put into .whl/ (carried to the lease: its image has no diffusers),
 # installed into a private folder that PYTHONPATH then names: nothing in the image's site-packages changes.
 SITE=""
+CARRIED=0         # 1 once the carried build is in place (use_prebuilt): call 1 then has time for racecheck
 carried_wheels() {  # LOG
   local whl=("$ROOT"/.whl/*.whl)
   if [ ! -e "${whl[0]}" ]; then
@@ -136,14 +143,50 @@ extension_has_cuda() {
   PYTHONPATH="$ROOT" "$PY" -c 'import diffusion_ext, sys; sys.exit(0 if "cuda" in diffusion_ext.build_info()["backends"] else 1)' 2>/dev/null
 }
 
+# What a build of the extension depends on: the sources setup.py compiles (a digest of setup.py and csrc/),
+# the torch it is built against (its CUDA variant included), the Python ABI and the CUDA arch.
+source_digest() {
+  (cd "$ROOT" && find setup.py csrc -type f -print0 | LC_ALL=C sort -z | xargs -0 sha256sum | sha256sum | cut -c1-16)
+}
+prebuilt_key() {  # ARCH
+  echo "sources $(source_digest), $("$PY" -c 'import sysconfig, torch
+print("torch " + torch.__version__ + ", python " + sysconfig.get_config_var("EXT_SUFFIX"))'), sm $1"
+}
+
+# The extension gpu_prebuild.sh built on the CPU machine and the call carried (.prebuilt/), put in place when
+# its key is this machine's and it imports with CUDA; 1 (build here) otherwise, with the reason noted.
+use_prebuilt() {  # ARCH
+  local dir="$ROOT/.prebuilt" want have
+  if [ ! -f "$dir/KEY" ]; then note "- carried build: none (.prebuilt/; benchmarks/gpu_prebuild.sh): building here"; return 1; fi
+  want="$(prebuilt_key "$1")"
+  have="$(cat "$dir/KEY")"
+  if [ "$want" != "$have" ]; then
+    note "- carried build: for another build (carried: $have; here: $want): building here"
+    return 1
+  fi
+  cp "$dir"/_C.*.so "$ROOT/diffusion_ext/"
+  if ! extension_has_cuda; then
+    rm -f "$ROOT"/diffusion_ext/_C.*.so
+    note "- carried build: does not import with CUDA here: building here"
+    return 1
+  fi
+  note "- carried build ($have): imports with CUDA; not built here"
+  CARRIED=1
+  [ -n "${OUT:-}" ] && [[ "$WHAT" != call2 ]] && cp "$dir/cuda-resources.md" "$OUT/1-cuda-resources.md"
+  STAGES+=("build: the carried one (benchmarks/gpu_prebuild.sh), 0 s")
+  return 0
+}
+
 build() {  # LOG
   local log=$1
   if [ "$DRY" = 1 ]; then
+    note "- carried build: a dry run builds nothing; this tree's key for sm 9.0: $(prebuilt_key 9.0)"
     stage "build (dry run: the CPU build in place is imported instead)" 60 "$log" \
       env PYTHONPATH="$ROOT" "$PY" -c 'import diffusion_ext; print(diffusion_ext.build_info())'
     return
   fi
   local arch="${TORCH_CUDA_ARCH_LIST:-$(device_arch)}"
+  use_prebuilt "$arch" && return
   # in place, against this machine's torch: no pip, no venv, no download; ptxas -v for the resource table
   stage "build (sm ${arch}, $(nproc) jobs)" 300 "$log" env FORCE_CUDA=1 TORCH_CUDA_ARCH_LIST="$arch" MAX_JOBS="$(nproc)" \
     DIFFUSION_EXT_PTXAS_VERBOSE=1 "$PY" setup.py build_ext --inplace
@@ -179,6 +222,17 @@ call1() {
     stage "compute-sanitizer memcheck, every CUDA kernel once" 120 "$san_log" env PYTORCH_NO_CUDA_MEMORY_CACHING=1 \
       compute-sanitizer --tool memcheck --error-exitcode 1 "$PY" benchmarks/cuda_smoke.py cuda
   fi
+  # racecheck (shared-memory hazards: the attention and group-norm kernels' tiles) with the minutes a carried
+  # build saved; it slows shared-memory kernels more than memcheck does, hence its own limit
+  local race_log="$OUT/1-racecheck.log"
+  if [ "$DRY" = 1 ]; then
+    STAGES+=("compute-sanitizer racecheck: dry run, skipped")
+  elif [ "$CARRIED" != 1 ] || [ "${SKIP_SANITIZER:-0}" = 1 ] || [ "${SKIP_RACECHECK:-0}" = 1 ]; then
+    STAGES+=("compute-sanitizer racecheck: skipped (built here, or SKIP_SANITIZER / SKIP_RACECHECK)")
+  else
+    stage "compute-sanitizer racecheck, every CUDA kernel once" 120 "$race_log" env PYTORCH_NO_CUDA_MEMORY_CACHING=1 \
+      compute-sanitizer --tool racecheck --error-exitcode 1 "$PY" benchmarks/cuda_smoke.py cuda
+  fi
   stages_section
   note ""
   note "## Tests"
@@ -190,6 +244,13 @@ call1() {
   note '```'
   grep -E 'ERROR SUMMARY|^FAIL|cuda_smoke:' "$san_log" | tail -n 20 | tee -a "$SUMMARY" >&2
   note '```'
+  if [ -s "$race_log" ]; then
+    note ""
+    note "## Racecheck"
+    note '```'
+    grep -E 'RACECHECK SUMMARY|ERROR SUMMARY|^FAIL|cuda_smoke:' "$race_log" | tail -n 20 | tee -a "$SUMMARY" >&2
+    note '```'
+  fi
   if [ -s "$OUT/1-cuda-resources.md" ]; then
     note ""
     note "## CUDA kernel resources: see 1-cuda-resources.md ($(grep -c '^| `' "$OUT/1-cuda-resources.md") kernels)"
@@ -288,5 +349,6 @@ case "$WHAT" in
     exit $rc
     ;;
   assemble) assemble "$2" "${3:?usage: assemble DIR1 DIR2}" ;;
+  prebuilt-key) prebuilt_key "$2" ;;  # gpu_prebuild.sh: ARCH
   *) usage ;;
 esac
