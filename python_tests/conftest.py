@@ -11,6 +11,7 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+import compile_check_jobs  # noqa: E402
 import diffusion_ext  # noqa: E402
 from diffusion_ext.backend import available_backends  # noqa: E402
 
@@ -26,6 +27,17 @@ def _split_cores_between_xdist_workers() -> None:
 
 
 _split_cores_between_xdist_workers()
+
+
+def pytest_collection_finish(session):
+    # the compile-for-GPU check runs in the background, niced, beside the rest of the suite
+    if not session.config.option.collectonly:
+        compile_check_jobs.start_in_background(session.items)
+
+
+def pytest_sessionfinish(session):
+    compile_check_jobs.stop()
+
 
 # (backend, device); GPU pairs carry the gpu marker and skip cleanly without a GPU.
 BACKEND_DEVICES = [

@@ -5,41 +5,24 @@ set: every kernel at its tile-table entries and flags, each dtype once.
 
 The check runs in subprocesses: Triton's interpreter (which this test session uses for CPU tensors)
 replaces the @triton.jit kernels at import, and compile-only needs the real ones. The runs go side
-by side (TARGETS). What the interpreter accepts but a GPU compiler rejects fails here, on the CPU: annotated
+by side, in the background from the end of collection (compile_check_jobs.py). What the interpreter accepts but a GPU compiler rejects fails here, on the CPU: annotated
 constexpr globals, `.to()` on an integer argument that Triton specialised to the constant 1 (a seed or
 offset word equal to 1), tl.dot into an fp64 accumulator without out_dtype.
 """
-import json
-import os
-import subprocess
-import sys
-
+import compile_check_jobs
 import pytest
 
 pytest.importorskip("triton")
 
 pytestmark = pytest.mark.slow
-# target -> its compile_check arguments: Hopper's full set over two processes (--jobs: the ops split by compile
-# time), Ampere's reduced set in a third, all side by side
-TARGETS = {"h200": ["--jobs", "2"], "a100": ["--reduced"]}
+TARGETS = compile_check_jobs.TARGETS
 
 
 @pytest.fixture(scope="module")
-def results(tmp_path_factory):
-    out = tmp_path_factory.mktemp("compile_check")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    procs = {}
-    for device, extra in TARGETS.items():
-        cmd = [sys.executable, "-m", "diffusion_ext.triton.compile_check", "--device", device, "--quiet",
-               "--json", str(out / f"{device}.json"), *extra]
-        procs[device] = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    rows, logs = {}, {}
-    for device, p in procs.items():
-        logs[device] = p.communicate(timeout=3600)[0]
-        path = out / f"{device}.json"
-        assert path.exists(), f"compile_check --device {device} {TARGETS[device]} wrote no results:\n{logs[device][-3000:]}"
-        rows[device] = json.loads(path.read_text())
-    return rows, logs
+def results():
+    """({device: rows}, {device: log}) of the compile_check runs the session started in the background after
+    collection (python_tests/compile_check_jobs.py), waited for here."""
+    return compile_check_jobs.results()
 
 
 @pytest.mark.parametrize("device", TARGETS)
