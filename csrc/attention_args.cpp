@@ -1,5 +1,7 @@
 #include "attention_args.h"
 
+#include <ATen/ops/empty.h>
+
 #include <cmath>
 #include <limits>
 

@@ -10,7 +10,7 @@
 // .reshape(B, L, H·D), then gets a view instead of a copy. Kernels must therefore use every tensor's
 // strides. lse is (B, H, Lq), contiguous, in the accumulation dtype (fp32; fp64 for fp64 inputs),
 // natural log: lse_i = log Σ_j exp(scale·q_i·k_j).
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
 
 namespace diffusion_ext {
 

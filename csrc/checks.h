@@ -2,7 +2,7 @@
 // Argument checks shared by every op's CPU and CUDA entry points. Each message starts with the op's
 // name and names the argument and what was expected, so a user sees e.g.
 //   "diffusion_ext.q_sample: noise has shape [2, 3] but x0 has shape [2, 4]; expected the same shape".
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
 #include <string>
 
 namespace diffusion_ext {

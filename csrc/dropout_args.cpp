@@ -1,5 +1,7 @@
 #include "dropout_args.h"
 
+#include <ATen/ops/empty_like.h>
+
 #include <cmath>
 
 #include "common/dropout_mask.h"

@@ -8,7 +8,7 @@
 // other tensor is copied to contiguous first. So the mask depends on the layout, as the noise of the
 // schedule ops does, and the backward (the same op on the gradient) must see the gradient in the
 // output's layout (csrc/autograd.cpp arranges it).
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
 
 namespace diffusion_ext {
 

@@ -1,5 +1,8 @@
 #include "group_norm_args.h"
 
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+
 #include <cmath>
 
 #include "checks.h"

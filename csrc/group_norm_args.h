@@ -10,7 +10,7 @@
 // The optional FiLM inputs scale and shift (common/film.h) are (N, C) in x's dtype, element (n, c) at
 // n·stride(0) + c: a view with unit channel stride (one half of torch.chunk(emb, 2, dim=1), as the U-Nets
 // make them) is read as it is; anything else is made contiguous first (N·C elements, not x's size).
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
 
 #include <array>
 #include <optional>

@@ -1,7 +1,7 @@
 #pragma once
 // Entry points of every kernel, one per (op, device). Schemas live in torch_bindings.cpp; each
 // implementation file registers its own functions with TORCH_LIBRARY_IMPL.
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
 #include <optional>
 #include <array>
 #include <string_view>

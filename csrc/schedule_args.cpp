@@ -1,5 +1,7 @@
 #include "schedule_args.h"
 
+#include <ATen/ops/empty_like.h>
+
 #include <cmath>
 #include <vector>
 

@@ -5,7 +5,7 @@
 // exist.
 // With allocate = false they only validate: the Triton launchers call them that way (through _C) so that
 // every backend rejects the same inputs with the same messages.
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
 #include <optional>
 #include <string_view>
 

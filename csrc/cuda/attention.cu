@@ -34,6 +34,8 @@
 // key tiles of 64 (32 for DP = 256, for registers and shared memory). The largest configuration, forward
 // DP = 256, takes 99 KiB of shared memory: the limit of sm_86/sm_89, so it runs on every sm_80+ GPU.
 #include <ATen/Dispatch.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>

@@ -40,6 +40,7 @@
 // and the packs cannot straddle a channel (channels_first: VL divides HW) or a row (channels_last: VL
 // divides C); otherwise the same kernels run with VL = 1.
 #include <ATen/Dispatch.h>
+#include <ATen/ops/empty.h>
 #include <ATen/OpMathType.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>

@@ -8,7 +8,8 @@
 // host could not check without a sync (a device tensor) gives that sample NaN, as the Triton kernels do:
 // the functors form NaN coefficients and never read outside the table (csrc/tests/device_timesteps_test.cpp).
 // No device assert: it would poison the process's CUDA context for every later call (DESIGN.md section 4).
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
 
