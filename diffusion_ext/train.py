@@ -803,8 +803,9 @@ class Trainer:
                         title=f"{self.cfg.task} training loss ({self.cfg.data})")
         return path
 
-    def close(self) -> None:
-        dist_utils.teardown(self.dist)
+    def close(self, finished: bool = False) -> None:
+        """finished: the run ended normally on this rank, so every rank is on its way here (a barrier)."""
+        dist_utils.teardown(self.dist, wait_for_every_rank=finished)
 
 
 def threading_main() -> bool:
@@ -817,10 +818,13 @@ def train(cfg: TrainConfig, resume: bool | str = False, overrides: dict | None =
           overwrite: bool = False) -> dict:
     """Builds a Trainer, runs it, tears down the process group; returns a summary."""
     trainer = Trainer(cfg, resume=resume, overrides=overrides, log=log, overwrite=overwrite)
+    finished = False
     try:
-        return trainer.run()
+        summary = trainer.run()
+        finished = True
+        return summary
     finally:
-        trainer.close()
+        trainer.close(finished)
 
 
 # ----------------------------------------------------------------------------------------------------
