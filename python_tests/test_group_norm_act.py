@@ -23,9 +23,14 @@ SHAPES = [
     ((1, 5, 13, 11), 5),
     ((2, 40, 6, 6), 8),  # a whole bf16/fp16 vector step (32 lanes) and a tail, along H·W and along C
     ((2, 8, 5, 5), 4),  # H·W = 25: a bf16/fp16 run shorter than a step that fills one fp32 vector and part of a second
-    # channels_last: whole vector steps along C over 81 rows, two 64-row lane runs (the bf16/fp16 forward's
+    # channels_last: whole vector steps along C over 81 rows, two 64-row lane runs (the fp32/bf16/fp16 forward's
     # statistics, every dtype's backward sums)
     ((1, 32, 9, 9), 4),
+    # channels_last: more elements per sample (25600) than one CPU task takes (16384), so the forward's per-channel
+    # sums come from two chunks of rows (a sample of one chunk takes another path)
+    ((1, 64, 20, 20), 8),
+    # contiguous: channels of 1296 elements, longer than a backward lane run (1024 fp32 lanes' steps with AVX-512)
+    ((1, 4, 36, 36), 2),
 ]
 LAYOUTS = ["contiguous", "channels_last", "strided"]
 ACTIVATIONS = ["silu", "relu", "none"]

@@ -21,6 +21,7 @@
 #include <cstdint>
 #include <tuple>
 #include <type_traits>
+#include <utility>
 
 #include "../common/activations.h"
 
@@ -186,14 +187,6 @@ inline Moments moments_of(const ShiftedSums& s, double K, double count) {
   return {count, K + d, s.s2 - s.s1 * d > 0 ? s.s2 - s.s1 * d : 0};
 }
 
-// Chan et al.'s pairwise update: the moments of the union of two disjoint sets.
-inline Moments combine(const Moments& a, const Moments& b) {
-  if (a.count == 0) return b;
-  if (b.count == 0) return a;
-  const double n = a.count + b.count, delta = b.mean - a.mean;
-  return {n, a.mean + delta * b.count / n, a.m2 + b.m2 + delta * delta * a.count * b.count / n};
-}
-
 // μ as an unevaluated sum hi + lo of two acc_t: x − hi is exact when x is near μ (Sterbenz), so
 // (x − hi) − lo keeps the digits that x − (acc_t)μ would lose when |μ| ≫ std.
 template <typename acc_t>
@@ -256,6 +249,33 @@ inline double lanes_sum_as_double(const at::vec::Vectorized<acc_t>& v) {
   return t[0];
 }
 
+// Σ of a's lanes and Σ of b's lanes, added together: the backward's flush reduces its two lane accumulators at
+// once. fp32 with AVX-512 or AVX2: both trees share each shuffle and addition (a's lanes in one half of the
+// register, b's in the other), in fp32, widened at the end: the two separate double trees were a third of the
+// fp32 backward at 4×4 maps on an AVX-512 EPYC (one flush per 16-element channel), where it ran at 0.6× eager's.
+// An fp32 tree adds log2(W) roundings of 2^-24 to lanes that already hold fp32 sums of up to kLaneRun steps.
+template <typename acc_t>
+inline std::pair<double, double> lanes_sums_as_double(const at::vec::Vectorized<acc_t>& a,
+                                                      const at::vec::Vectorized<acc_t>& b) {
+  if constexpr (std::is_same_v<acc_t, float>) {
+#if defined(CPU_CAPABILITY_AVX512)
+    // [a0..7 + a8..15 | b0..7 + b8..15], then within each 256-bit half: 128-bit halves, pairs, neighbours.
+    __m512 t = _mm512_add_ps(_mm512_shuffle_f32x4(a, b, 0x44), _mm512_shuffle_f32x4(a, b, 0xEE));
+    t = _mm512_add_ps(t, _mm512_shuffle_f32x4(t, t, 0xB1));
+    t = _mm512_add_ps(t, _mm512_permute_ps(t, 0x4E));
+    t = _mm512_add_ps(t, _mm512_permute_ps(t, 0xB1));
+    return {_mm512_cvtss_f32(t), _mm_cvtss_f32(_mm512_extractf32x4_ps(t, 2))};
+#elif defined(CPU_CAPABILITY_AVX2)
+    // [a0..3 + a4..7 | b0..3 + b4..7], then within each 128-bit half: pairs, neighbours.
+    __m256 t = _mm256_add_ps(_mm256_permute2f128_ps(a, b, 0x20), _mm256_permute2f128_ps(a, b, 0x31));
+    t = _mm256_add_ps(t, _mm256_permute_ps(t, 0x4E));
+    t = _mm256_add_ps(t, _mm256_permute_ps(t, 0xB1));
+    return {_mm256_cvtss_f32(t), _mm_cvtss_f32(_mm256_extractf128_ps(t, 1))};
+#endif
+  }
+  return {lanes_sum_as_double(a), lanes_sum_as_double(b)};
+}
+
 // The backward's per-element terms along one run of one channel (γ, β of that channel):
 //   x̂ = (x − μ)·rstd, z = x̂·γ + β, dz = dy·act'(z);  returns Σdz and Σdz·x̂ (in double).
 // With grad_x: writes grad_x = rstd·(dz·γ − a − x̂·b) instead of summing.
@@ -280,10 +300,11 @@ __attribute__((always_inline)) inline void backward_run(const scalar_t* dy, cons
   int64_t run_end = kLaneRun;
   // Add the vector lanes into the double totals and restart them (a chain of 2·W dependent double additions,
   // twice per run, cost ~4 ns per element where a run is one vector — 4×4 channels — and made that backward
-  // 2.5× eager's; lanes_sum_as_double adds them as a log-depth tree in registers).
+  // 2.5× eager's; lanes_sums_as_double adds them as a log-depth tree in registers).
   auto flush = [&]() __attribute__((always_inline)) {
-    s_dz += lanes_sum_as_double(acc_dz);
-    s_dzx += lanes_sum_as_double(acc_dzx);
+    const auto [t_dz, t_dzx] = lanes_sums_as_double(acc_dz, acc_dzx);
+    s_dz += t_dz;
+    s_dzx += t_dzx;
     acc_dz = Vec(acc_t(0));
     acc_dzx = Vec(acc_t(0));
   };
@@ -358,11 +379,14 @@ inline void add_row_sums(const scalar_t* x, int64_t C, const double* K, double* 
   }
 }
 
-// bf16/fp16 rows: f1[c] += x[c] − K[c], f2[c] += (x[c] − K[c])² in fp32 lanes (K in fp32), which the caller adds
-// into its double sums every kRowRun rows. The difference is exact in fp32 for values within 2^16 of each other's
-// magnitude (8- and 11-bit significands); the square and the sum of at most kRowRun terms round at fp32's 2^-24,
-// far below the input's own 2^-8 (bf16) or 2^-11 (fp16). The double lanes of add_row_sums moved 4× the bytes
-// through L1 per element (the channels_last forward was 4× a copy's time; fp32/fp64 rows keep them).
+// fp32/bf16/fp16 rows: f1[c] += x[c] − K[c], f2[c] += (x[c] − K[c])² in fp32 lanes (K in fp32), which the caller
+// adds into its double sums every kRowRun rows. bf16/fp16: the difference is exact in fp32 for values within 2^16
+// of each other's magnitude (8- and 11-bit significands); the square and the sum of at most kRowRun terms round at
+// fp32's 2^-24, far below the input's own 2^-8 (bf16) or 2^-11 (fp16). fp32: the difference rounds relative to
+// itself (the shift keeps it small when |μ| ≫ σ), and a run's sum errs by at most ~kRowRun·2^-24 relative, bounded
+// whatever H·W is, against PyTorch's fp32 channels_last kernel's Σx² − (Σx)²/n in fp32 over all H·W rows. The double
+// lanes of add_row_sums move 4× the bytes through L1 per element (the bf16 channels_last forward was 4× a copy's
+// time; fp32 rows through them made the (1, 512, 32, 32) forward slower than PyTorch's): fp64 rows keep them.
 constexpr int64_t kRowRun = 64;
 
 template <typename scalar_t>
