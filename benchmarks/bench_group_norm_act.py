@@ -1,10 +1,12 @@
 """pytest-benchmark suite of group_norm_act: forward, backward and forward+backward, provider × shape ×
-layout × dtype, against eager (F.group_norm then F.silu) and, on GPU, torch.compile of the same; for the
+layout × dtype, against eager (F.group_norm then F.silu) and torch.compile of the same (on a CPU with
+--compile: inductor's CPU compiles take minutes over the grid); for the
 first shape also with FiLM (scale, shift from one (N, 2C) tensor, as a U-Net's time MLP gives them) against
 eager F.silu(F.group_norm(x)·(1 + scale) + shift). The markdown table holds the plain rows.
 
     pytest benchmarks/bench_group_norm_act.py --benchmark-only
     python benchmarks/bench_group_norm_act.py [cpu|cuda] [--quick|--smoke] [--dtypes bf16,fp16]   # the markdown table of ratios
+    python benchmarks/bench_group_norm_act.py cpu --small-maps --compile --dtypes fp32,bf16   # the latent model's maps
 
 Rows are grouped by (mode, shape, layout, dtype) so the providers of one case stand side by side. On a
 GPU each call is followed by torch.cuda.synchronize. No assertion here is about time.
@@ -20,6 +22,8 @@ from diffusion_ext import bench
 
 GROUPS = 32
 CPU_SHAPES = [(64, 128, 32, 32), (8, 320, 32, 32), (1, 512, 32, 32)]
+# The 8×8×4 latent model's and a 64×64 U-Net's deepest levels (--small-maps): per-group and per-call costs weigh most.
+SMALL_MAPS = [(8, 512, 4, 4), (64, 256, 4, 4), (64, 256, 8, 8)]
 GPU_SHAPES = [(64, 128, 64, 64), (64, 256, 32, 32), (64, 512, 16, 16), (8, 320, 64, 64), (1, 512, 64, 64)]
 HEADLINE = {"cuda": ([(64, 256, 32, 32)], [torch.bfloat16]), "cpu": ([(64, 128, 32, 32)], [torch.float32])}
 SMOKE = ([(2, 64, 8, 8)], [torch.float32])
@@ -34,9 +38,9 @@ def eager(x, w, b, scale=None, shift=None):
     return F.silu(h)
 
 
-def providers(device):
+def providers(device, compile_on_cpu=False):
     out = ["eager"]
-    if device.type == "cuda":
+    if device.type == "cuda" or compile_on_cpu:
         out.append("compile")
     out += [p for p in dx.available_backends(device) if p != "torch" and not (p == "triton" and device.type == "cpu")]
     return out
@@ -105,7 +109,7 @@ def test_group_norm_act(benchmark, provider, device, shape, layout, dtype, mode,
     assert benchmark(fn) is not None
 
 
-def table(device, cases=None, options=None) -> str:
+def table(device, cases=None, options=None, compile_on_cpu=False) -> str:
     """Markdown: median time per provider and the ratio to eager, measured in one run. cases: (shapes,
     dtypes), default every shape and dtype of the device; a case that fails is a row that says why."""
     device = torch.device(device)
@@ -119,7 +123,7 @@ def table(device, cases=None, options=None) -> str:
             for dtype in dtypes:
                 for mode in MODES:
                     base = None
-                    for provider in providers(device):
+                    for provider in providers(device, compile_on_cpu):
                         t, why = bench.attempt(lambda: make_fn(mode, provider, shape, layout, dtype, device), device,
                                                options)
                         base = t if provider == "eager" else base
@@ -129,9 +133,18 @@ def table(device, cases=None, options=None) -> str:
     return "\n".join(lines)
 
 
+def _options(p):
+    bench.add_dtypes_option(p)
+    p.add_argument("--small-maps", action="store_true",
+                   help="the small maps (SMALL_MAPS) in fp32, or in the --dtypes given, instead of the headline shapes")
+    p.add_argument("--compile", action="store_true", help="torch.compile of eager as a provider on a CPU too")
+
+
 if __name__ == "__main__":
-    args = bench.script_args(__doc__, extra=bench.add_dtypes_option)
+    args = bench.script_args(__doc__, extra=_options)
     cases = SMOKE if args.smoke else HEADLINE[args.device.type] if args.quick else None
     if args.dtypes and not args.smoke:  # the headline shapes in the dtypes asked for
         cases = (HEADLINE[args.device.type][0], args.dtypes)
-    print(table(args.device, cases, args.options))
+    if args.small_maps and not args.smoke:
+        cases = (SMALL_MAPS, args.dtypes or [torch.float32])
+    print(table(args.device, cases, args.options, compile_on_cpu=args.compile))
