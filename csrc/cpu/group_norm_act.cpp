@@ -310,11 +310,9 @@ void backward(const GroupNormBackwardArgs& a) {
   } else {
     const auto [rows, chunks] = row_chunks(s);
     std::vector<acc_t> mu_c(N * C), rstd_c(N * C), a_c(N * C, acc_t(0)), b_c(N * C, acc_t(0));
-    for (int64_t n = 0; n < N; ++n) {
-      for (int64_t c = 0; c < C; ++c) {
-        mu_c[n * C + c] = mean[n * G + c / Cg];
-        rstd_c[n * C + c] = rstd[n * G + c / Cg];
-      }
+    for (int64_t ng = 0; ng < N * G; ++ng) {  // per group, not c / Cg per channel (an idiv each)
+      std::fill_n(mu_c.begin() + ng * Cg, Cg, mean[ng]);
+      std::fill_n(rstd_c.begin() + ng * Cg, Cg, rstd[ng]);
     }
     std::vector<double> pds(N * chunks * C, 0.0), pdb(N * chunks * C, 0.0);
     // fp32, fp64: grad_x holds each element's dz exactly between the two passes (then dz is overwritten by
@@ -375,12 +373,15 @@ void backward(const GroupNormBackwardArgs& a) {
   // dγ_c = Σ_n Σdz·x̂, dβ_c = Σ_n Σdz (with FiLM, the sums now carry (1 + s) of F3)
   auto reduce_over_batch = [&](const at::Tensor& out, const std::vector<double>& sums) {
     if (!out.defined()) return;
+    // Row by row, all channels at once: the same additions in the same order per channel as a loop over n per
+    // channel, which read with stride C and waited on one chain of N dependent additions per channel (a sixth of
+    // the fp32 backward at 64×256×4×4 channels_last, one thread).
+    std::vector<double> t(sums.begin(), sums.begin() + (N > 0 ? C : 0));
+    for (int64_t n = 1; n < N; ++n) {
+      for (int64_t c = 0; c < C; ++c) t[c] += sums[n * C + c];
+    }
     auto write = [&](auto* o) {
-      for (int64_t c = 0; c < C; ++c) {
-        double t = 0;
-        for (int64_t n = 0; n < N; ++n) t += sums[n * C + c];
-        o[c] = static_cast<std::remove_pointer_t<decltype(o)>>(t);
-      }
+      for (int64_t c = 0; c < C; ++c) o[c] = static_cast<std::remove_pointer_t<decltype(o)>>(N > 0 ? t[c] : 0.0);
     };
     // the parameters' dtype: x's, or float32 with a half x (mixed precision, group_norm_args.cpp)
     if (out.scalar_type() == a.x.scalar_type()) {
