@@ -29,7 +29,7 @@ SHAPES = [
     # channels_last: more elements per sample (25600) than one CPU task takes (16384), so the forward's per-channel
     # sums come from two chunks of rows (a sample of one chunk takes another path)
     ((1, 64, 20, 20), 8),
-    # contiguous: channels of 1296 elements, longer than a backward lane run (1024 fp32 lanes' steps with AVX-512)
+    # contiguous: channels of 1296 elements, longer than a backward lane run (64 vector steps: 1024 fp32 with AVX-512)
     ((1, 4, 36, 36), 2),
 ]
 LAYOUTS = ["contiguous", "channels_last", "strided"]

@@ -159,7 +159,7 @@ void forward(const GroupNormArgs& a) {
   }
   std::vector<acc_t> mu_c(s.N * C), mu_lo(s.N * C), scale(s.N * C);
   // 1. chunk nk's sums. fp32/bf16/fp16: in fp32 lanes (kf, f1, f2: C floats of the caller's), added into the
-  // double sums every kRowRun rows; fp64 in double.
+  // double sums every kRowRun rows; fp64 in double (the caller's lanes are empty then).
   const auto chunk_sums = [&](int64_t nk, float* kf, float* f1, float* f2) {
     const int64_t n = nk / chunks, first = nk % chunks * rows, last = std::min(HW, first + rows);
     if constexpr (std::is_same_v<acc_t, float>) {
@@ -212,7 +212,7 @@ void forward(const GroupNormArgs& a) {
     // in cache for step 3. Three regions (two fork-joins more) made the (8, 512, 4, 4) forward slower than
     // PyTorch's channels_last group norm + SiLU on an AMD EPYC.
     at::parallel_for(0, s.N, 1, [&](int64_t begin, int64_t end) {
-      std::vector<float> lanes(3 * C, 0.f);
+      std::vector<float> lanes(std::is_same_v<acc_t, float> ? 3 * C : 0, 0.f);
       std::vector<Moments> m(Cg);
       for (int64_t n = begin; n < end; ++n) {
         chunk_sums(n, lanes.data(), lanes.data() + C, lanes.data() + 2 * C);
@@ -223,7 +223,7 @@ void forward(const GroupNormArgs& a) {
     return;
   }
   at::parallel_for(0, s.N * chunks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> lanes(3 * C, 0.f);
+    std::vector<float> lanes(std::is_same_v<acc_t, float> ? 3 * C : 0, 0.f);
     for (int64_t nk = begin; nk < end; ++nk) chunk_sums(nk, lanes.data(), lanes.data() + C, lanes.data() + 2 * C);
   });
   at::parallel_for(0, s.N * G, 1, [&](int64_t begin, int64_t end) {

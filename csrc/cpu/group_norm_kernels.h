@@ -217,27 +217,9 @@ inline void normalize_activate(const scalar_t* x, scalar_t* y, int64_t n, SplitM
 }
 
 // Σ of a vector's lanes in double: widened, then added pairwise as a log-depth tree (lane l + lane l + W/2
-// first, then the halves of that, ...). The AVX2 / AVX-512 forms keep the tree in registers; the generic form
-// (the same order) went through the stack, and with the summing pass's flush once per 4×4 channel that cost
-// put the 4×4 backward at 0.7× eager's on an AVX2 EPYC.
+// first, then the halves of that, ...). The fallback of lanes_sums_as_double (fp64 lanes, builds without AVX2).
 template <typename acc_t>
 inline double lanes_sum_as_double(const at::vec::Vectorized<acc_t>& v) {
-  if constexpr (std::is_same_v<acc_t, float>) {
-#if defined(CPU_CAPABILITY_AVX512)
-    const __m512 x = v;
-    const __m256 hi = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(x), 1));
-    const __m512d s8 = _mm512_add_pd(_mm512_cvtps_pd(_mm512_castps512_ps256(x)), _mm512_cvtps_pd(hi));
-    const __m256d s4 = _mm256_add_pd(_mm512_castpd512_pd256(s8), _mm512_extractf64x4_pd(s8, 1));
-    const __m128d s2 = _mm_add_pd(_mm256_castpd256_pd128(s4), _mm256_extractf128_pd(s4, 1));
-    return _mm_cvtsd_f64(_mm_add_sd(s2, _mm_unpackhi_pd(s2, s2)));
-#elif defined(CPU_CAPABILITY_AVX2)
-    const __m256 x = v;
-    const __m256d s4 =
-        _mm256_add_pd(_mm256_cvtps_pd(_mm256_castps256_ps128(x)), _mm256_cvtps_pd(_mm256_extractf128_ps(x, 1)));
-    const __m128d s2 = _mm_add_pd(_mm256_castpd256_pd128(s4), _mm256_extractf128_pd(s4, 1));
-    return _mm_cvtsd_f64(_mm_add_sd(s2, _mm_unpackhi_pd(s2, s2)));
-#endif
-  }
   constexpr int W = at::vec::Vectorized<acc_t>::size();
   acc_t u[W];
   v.store(u);
@@ -251,8 +233,8 @@ inline double lanes_sum_as_double(const at::vec::Vectorized<acc_t>& v) {
 
 // Σ of a's lanes and Σ of b's lanes, added together: the backward's flush reduces its two lane accumulators at
 // once. fp32 with AVX-512 or AVX2: both trees share each shuffle and addition (a's lanes in one half of the
-// register, b's in the other), in fp32, widened at the end: the two separate double trees were a third of the
-// fp32 backward at 4×4 maps on an AVX-512 EPYC (one flush per 16-element channel), where it ran at 0.6× eager's.
+// register, b's in the other), in fp32, widened at the end, in place of two trees in double lanes (one flush per
+// 16-element channel at 4×4 maps: the fp32 backward at 64×256×4×4 went 318 → 270 µs, one thread, AVX-512 EPYC).
 // An fp32 tree adds log2(W) roundings of 2^-24 to lanes that already hold fp32 sums of up to kLaneRun steps.
 template <typename acc_t>
 inline std::pair<double, double> lanes_sums_as_double(const at::vec::Vectorized<acc_t>& a,
